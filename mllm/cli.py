@@ -1,0 +1,93 @@
+"""The `mllm` command line: a thin Typer layer over the library functions.
+
+    mllm validate configs/default.yaml --set merge.method=ties
+    mllm data stats --dataset drugscom-sample --format json
+
+User errors (`MllmError`) print one line on stderr and exit with code 2; heavy libraries are imported
+inside commands so that `mllm --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from mllm.errors import MllmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Evaluate merged language models on text classification, tracked in MLflow.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect the configured datasets.")
+app.add_typer(data_app, name="data")
+
+ConfigArg = Annotated[Path, typer.Argument(help="Experiment config (YAML).", show_default=False)]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Experiment config (default: built-in "
+                                                "defaults, the same as configs/default.yaml).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override KEY=VALUE (dotted, e.g. "
+                                                  "merge.method=ties); repeatable.")]
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command()
+def validate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Check a config (and overrides) without running anything."""
+    from mllm.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    names = ", ".join(d.name for d in cfg.data.datasets)
+    typer.echo(f"{config}: ok (experiment {cfg.name}; data {names}; label scheme {cfg.data.label_scheme}; "
+               f"model {cfg.model.name_or_path}; {cfg.finetune.members} members; merge {cfg.merge.method})")
+
+
+@data_app.command("stats")
+def data_stats(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    dataset: Annotated[list[str] | None, typer.Option(
+        "--dataset", "-d", help="A configured dataset name, a preset (drugscom-sample, drugscom, druglib, "
+        "lewtun/drug-reviews, yelp_review_full, app_reviews) or a local file; repeatable (default: all "
+        "configured datasets).")] = None,
+    output: Annotated[OutputFormat, typer.Option("--format", "-f", help="table or json.")] = OutputFormat.table,
+) -> None:
+    """Rows, label distribution and words per review (mean / median / std) of each dataset, plus split sizes."""
+    from mllm.config import load_config
+    from mllm.stats import collect_stats, render_table
+
+    cfg = load_config(config, set_ or [])
+    report = collect_stats(cfg.data, dataset or [])
+    if output is OutputFormat.json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        render_table(report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry: run the app, turning user errors into one line and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="mllm", standalone_mode=False)
+    except MllmError as e:
+        print(f"mllm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("mllm: aborted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

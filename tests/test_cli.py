@@ -1,0 +1,90 @@
+"""The `mllm` CLI as users run it: output, exit codes, one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mllm.cli import main
+
+from .conftest import REPO
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+def test_data_stats_json_on_the_sample(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["data", "stats", "--dataset", "drugscom-sample", "--format", "json"], capsys)
+    assert code == 0
+    [ds] = json.loads(out)["datasets"]
+    assert ds["rows"] == 979 and ds["name"] == "drugscom-sample"
+    assert ds["words"]["mean"] == pytest.approx(85.6, abs=0.05) and ds["words"]["median"] == 86
+    assert sum(ds["splits"].values()) == 978  # one duplicate review dropped
+
+
+def test_data_stats_table_reproduces_the_study_columns(capsys: pytest.CaptureFixture[str], shared_data: Path) -> None:
+    code, out, _ = run_cli(["data", "stats", "--config", str(REPO / "configs" / "domains.yaml")], capsys)
+    assert code == 0
+    for name, mean in (("drug", "85.6"), ("yelp", "131.0"), ("android", "12.0"), ("druglib", "117.9")):
+        line = next(line for line in out.splitlines() if f" {name} " in line)
+        assert mean in line
+
+
+def test_validate_ok_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["validate", str(REPO / "configs" / "tiny.yaml"), "--set", "merge.method=linear"], capsys)
+    assert code == 0 and "ok" in out and "merge linear" in out
+
+
+BAD = [
+    (["validate", "{tmp}/unknown.yaml"], "merge:\n  colour: red\n", "unknown key 'merge.colour'"),
+    (["validate", "{tmp}/malformed.yaml"], "merge: {method: ties\n", "malformed YAML"),
+    (["validate", "{tmp}/type.yaml"], "finetune:\n  batch_size: big\n", "finetune.batch_size"),
+    (["validate", "{tmp}/range.yaml"], "merge:\n  density: 1.2\n", "merge.density"),
+    (["validate", "{tmp}/absent.yaml"], None, "not found"),
+    (["data", "stats", "--dataset", "{tmp}/empty.csv"], "", "is empty"),
+    (["data", "stats", "--dataset", "{tmp}/nolabel.csv"], "text,stars\nfine,3\n", "no column 'label'"),
+    (["data", "stats", "--dataset", "{tmp}/nan.csv"], "text,label\nfine,3\nbad,\n", "missing label"),
+    (["data", "stats", "--dataset", "nonexistent-set"], None, "not a configured dataset, preset or existing file"),
+    (["data", "stats", "--set", "data.label_scheme=rating10", "--dataset", "drugscom-sample"], None,
+     "has sentiment labels"),
+]
+
+
+@pytest.mark.parametrize(("args", "content", "expected"), BAD, ids=[b[2][:30] for b in BAD])
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                         content: str | None, expected: str) -> None:
+    args = [a.format(tmp=tmp_path) for a in args]
+    if content is not None:
+        Path(next(a for a in args if a.startswith(str(tmp_path)))).write_text(content)
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("mllm: error: ") and expected in err
+    assert "Traceback" not in err
+
+
+def test_console_script_subprocess(tmp_path: Path) -> None:
+    """The installed `mllm` script: exit 2, one stderr line, no traceback (as a shell user sees it)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search:\n  objective_split: test\n")
+    exe = Path(sys.executable).with_name("mllm")
+    proc = subprocess.run([str(exe), "validate", str(bad)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "objective_split" in proc.stderr
+
+
+def test_help_is_instant_and_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "validate" in out and "data" in out
+    proc = subprocess.run([sys.executable, "-c", "import sys, mllm.cli; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"  # heavy libraries load inside commands only

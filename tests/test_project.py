@@ -1,0 +1,78 @@
+"""MLproject, entrypoints/ and the CLI describe the same stages with the same parameters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+from mllm.cli import app
+from mllm.entry import ENTRY_POINTS, entry_argv
+
+from .conftest import REPO
+
+
+def mlproject() -> dict:
+    return yaml.safe_load((REPO / "MLproject").read_text())
+
+
+def cli_commands() -> dict[str, object]:
+    """Every CLI command path (e.g. 'data stats') mapped to its click command."""
+    root = typer.main.get_command(app)
+    found = {}
+
+    def walk(group, prefix: list[str]) -> None:
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):
+                walk(cmd, [*prefix, name])
+            else:
+                found[" ".join([*prefix, name])] = cmd
+
+    walk(root, [])
+    return found
+
+
+def test_entry_points_match_files_and_cli() -> None:
+    project = mlproject()["entry_points"]
+    files = {p.stem for p in (REPO / "entrypoints").glob("*.py") if not p.stem.startswith("_")}
+    assert set(project) == set(ENTRY_POINTS) == files
+    commands = cli_commands()
+    for name, params in project.items():
+        assert set(params["parameters"]) == {"config", "overrides"}
+        assert f"entrypoints/{name}.py" in params["command"]
+        argv = entry_argv(name, ["--config", "c.yaml", "--overrides", "a.b=1 c.d='x y'"])
+        command = " ".join(w for w in argv if not w.startswith("-") and w not in ("c.yaml", "a.b=1", "c.d=x y"))
+        assert command in commands, f"{name} -> mllm {command} is not a CLI command"
+        assert argv[-4:] == ["--set", "a.b=1", "--set", "c.d=x y"]
+
+
+def test_conda_env_installs_this_package() -> None:
+    env = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip = next(d for d in env["dependencies"] if isinstance(d, dict))["pip"]
+    assert pip == ["-e ."]
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_points(tmp_path: Path) -> None:
+    """`mlflow run . -e validate|main --env-manager local` as a user runs it, in a scratch tracking store."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    ok = subprocess.run([mlflow, "run", str(REPO), "-e", "validate", "-P", f"config={REPO}/configs/tiny.yaml",
+                         "-P", "overrides=merge.method=linear", "--env-manager", "local"],
+                        capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "merge linear" in ok.stdout
+    bad = subprocess.run([mlflow, "run", str(REPO), "-e", "validate", "-P", f"config={REPO}/configs/tiny.yaml",
+                          "-P", "overrides=merge.colour=red", "--env-manager", "local"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode != 0 and "unknown key 'merge.colour'" in bad.stderr
+    main = subprocess.run([mlflow, "run", str(REPO), "-e", "main", "-P", f"config={REPO}/configs/tiny.yaml",
+                           "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert main.returncode == 0, main.stderr[-2000:]
+    assert "drugscom-sample" in main.stdout and "979" in main.stdout
