@@ -70,8 +70,48 @@ def data_stats(
         render_table(report)
 
 
+@app.command()
+def finetune(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    member: Annotated[list[str] | None, typer.Option(
+        "--member", "-m", help="Train only these members (e.g. shard-1); repeatable. Default: all.")] = None,
+    parent_run_id: Annotated[str | None, typer.Option(
+        help="Nest member runs under this existing run (parallel members, e.g. Slurm arrays).")] = None,
+    base_only: Annotated[bool, typer.Option(help="Build and register the base classifier only.")] = False,
+    force: Annotated[bool, typer.Option(help="Retrain members even if the same one is registered.")] = False,
+) -> None:
+    """Build the shared base classifier and fine-tune the members from it; register each in MLflow."""
+    from mllm.config import load_config
+    from mllm.finetune import run
+
+    cfg = load_config(config, set_ or [])
+    result = run(cfg, member or None, parent_run_id=parent_run_id or None, base_only=base_only, force=force)
+    typer.echo(f"base: {result.base_uri}")
+    for m in result.members:
+        state = "reused" if m.reused else f"{m.wall_s:.1f} s"
+        typer.echo(f"{m.name}: {m.model_uri}  val macro-F1 {m.val_metrics.get('macro_f1', float('nan')):.4f}"
+                   f"  accuracy {m.val_metrics.get('accuracy', float('nan')):.4f}  ({state})")
+    if result.parent_run_id:
+        typer.echo(f"parent run: {result.parent_run_id}")
+
+
+def quiet_libraries() -> None:
+    """Keep the console for mllm's own progress: libraries log warnings and errors only."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    for name in ("alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry: run the app, turning user errors into one line and exit code 2."""
+    quiet_libraries()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="mllm", standalone_mode=False)
@@ -83,9 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        print("mllm: aborted", file=sys.stderr)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("mllm: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BaseException as e:
+        from mllm.tracking import Terminated
+
+        if isinstance(e, Terminated):
+            print("mllm: terminated (SIGTERM); runs ended KILLED, rerun to resume", file=sys.stderr)
+            sys.exit(143)
+        raise
     sys.exit(code if isinstance(code, int) else 0)
 
 

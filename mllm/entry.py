@@ -1,8 +1,8 @@
 """MLflow Project entry points: each `entrypoints/<name>.py` is `run_entry("<name>")`, which calls the CLI.
 
 MLproject passes every entry point `--config PATH` and `--overrides "a.b=1 c.d=x"` (MLflow params are
-strings); they become `mllm <command> ... --set a.b=1 --set c.d=x`, so entry points, CLI and tests share
-one code path and one error behaviour (one line, exit 2).
+strings), plus the entry point's own options; they become `mllm <command> ... --set a.b=1 --set c.d=x`, so
+entry points, CLI and tests share one code path and one error behaviour (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -10,22 +10,37 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import dataclass, field
 
-# entry point -> the mllm command it runs; `config` is positional for validate, an option elsewhere.
-ENTRY_POINTS: dict[str, list[str]] = {
-    "main": ["data", "stats", "--config"],  # grows into the whole pipeline in later stages
-    "validate": ["validate"],
+
+@dataclass(frozen=True)
+class EntryPoint:
+    command: list[str]  # the mllm command it runs
+    config_option: bool = True  # `--config PATH` (False: positional, as for validate)
+    # MLproject parameter -> CLI option; a comma-separated value repeats the option, "" omits it.
+    options: dict[str, str] = field(default_factory=dict)
+
+
+ENTRY_POINTS: dict[str, EntryPoint] = {
+    "main": EntryPoint(["data", "stats"]),  # grows into the whole pipeline in later stages
+    "validate": EntryPoint(["validate"], config_option=False),
+    "finetune": EntryPoint(["finetune"], options={"members": "--member", "parent_run_id": "--parent-run-id"}),
 }
 
 
 def entry_argv(name: str, argv: list[str]) -> list[str]:
     """Translate an entry point's MLproject arguments into `mllm` CLI arguments."""
+    entry = ENTRY_POINTS[name]
     parser = argparse.ArgumentParser(prog=f"entrypoints/{name}.py")
     parser.add_argument("--config", required=True)
     parser.add_argument("--overrides", default="")
+    for param in entry.options:
+        parser.add_argument(f"--{param}", default="")
     args = parser.parse_args(argv)
-    sets = [a for o in shlex.split(args.overrides) for a in ("--set", o)]
-    return [*ENTRY_POINTS[name], args.config, *sets]
+    out = [*entry.command, *(["--config"] if entry.config_option else []), args.config]
+    for param, option in entry.options.items():
+        out += [a for v in getattr(args, param).split(",") if v.strip() for a in (option, v.strip())]
+    return out + [a for o in shlex.split(args.overrides) for a in ("--set", o)]
 
 
 def run_entry(name: str, argv: list[str] | None = None) -> None:

@@ -73,7 +73,8 @@ def _error(tmp_path: Path, text: str | None = None, overrides: list[str] = ()) -
     [
         ("merge:\n  foo: 1\n", [], "unknown key 'merge.foo'"),
         ("mergee: {}\n", [], "unknown key 'mergee'"),
-        ("data:\n  datasets:\n    - preset: drugscom-sample\n      colour: red\n", [], "unknown key 'data.datasets.0.colour'"),
+        ("data:\n  datasets:\n    - preset: drugscom-sample\n      colour: red\n", [],
+         "unknown key 'data.datasets.0.colour'"),
         ("merge: [1, 2\n", [], "malformed YAML at line"),
         ("- a\n- b\n", [], "top level must be a mapping"),
         ("finetune:\n  members: three\n", [], "finetune.members: Input should be a valid integer"),

@@ -163,7 +163,8 @@ BAD_DATA = [
     ("words.csv", "text,label\nok,1\nbad,great\n", {}, "non-numeric labels"),
     ("emptytext.csv", "text,label\nok,1\n ,2\n", {}, "empty text"),
     ("latin.csv", "text,label\ncaf\xe9,1\n".encode("latin-1"), {}, r"not valid utf-8.*encoding=latin-1"),
-    ("sent.csv", "text,label\nok,positive\nbad,awful\n", {"label_kind": "sentiment"}, r"unknown label strings \['awful'\]"),
+    ("sent.csv", "text,label\nok,positive\nbad,awful\n", {"label_kind": "sentiment"},
+     r"unknown label strings \['awful'\]"),
     ("folder", None, {}, "is a folder"),
     ("broken.parquet", b"PAR1 not really", {}, "not a readable Parquet file"),
 ]

