@@ -197,6 +197,9 @@ def _member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir
             seed=spec.seed, learning_rate=spec.learning_rate, key=key, log=logger, progress=progress, name=spec.name,
         )
         logger.flush()
+        record = result.model_dir / SOURCE_FILE  # lineage for merge: which registered base this member came from
+        record.write_text(json.dumps({**json.loads(record.read_text()), "base_key": base_key(cfg, splits.label_names),
+                                      "base_version": base_version}, indent=2))
         summary = {"wall_s": result.wall_s, "train_samples_per_s": result.train_samples_per_s, "steps": result.steps,
                    "resumed_from_step": result.resumed_from, **{f"best_val_{k}": v for k, v in result.best.items()}}
         tracking.log_metrics(summary)

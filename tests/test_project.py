@@ -85,3 +85,26 @@ def test_mlflow_run_entry_points(tmp_path: Path) -> None:
                            "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert main.returncode == 0, main.stderr[-2000:]
     assert "drugscom-sample" in main.stdout and "979" in main.stdout
+
+
+@pytest.mark.slow
+def test_mlflow_run_finetune_tiny(tmp_path: Path) -> None:
+    """The issue's acceptance command: base + 3 tiny members trained, registered, nested under the project run."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow-tiny.db"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", "finetune",
+                           "-P", f"config={REPO}/configs/tiny.yaml", "-P", f"overrides=tracking.tracking_uri={uri}",
+                           "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name = 'tiny-finetuned'")
+    assert sorted(v.tags["member"] for v in versions) == ["shard-0", "shard-1", "shard-2"]
+    assert len(client.search_model_versions("name = 'tiny-base'")) == 1
+    all_runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    assert {r.info.status for r in all_runs} == {"FINISHED"}
+    stage = next(r for r in all_runs if r.info.run_name == "finetune")
+    project_run = stage.data.tags["mlflow.parentRunId"]  # the run `mlflow run` opened is the stage's parent
+    assert client.get_run(project_run).data.tags.get("mlflow.project.entryPoint") == "finetune"
