@@ -96,6 +96,34 @@ def finetune(
         typer.echo(f"parent run: {result.parent_run_id}")
 
 
+@app.command()
+def merge(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    method: Annotated[str | None, typer.Option(help="mergekit method (sets merge.method).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Comma-separated member weights (sets merge.weights).")] = None,
+    density: Annotated[float | None, typer.Option(help="Density (sets merge.density).")] = None,
+    member: Annotated[list[str] | None, typer.Option(
+        "--member", "-m", help="Member model URI (models:/..., runs:/..., folder); repeatable. Default: the "
+        "experiment's newest registered members.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model URI (default: the newest registered base).")] = None,
+) -> None:
+    """Merge fine-tuned members with mergekit; log the recipe and register the merged classifier."""
+    from mllm.config import load_config
+    from mllm.merge import run
+
+    sets = list(set_ or [])
+    if method:
+        sets.append(f"merge.method={method}")
+    if weights:
+        sets.append(f"merge.weights=[{weights}]")
+    if density is not None:
+        sets.append(f"merge.density={density}")
+    cfg = load_config(config, sets)
+    result = run(cfg, member or None, base)
+    typer.echo(f"{result.method} merge of {', '.join(result.parents)} -> {result.model_uri} (run {result.run_id})")
+
+
 def quiet_libraries() -> None:
     """Keep the console for mllm's own progress: libraries log warnings and errors only."""
     import logging

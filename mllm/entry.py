@@ -17,14 +17,18 @@ from dataclasses import dataclass, field
 class EntryPoint:
     command: list[str]  # the mllm command it runs
     config_option: bool = True  # `--config PATH` (False: positional, as for validate)
-    # MLproject parameter -> CLI option; a comma-separated value repeats the option, "" omits it.
+    # MLproject parameter -> CLI option ("" omits it); parameters in `repeat` are comma-separated lists
+    # that repeat the option once per item.
     options: dict[str, str] = field(default_factory=dict)
+    repeat: frozenset[str] = frozenset({"members"})
 
 
 ENTRY_POINTS: dict[str, EntryPoint] = {
     "main": EntryPoint(["data", "stats"]),  # grows into the whole pipeline in later stages
     "validate": EntryPoint(["validate"], config_option=False),
     "finetune": EntryPoint(["finetune"], options={"members": "--member", "parent_run_id": "--parent-run-id"}),
+    "merge": EntryPoint(["merge"], options={"method": "--method", "weights": "--weights", "density": "--density",
+                                            "members": "--member"}),
 }
 
 
@@ -39,7 +43,9 @@ def entry_argv(name: str, argv: list[str]) -> list[str]:
     args = parser.parse_args(argv)
     out = [*entry.command, *(["--config"] if entry.config_option else []), args.config]
     for param, option in entry.options.items():
-        out += [a for v in getattr(args, param).split(",") if v.strip() for a in (option, v.strip())]
+        value = getattr(args, param).strip()
+        values = value.split(",") if param in entry.repeat else [value]
+        out += [a for v in values if v.strip() for a in (option, v.strip())]
     return out + [a for o in shlex.split(args.overrides) for a in ("--set", o)]
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mllm.config import MergeConfig, MergeMethod
+from mllm.config import ExperimentConfig, MergeConfig, MergeMethod
 from mllm.errors import MllmError, ModelError
 from mllm.modeling import SOURCE_FILE, atomic_dir, check_local_checkpoint, publish_dir, write_source
 
@@ -159,3 +160,74 @@ def merge_models(recipe: MergeConfig, members: Sequence[Path], base: Path | None
                      base_key=_source(base).get("base_key") if base else None)
         publish_dir(tmp, out)
     return out, text
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    model_uri: str  # models:/<experiment>-merged/<version>
+    version: str
+    run_id: str
+    method: str
+    parents: list[str]  # model URIs of the merged members
+    base_uri: str | None
+    local_dir: Path
+
+
+def registered_members(experiment: str) -> tuple[str, list[str]]:
+    """(base URI, member URIs): the newest base, and the newest version of each member fine-tuned from it
+    (the `full` reference member excluded)."""
+    from mllm import registry
+
+    bases = registry.find_versions(f"{experiment}-base", {})
+    if not bases:
+        raise MllmError(f"no registered {experiment}-base model",
+                        f"run mllm finetune for experiment {experiment} first")
+    base_version = str(bases[0].version)
+    newest: dict[str, Any] = {}
+    for v in registry.find_versions(f"{experiment}-finetuned", {"base_version": base_version}):
+        newest.setdefault(v.tags.get("member"), v)  # versions come newest first
+    members = [f"models:/{experiment}-finetuned/{v.version}" for name, v in sorted(newest.items()) if name != "full"]
+    if not members:
+        raise MllmError(f"no members of {experiment}-finetuned descend from {experiment}-base version {base_version}",
+                        "run mllm finetune first, or pass --member URIs")
+    return f"models:/{experiment}-base/{base_version}", members
+
+
+def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None) -> MergeResult:
+    """Merge registered (or given) members with `cfg.merge`, log the mergekit YAML, register the result."""
+    from mllm import registry, tracking
+
+    tracking.configure(cfg.tracking)
+    if members:
+        base_uri = base
+    else:
+        base_uri, members = registered_members(cfg.name)
+        base_uri = base or base_uri
+    downloads = cfg.output_dir / "downloads"
+    member_dirs = [registry.download(uri, downloads / _slug(uri)) for uri in members]
+    base_dir = registry.download(base_uri, downloads / _slug(base_uri)) if base_uri else None
+    check_members(member_dirs, base_dir, cfg.merge.method)  # before a run is opened: bad input leaves no trace
+    recipe = cfg.merge
+    tags = {"mllm.merge_method": recipe.method, "mllm.parents": ",".join(members), "mllm.base": base_uri or ""}
+    with tracking.tracked_run(cfg, f"merge-{recipe.method}", stage="merge", tags=tags) as run_:
+        out = cfg.output_dir / "merged" / run_.info.run_id
+        merged, yaml_text = merge_models(recipe, member_dirs, base_dir, out, device=_device(cfg))
+        tracking.log_text(yaml_text, "mergekit_config.yml")
+        uri = tracking.log_artifacts(merged, "model")
+        version = registry.register(f"{cfg.name}-merged", uri, run_.info.run_id, {
+            "method": recipe.method, "parents": ",".join(members), "base": base_uri or "",
+            "weights": json.dumps(recipe.weights), "density": recipe.density, "lambda": recipe.lambda_,
+            "normalize": recipe.normalize, "seed": recipe.seed,
+        }, description=f"{recipe.method} merge of {', '.join(members)}")
+    return MergeResult(f"models:/{cfg.name}-merged/{version.version}", str(version.version), run_.info.run_id,
+                       recipe.method, list(members), base_uri, merged)
+
+
+def _slug(uri: str) -> str:
+    return uri.replace("models:/", "").replace("runs:/", "run-").replace("/", "-").replace(":", "")
+
+
+def _device(cfg: ExperimentConfig) -> str:
+    from mllm.modeling import resolve_device
+
+    return resolve_device(cfg.model)[0].type

@@ -209,7 +209,7 @@ def log_split_inputs(frames: dict[str, Any], name: str, fingerprint: str) -> Non
         with warnings.catch_warnings():  # "integer columns cannot hold NaN": labels never do
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(frame, name=f"{name}-{context}", targets="label")
-        mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
+            mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
 
 
 def log_artifacts(local_dir: Path, artifact_path: str) -> str:
@@ -218,6 +218,12 @@ def log_artifacts(local_dir: Path, artifact_path: str) -> str:
 
     mlflow.log_artifacts(str(local_dir), artifact_path)
     return mlflow.get_artifact_uri(artifact_path)
+
+
+def log_text(text: str, name: str) -> None:
+    import mlflow
+
+    mlflow.log_text(redact(text), name)
 
 
 def log_dict(data: dict[str, Any], name: str) -> None:

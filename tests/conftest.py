@@ -33,3 +33,19 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {a: build_tiny_classifier(a, root / a, ("negative", "neutral", "positive")) for a in TINY_ARCHS}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_uris():
+    """Each test starts without the tracking/registry URIs an earlier test set in this process."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        if mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri("")
+        mlflow.set_registry_uri("")
+        os.environ.pop("MLFLOW_TRACKING_URI", None)

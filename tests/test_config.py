@@ -25,8 +25,11 @@ def test_every_shipped_config_validates(path: Path) -> None:
     assert load_config(path) == cfg  # loading is deterministic
 
 
-def test_default_yaml_equals_builtin_defaults() -> None:
-    assert load_config(REPO / "configs" / "default.yaml") == ExperimentConfig() == load_config(None)
+def test_default_yaml_is_builtin_defaults_plus_cpu_finetune_recipe() -> None:
+    shipped, builtin = load_config(REPO / "configs" / "default.yaml"), ExperimentConfig()
+    assert builtin == load_config(None)
+    assert shipped.model_copy(update={"finetune": builtin.finetune}) == builtin
+    assert shipped.finetune.freeze_layers == 16 and builtin.finetune.freeze_layers == 0
 
 
 def test_gpt2_drugs_is_the_original_setup() -> None:

@@ -110,7 +110,7 @@ def test_unknown_member_is_refused(in_tmp: Path) -> None:
 
     with pytest.raises(MllmError, match="--member shard-9: no such member; fix: choose from shard-0, shard-1"):
         run(tiny_cfg(in_tmp), ["shard-9"], progress=False)
-    assert runs(tiny_cfg(in_tmp)) == [] if (in_tmp / "mlflow.db").exists() else True
+    assert not (in_tmp / "mlflow.db").exists()  # refused before any tracking store was touched
 
 
 def _train(tmp: Path, **ft_overrides: object):
@@ -198,3 +198,19 @@ def test_killed_member_resumes_from_newest_complete_checkpoint(tmp_path: Path, s
     b = load_file(fresh / "out" / "members" / "shard-0" / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], msg=name)
+
+
+def test_failed_stage_ends_runs_failed(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception inside training ends the member run and its parent FAILED, and registers nothing."""
+    from mllm import finetune, registry
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("mllm.train.train_member", boom)
+    cfg = tiny_cfg(in_tmp)
+    with pytest.raises(RuntimeError, match="disk full"):
+        finetune.run(cfg, ["shard-0"], progress=False)
+    statuses = {r.info.run_name: r.info.status for r in runs(cfg)}
+    assert statuses == {"finetune": "FAILED", "base": "FINISHED", "shard-0": "FAILED"}
+    assert registry.find_versions("tiny-finetuned", {}) == []

@@ -168,3 +168,41 @@ def test_pickle_only_member_is_refused(family: dict[str, Path], tmp_path: Path) 
     (pickled / "model.safetensors").unlink()
     with pytest.raises(MllmError, match="only pickle weights .*safetensors only"):
         merge_models(MergeConfig(method="linear"), [family["m0"], pickled], family["base"], tmp_path / "x")
+
+
+def test_merge_stage_registers_with_parents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finetune tiny members, merge the registered ones, and find the merge in the registry with its lineage."""
+    import mlflow
+
+    from mllm import finetune, merge, registry
+    from mllm.config import load_config
+
+    from .conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                                                      f"output_dir={tmp_path}/out", "data.max_rows=150"])
+    trained = finetune.run(cfg, progress=False)
+    result = merge.run(cfg)
+    assert result.model_uri == "models:/tiny-merged/1" and result.method == "ties"
+    assert result.parents == [m.model_uri for m in trained.members] and result.base_uri == trained.base_uri
+    version = registry.client().get_model_version("tiny-merged", "1")
+    assert version.tags["parents"] == ",".join(m.model_uri for m in trained.members)
+    assert version.tags["method"] == "ties" and version.tags["density"] == "0.5"
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["merge.method"] == "ties"
+    artifacts = {a.path for a in registry.client().list_artifacts(result.run_id)}
+    assert {"mergekit_config.yml", "model", "config.yaml"} <= artifacts
+    model, _ = load_classifier(registry.download(result.model_uri, tmp_path / "dl"))
+    assert model.config.num_labels == 3
+
+    # Bad input is refused before a run or a version exists.
+    runs_before = len(mlflow.search_runs(experiment_names=["tiny"], output_format="list"))
+    bad = cfg.model_copy(update={"merge": MergeConfig(method="slerp")})
+    with pytest.raises(MllmError, match="exactly two members"):
+        merge.run(bad)
+    assert len(mlflow.search_runs(experiment_names=["tiny"], output_format="list")) == runs_before
+    assert len(registry.find_versions("tiny-merged", {})) == 1
+    linear = merge.run(cfg.model_copy(update={"merge": MergeConfig(method="linear", weights=[1, 2, 3])}),
+                       members=[m.model_uri for m in trained.members[:3]])
+    assert linear.version == "2" and linear.base_uri is None

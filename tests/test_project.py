@@ -56,8 +56,8 @@ def test_entry_points_match_files_and_cli() -> None:
         extra = [a for p in entry.options for a in (f"--{p}", "x,y")]
         argv = entry_argv(name, ["--config", "c.yaml", "--overrides", "a.b=1 c.d='x y'", *extra])
         assert argv[-4:] == ["--set", "a.b=1", "--set", "c.d=x y"]
-        for option in entry.options.values():
-            assert argv.count(option) == 2
+        for param, option in entry.options.items():
+            assert argv.count(option) == (2 if param in entry.repeat else 1)
 
 
 def test_conda_env_installs_this_package() -> None:
@@ -88,7 +88,7 @@ def test_mlflow_run_entry_points(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_mlflow_run_finetune_tiny(tmp_path: Path) -> None:
+def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
     """The issue's acceptance command: base + 3 tiny members trained, registered, nested under the project run."""
     import mlflow
 
@@ -99,7 +99,7 @@ def test_mlflow_run_finetune_tiny(tmp_path: Path) -> None:
                            "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not a registry an earlier test set
     versions = client.search_model_versions("name = 'tiny-finetuned'")
     assert sorted(v.tags["member"] for v in versions) == ["shard-0", "shard-1", "shard-2"]
     assert len(client.search_model_versions("name = 'tiny-base'")) == 1
@@ -108,3 +108,13 @@ def test_mlflow_run_finetune_tiny(tmp_path: Path) -> None:
     stage = next(r for r in all_runs if r.info.run_name == "finetune")
     project_run = stage.data.tags["mlflow.parentRunId"]  # the run `mlflow run` opened is the stage's parent
     assert client.get_run(project_run).data.tags.get("mlflow.project.entryPoint") == "finetune"
+
+    merged = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", "merge",
+                             "-P", f"config={REPO}/configs/tiny.yaml", "-P", f"overrides=tracking.tracking_uri={uri}",
+                             "-P", "method=ties", "--env-manager", "local"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    [version] = client.search_model_versions("name = 'tiny-merged'")
+    parents = version.tags["parents"].split(",")
+    assert sorted(parents) == sorted(f"models:/tiny-finetuned/{v.version}" for v in versions)
+    assert version.tags["method"] == "ties"
