@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests never reach the network
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -46,6 +47,7 @@ def _fresh_mlflow_uris():
 
         if mlflow.active_run():
             mlflow.end_run()
-        mlflow.set_tracking_uri("")
-        mlflow.set_registry_uri("")
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
