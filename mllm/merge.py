@@ -77,13 +77,11 @@ def check_members(members: Sequence[Path], base: Path | None, method: MergeMetho
         if labels != ref_labels:
             raise ModelError(f"{name} has labels {labels}, {names[0]} has {ref_labels}",
                              "merge only members trained for the same label scheme")
-    if base is not None:
-        base_src = _source(base)
+    base_key = _source(base).get("base_key") if base is not None else None
+    if base_key:  # lineage is known when mllm wrote the folders (mllm-source.json)
         for p in members:
             src = _source(p)
-            parent = src.get("base")
-            if parent is not None and base_src.get("base_key") and src.get("base_key") not in (None,
-                                                                                              base_src["base_key"]):
+            if src.get("base_key") not in (None, base_key):
                 raise ModelError(f"{p.name} was fine-tuned from another base ({src.get('base_key')})",
                                  "merge members of one fine-tune stage with their own base")
 
