@@ -124,6 +124,54 @@ def merge(
     typer.echo(f"{result.method} merge of {', '.join(result.parents)} -> {result.model_uri} (run {result.run_id})")
 
 
+class Split(str, Enum):
+    train = "train"
+    validation = "validation"
+    test = "test"
+
+
+@app.command()
+def evaluate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", help="Model to score: models:/name/version, models:/name@alias, runs:/id/path or a folder; "
+        "repeatable. Default: every merge of the experiment's newest base.")] = None,
+    split: Annotated[Split | None, typer.Option(help="Split to score (default: evaluate.split).")] = None,
+    baselines: Annotated[bool | None, typer.Option(
+        "--baselines/--no-baselines", help="Also score members, their ensemble, the base (evaluate.baselines).",
+        show_default=False)] = None,
+) -> None:
+    """Score models on a split (accuracy, macro-F1 with CIs, per-class P/R/F1, NLL, ECE) with baselines."""
+    from mllm.config import load_config
+    from mllm.evaluate import run
+
+    cfg = load_config(config, set_ or [])
+    result = run(cfg, model or None, split.value if split else None, baselines)
+    typer.echo(f"{len(result.evaluations)} evaluations on {result.split} (run {result.run_id}); "
+               f"compare them with: mllm report {cfg.name} --split {result.split}")
+
+
+@app.command()
+def report(
+    experiment: Annotated[str | None, typer.Argument(help="Experiment name (default: the config's name).",
+                                                     show_default=False)] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    split: Annotated[Split | None, typer.Option(help="Split (default: evaluate.split).")] = None,
+    output: Annotated[OutputFormat, typer.Option("--format", "-f", help="table (markdown) or json.")] =
+    OutputFormat.table,
+) -> None:
+    """Print (and log as report.md) the comparison table: each model's accuracy and macro-F1 with CIs, cost,
+    and the paired test against the best member."""
+    from mllm.config import load_config
+    from mllm.report import run, to_json
+
+    cfg = load_config(config, set_ or [])
+    result = run(cfg, experiment, split.value if split else None)
+    typer.echo(to_json(result) if output is OutputFormat.json else result.markdown)
+
+
 def quiet_libraries() -> None:
     """Keep the console for mllm's own progress: libraries log warnings and errors only."""
     import logging
@@ -134,6 +182,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines: no usage pings
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -188,7 +188,8 @@ class ModelConfig(Section):
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per review (truncated beyond).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
-    bigger_model: str | None = Field(None, description="A bigger model's evaluation run to compare with.")
+    bigger_model: str | None = Field(None, description="A bigger classifier (models:/, runs:/ or folder) that "
+                                     "evaluate adds to the baselines, e.g. a fine-tuned SmolLM2-360M.")
 
 
 class FinetuneConfig(Section):
@@ -246,6 +247,20 @@ class MergeConfig(Section):
             if not all(math.isfinite(w) for w in v) or all(w == 0 for w in v):
                 raise ValueError(f"weights must be finite and not all zero, got {v}")
         return v
+
+
+class EvaluateConfig(Section):
+    """How models are scored: split, batching, uncertainty, baselines."""
+
+    split: Literal["train", "validation", "test"] = Field("test", description="The split evaluate scores.")
+    batch_size: int = Field(32, ge=1, le=8192, description="Reviews per forward pass (length-sorted).")
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Resamples for CIs and paired tests.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
+    ece_bins: int = Field(15, ge=2, le=100, description="Equal-width confidence bins for ECE.")
+    baselines: bool = Field(True, description="Also score the members, their logit ensemble, the base and "
+                            "model.bigger_model.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the paired test.")
+    seed: int = Field(0, description="Seed of the bootstrap resampling.")
 
 
 class SearchConfig(Section):
@@ -307,6 +322,7 @@ class ExperimentConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 class EntryPoint:
     command: list[str]  # the mllm command it runs
     config_option: bool = True  # `--config PATH` (False: positional, as for validate)
-    # MLproject parameter -> CLI option ("" omits it); parameters in `repeat` are comma-separated lists
+    # MLproject parameter -> CLI option ("": a positional argument); parameters in `repeat` are comma-separated lists
     # that repeat the option once per item.
     options: dict[str, str] = field(default_factory=dict)
     repeat: frozenset[str] = frozenset({"members"})
@@ -29,6 +29,9 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     "finetune": EntryPoint(["finetune"], options={"members": "--member", "parent_run_id": "--parent-run-id"}),
     "merge": EntryPoint(["merge"], options={"method": "--method", "weights": "--weights", "density": "--density",
                                             "members": "--member"}),
+    "evaluate": EntryPoint(["evaluate"], options={"model": "--model", "split": "--split"},
+                           repeat=frozenset({"model"})),
+    "report": EntryPoint(["report"], options={"experiment": "", "split": "--split"}),
 }
 
 
@@ -45,7 +48,7 @@ def entry_argv(name: str, argv: list[str]) -> list[str]:
     for param, option in entry.options.items():
         value = getattr(args, param).strip()
         values = value.split(",") if param in entry.repeat else [value]
-        out += [a for v in values if v.strip() for a in (option, v.strip())]
+        out += [a for v in values if v.strip() for a in ((option, v.strip()) if option else (v.strip(),))]
     return out + [a for o in shlex.split(args.overrides) for a in ("--set", o)]
 
 

@@ -1,9 +1,14 @@
-"""Classification metrics on numpy arrays, used during training (validation macro-F1 for early stopping).
+"""Classification metrics and their uncertainty, on numpy arrays.
 
-The evaluate stage reports the same quantities through the `evaluate` package; tests check both agree.
+Used during training (validation macro-F1 for early stopping) and by the evaluate stage for what the
+`evaluate` metric modules do not cover: bootstrap confidence intervals and paired tests, which resample
+rows thousands of times and so need a vectorised confusion matrix. The point estimates the evaluate stage
+reports come from the modules in `mllm/metric_modules`; tests check both implementations agree.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,16 +25,97 @@ def per_class_f1(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.n
     return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+
+
 def classification_summary(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """accuracy, macro_f1 (over all classes, absent ones scoring 0 as in sklearn), nll."""
+    """accuracy, macro_f1 (over the classes present in labels or predictions, as sklearn does), nll."""
     num_labels = logits.shape[1]
     preds = logits.argmax(1)
-    shifted = logits - logits.max(1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
     present = np.union1d(np.unique(labels), np.unique(preds))
     f1 = per_class_f1(labels, preds, num_labels)[present]
     return {
         "accuracy": float((preds == labels).mean()),
         "macro_f1": float(f1.mean()),
-        "nll": float(-log_probs[np.arange(len(labels)), labels].mean()),
+        "nll": float(-log_softmax(logits)[np.arange(len(labels)), labels].mean()),
     }
+
+
+def _macro_f1_rows(cms: np.ndarray) -> np.ndarray:
+    """Macro-F1 of each confusion matrix in a (B, k, k) stack (classes absent from both axes skipped)."""
+    tp = np.diagonal(cms, axis1=1, axis2=2).astype(float)
+    denom = cms.sum(1) + cms.sum(2)
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = denom > 0
+    return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
+
+
+def _resampled_scores(labels: np.ndarray, preds: np.ndarray, num_labels: int, index: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(accuracy, macro-F1) for each row of `index` (B, n), a resample of the rows."""
+    codes = labels[index] * num_labels + preds[index]  # (B, n)
+    b = index.shape[0]
+    offsets = (np.arange(b) * num_labels * num_labels)[:, None]
+    cms = np.bincount((codes + offsets).ravel(), minlength=b * num_labels * num_labels)
+    cms = cms.reshape(b, num_labels, num_labels)
+    accuracy = np.trace(cms, axis1=1, axis2=2) / index.shape[1]
+    return accuracy, _macro_f1_rows(cms)
+
+
+def _resamples(n: int, samples: int, seed: int, chunk: int = 200):
+    """Bootstrap index matrices, `chunk` resamples at a time (bounded memory for large test sets)."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, samples, chunk):
+        yield rng.integers(0, n, size=(min(chunk, samples - start), n))
+
+
+def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, num_labels: int, samples: int = 1000,
+                 confidence: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals (rows resampled with replacement) for accuracy and macro-F1."""
+    acc, f1 = [], []
+    for index in _resamples(len(labels), samples, seed):
+        a, f = _resampled_scores(labels, preds, num_labels, index)
+        acc.append(a)
+        f1.append(f)
+    tail = (1 - confidence) / 2 * 100
+    out = {}
+    for name, values in (("accuracy", np.concatenate(acc)), ("macro_f1", np.concatenate(f1))):
+        lo, hi = np.percentile(values, [tail, 100 - tail])
+        out[name] = (float(lo), float(hi))
+    return out
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Model A against model B on the same rows."""
+
+    macro_f1_diff: float  # A - B
+    macro_f1_diff_ci: tuple[float, float]
+    bootstrap_p: float  # two-sided, H0: equal macro-F1
+    mcnemar_p: float  # exact two-sided, H0: equal accuracy
+    a_only_correct: int
+    b_only_correct: int
+
+
+def paired_test(labels: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray, num_labels: int,
+                samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> PairedTest:
+    """Paired bootstrap of the macro-F1 difference (same resampled rows for both) and McNemar's exact test."""
+    from scipy.stats import binomtest
+
+    diffs = []
+    for index in _resamples(len(labels), samples, seed):
+        diffs.append(_resampled_scores(labels, preds_a, num_labels, index)[1]
+                     - _resampled_scores(labels, preds_b, num_labels, index)[1])
+    d = np.concatenate(diffs)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(d, [tail, 100 - tail])
+    # Two-sided: how often the resampled difference lands on either side of zero.
+    p_boot = float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
+    point = (_macro_f1_rows(confusion(labels, preds_a, num_labels)[None])
+             - _macro_f1_rows(confusion(labels, preds_b, num_labels)[None]))[0]
+    a_right, b_right = preds_a == labels, preds_b == labels
+    only_a, only_b = int((a_right & ~b_right).sum()), int((b_right & ~a_right).sum())
+    p_mcnemar = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return PairedTest(float(point), (float(lo), float(hi)), p_boot, p_mcnemar, only_a, only_b)

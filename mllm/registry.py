@@ -63,6 +63,34 @@ def find_versions(name: str, tags: dict[str, str]) -> list[Any]:
     return sorted(hits, key=lambda v: int(v.version), reverse=True)
 
 
+def resolve(uri: str) -> tuple[str, Any | None]:
+    """(`models:/name/version`, the version) for a registered-model URI (aliases and `latest` resolved), or
+    (uri, None) for anything else. Fails in one line for an unknown name, version or alias."""
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/"):
+        return uri, None
+    name, sep, ref = uri.removeprefix("models:/").partition("@")
+    try:
+        if sep:
+            version = client().get_model_version_by_alias(name, ref)
+        else:
+            name, _, ref = name.rstrip("/").rpartition("/")
+            if not name:
+                raise MllmError(f"model URI {uri} names no version", "write models:/<name>/<version> or @<alias>")
+            if ref == "latest":
+                found = find_versions(name, {})
+                if not found:
+                    raise MllmError(f"model URI {uri}: no versions of {name}", "register a version first")
+                version = found[0]
+            else:
+                version = client().get_model_version(name, ref)
+    except MlflowException as e:
+        raise MllmError(f"cannot resolve model URI {uri} ({redact(str(e)).splitlines()[0]})",
+                        "check the model name, version or alias (mlflow models UI)") from None
+    return f"models:/{version.name}/{version.version}", version
+
+
 def download(uri: str, dst: Path | None = None) -> Path:
     """A local folder with the files behind a `models:/`, `runs:/` or artifact URI (a local path stays put)."""
     import mlflow

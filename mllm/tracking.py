@@ -237,3 +237,36 @@ def active_run_id() -> str | None:
 
     run = mlflow.active_run()
     return run.info.run_id if run else None
+
+
+def log_figure(figure: Any, name: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_figure(figure, name)
+    plt.close(figure)
+
+
+def find_runs(experiment: str, tags: dict[str, str], status: str = "FINISHED") -> list[Any]:
+    """Runs of `experiment` carrying all `tags` and ending in `status`, newest first (as mlflow Run objects)."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + [f"attributes.status = '{status}'"]
+    return mlflow.search_runs([found.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"],
+                              output_format="list", max_results=5000)
+
+
+def download_run_artifact(run_id: str, path: str, dst: Path) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def log_table(frame: Any, name: str) -> None:
+    """A pandas frame as a CSV artifact (floats written so that float32 values read back exactly)."""
+    import mlflow
+
+    mlflow.log_text(frame.to_csv(index=False, float_format="%.9g"), name)

@@ -51,13 +51,19 @@ def test_entry_points_match_files_and_cli() -> None:
         command = commands.get(" ".join(entry.command))
         assert command is not None, f"{name} -> mllm {' '.join(entry.command)} is not a CLI command"
         options = {o for p in command.params for o in p.opts}
-        assert set(entry.options.values()) <= options and "--set" in options
+        arguments = {p.name for p in command.params if not p.opts[0].startswith("-")}
+        assert {o for o in entry.options.values() if o} <= options and "--set" in options
+        assert {p for p, o in entry.options.items() if not o} <= arguments
         assert ("--config" in options) == entry.config_option
         extra = [a for p in entry.options for a in (f"--{p}", "x,y")]
         argv = entry_argv(name, ["--config", "c.yaml", "--overrides", "a.b=1 c.d='x y'", *extra])
         assert argv[-4:] == ["--set", "a.b=1", "--set", "c.d=x y"]
         for param, option in entry.options.items():
-            assert argv.count(option) == (2 if param in entry.repeat else 1)
+            if option:
+                assert argv.count(option) == (2 if param in entry.repeat else 1)
+            else:  # positional: the value follows no option
+                only = entry_argv(name, ["--config", "c.yaml", f"--{param}", "v"])
+                assert only.count("v") == 1 and not only[only.index("v") - 1].startswith("-")
 
 
 def test_conda_env_installs_this_package() -> None:
@@ -89,7 +95,8 @@ def test_mlflow_run_entry_points(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
-    """The issue's acceptance command: base + 3 tiny members trained, registered, nested under the project run."""
+    """The acceptance commands: base + 3 tiny members trained and registered under the project run, merged,
+    evaluated with baselines and reported, each through `mlflow run`."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow-tiny.db"
@@ -118,3 +125,14 @@ def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
     parents = version.tags["parents"].split(",")
     assert sorted(parents) == sorted(f"models:/tiny-finetuned/{v.version}" for v in versions)
     assert version.tags["method"] == "ties"
+
+    for entry, params in (("evaluate", ["-P", "split=validation"]), ("report", ["-P", "split=validation"])):
+        done = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", entry,
+                               "-P", f"config={REPO}/configs/tiny.yaml", "-P",
+                               f"overrides=tracking.tracking_uri={uri} evaluate.bootstrap_samples=200", *params,
+                               "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert f"| models:/tiny-merged/{version.version} | merged | ties |" in done.stdout
+    evaluations = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`mllm.stage` = 'evaluation'",
+                                     output_format="list")
+    assert len(evaluations) == 6  # 3 members, their ensemble, the base, the merge

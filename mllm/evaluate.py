@@ -1,0 +1,294 @@
+"""The evaluate stage: score classifiers (`models:/`, `runs:/` or a folder) on one split, with honest baselines.
+
+    mllm evaluate -c configs/tiny.yaml                             # every merge of the current base + baselines
+    mllm evaluate --model models:/drugscom-merged/3 --split validation --no-baselines
+
+Per model, in its own MLflow run nested under the stage's run: accuracy, macro-F1 and per-class
+precision / recall / F1 (the `mllm_classification` metric module), NLL and ECE (`mllm_calibration`), both
+loaded with `evaluate.load` from `mllm/metric_modules` since the hub's modules are unreachable offline;
+percentile-bootstrap confidence intervals; a confusion-matrix figure; `predictions.csv` (text, label,
+prediction, logits). Inference is batched and length-sorted (longest first, padded to the batch's own
+longest review), in bf16 on CUDA.
+
+Baselines of a merged model: its members, the logit-average ensemble of the members (K forward passes per
+review: K times a merge's inference cost, reported as such), the base classifier, and `model.bigger_model`.
+An evaluation is reused when the same model version was scored on the same data, split and settings: its
+logits are read back from predictions.csv. That is also why the ensemble costs no extra forward passes here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mllm.config import EvaluateConfig, ExperimentConfig
+from mllm.errors import ModelError
+from mllm.metrics import bootstrap_ci, log_softmax
+
+METRIC_MODULES = Path(__file__).parent / "metric_modules"
+ROLE_BY_SUFFIX = {"-merged": "merged", "-finetuned": "member", "-base": "base"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing to score: a model URI, or the ensemble of several members (`parts`)."""
+
+    uri: str  # canonical: models:/<name>/<version> for registered models
+    role: str  # merged | member | base | ensemble | bigger | model
+    method: str = ""
+    recipe: str = ""  # the merge parameters (or the member's name), for the report
+    reusable: bool = True  # False for local folders, whose contents may change under the same path
+    parts: tuple[str, ...] = ()
+    val_macro_f1: float | None = None  # recorded at registration (members): how the best member is chosen
+    parents: tuple[str, ...] = ()
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    candidate: Candidate
+    split: str
+    metrics: dict[str, float]
+    logits: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+    run_id: str
+    reused: bool
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    split: str
+    fingerprint: str
+    evaluations: list[Evaluation]
+    run_id: str
+
+
+@cache
+def metric_module(name: str) -> Any:
+    import evaluate
+
+    return evaluate.load(str(METRIC_MODULES / name), keep_in_memory=True)
+
+
+def score(logits: np.ndarray, labels: np.ndarray, label_names: tuple[str, ...], cfg: EvaluateConfig
+          ) -> dict[str, float]:
+    """Flat metrics of one model's logits: point estimates through the evaluate modules, CIs by bootstrap."""
+    k = len(label_names)
+    preds = logits.argmax(1)
+    cls = metric_module("mllm_classification").compute(predictions=preds, references=labels, num_labels=k)
+    cal = metric_module("mllm_calibration").compute(predictions=np.exp(log_softmax(logits.astype(np.float64))),
+                                                    references=labels, bins=cfg.ece_bins)
+    out = {"accuracy": cls["accuracy"], "macro_f1": cls["macro_f1"], "nll": cal["nll"], "ece": cal["ece"],
+           "rows": float(len(labels))}
+    for name, (lo, hi) in bootstrap_ci(labels, preds, k, cfg.bootstrap_samples, cfg.confidence, cfg.seed).items():
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    for i, label in enumerate(label_names):
+        for what in ("precision", "recall", "f1"):
+            out[f"{what}_{label}"] = cls[what][i]
+    return out
+
+
+def confusion_figure(labels: np.ndarray, preds: np.ndarray, label_names: tuple[str, ...], title: str) -> Any:
+    """Counts with row-normalised shading (recall per true class), as a matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mllm.metrics import confusion
+
+    k = len(label_names)
+    cm = confusion(labels, preds, k)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2.5, 1.1 * k + 2))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.6 else "black", fontsize=9)
+    ax.set_xticks(range(k), label_names, rotation=30, ha="right")
+    ax.set_yticks(range(k), label_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def predictions_frame(frame: pd.DataFrame, logits: np.ndarray, label_names: tuple[str, ...]) -> pd.DataFrame:
+    preds = logits.argmax(1)
+    out = pd.DataFrame({"row": np.arange(len(frame)), "text": frame["text"].to_numpy(),
+                        "label": [label_names[i] for i in frame["label"]],
+                        "predicted": [label_names[i] for i in preds], "correct": preds == frame["label"].to_numpy()})
+    for i, name in enumerate(label_names):
+        out[f"logit_{name}"] = logits[:, i]
+    return out
+
+
+def logits_from_frame(frame: pd.DataFrame, label_names: tuple[str, ...]) -> np.ndarray:
+    return frame[[f"logit_{n}" for n in label_names]].to_numpy(dtype=np.float32)
+
+
+def describe(uri: str, role: str | None = None) -> Candidate:
+    """A candidate for a URI: registered versions carry their role, method, recipe and lineage in tags."""
+    from mllm import registry
+
+    canonical, version = registry.resolve(uri)
+    if version is None:
+        return Candidate(uri, role or "model", reusable=not Path(uri).exists())  # runs:/ URIs are immutable
+    tags = version.tags
+    found = next((r for suffix, r in ROLE_BY_SUFFIX.items() if version.name.endswith(suffix)), "model")
+    role = role or found
+    recipe = ""
+    if found == "merged":
+        parts = [f"weights={tags.get('weights', 'null')}", f"density={tags.get('density')}",
+                 f"lambda={tags.get('lambda')}"]
+        recipe = " ".join(p for p in parts if not p.endswith("=None"))
+    elif found == "member":
+        recipe = tags.get("member", "")
+    val = tags.get("val_macro_f1")
+    return Candidate(canonical, role, tags.get("method", {"member": "fine-tuned"}.get(found, "")), recipe,
+                     val_macro_f1=float(val) if val else None,
+                     parents=tuple(p for p in tags.get("parents", "").split(",") if p),
+                     base=tags.get("base") or None)
+
+
+def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool) -> list[Candidate]:
+    """What to score: the given models (default: every merge of the experiment's newest base), then for the
+    merges their members, the members' ensemble, the base, and model.bigger_model. Members come before the
+    ensemble, which is computed from their logits."""
+    from mllm import registry
+    from mllm.errors import MllmError
+
+    if models:
+        chosen = [describe(m) for m in models]
+    else:
+        bases = registry.find_versions(f"{cfg.name}-base", {})
+        merged = registry.find_versions(f"{cfg.name}-merged", {}) if bases else []
+        newest_base = f"models:/{cfg.name}-base/{bases[0].version}" if bases else None
+        chosen = [describe(f"models:/{cfg.name}-merged/{v.version}") for v in reversed(merged)
+                  if v.tags.get("base") == newest_base]
+        if not chosen:
+            raise MllmError(f"no merged models of experiment {cfg.name} to evaluate",
+                            "run mllm merge first, or pass --model URI")
+    out: list[Candidate] = []
+    if baselines:
+        for c in [c for c in chosen if c.role == "merged"]:
+            out += [describe(p, "member") for p in c.parents]
+            if len(c.parents) > 1:
+                out.append(Candidate("ensemble:" + ",".join(c.parents), "ensemble", "logit average",
+                                     f"{len(c.parents)} members", parts=c.parents))
+            if c.base:
+                out.append(describe(c.base, "base"))
+    out += chosen
+    if baselines and cfg.model.bigger_model:
+        out.append(describe(cfg.model.bigger_model, "bigger"))
+    seen: set[str] = set()
+    return [c for c in out if not (c.uri in seen or seen.add(c.uri))]  # type: ignore[func-returns-value]
+
+
+def eval_key(c: Candidate, split: str, fingerprint: str, cfg: ExperimentConfig, dtype: str) -> str:
+    """Identifies an evaluation whose results can be reused: model, data, split and scoring settings."""
+    settings = {"model": c.uri, "split": split, "data": fingerprint, "max_length": cfg.model.max_length,
+                "dtype": dtype, "evaluate": cfg.evaluate.model_dump(exclude={"split", "baselines", "alpha"})}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...], cfg: ExperimentConfig,
+                 desc: str) -> tuple[np.ndarray, int]:
+    """(logits in row order, parameter count) of the classifier in `model_dir`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from mllm.modeling import encode, iter_logits, load_classifier, resolve_device
+
+    model, tokenizer = load_classifier(model_dir, "evaluate model")
+    names = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+    if names != label_names:
+        raise ModelError(f"evaluate model {model_dir.name} predicts {list(names)}, the data has {list(label_names)}",
+                         "evaluate models trained for this config's data.label_scheme")
+    device, dtype = resolve_device(cfg.model)
+    model.to(device=device, dtype=dtype or torch.float32)  # bf16 weights on CUDA: half the memory traffic
+    encoded = encode(tokenizer, texts, cfg.model.max_length)
+    logits = np.zeros((len(texts), len(label_names)), dtype=np.float32)
+    with tqdm(total=len(texts), desc=desc, unit="review", leave=False) as bar:
+        for index, batch in iter_logits(model, encoded, tokenizer.pad_token_id, cfg.evaluate.batch_size, device):
+            logits[index] = batch
+            bar.update(len(index))
+    return logits, sum(p.numel() for p in model.parameters())
+
+
+def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | None = None,
+        baselines: bool | None = None) -> EvaluateResult:
+    """Score `models` (and their baselines) on `split`; each evaluation is an MLflow run under one stage run."""
+    from mllm import registry, tracking
+    from mllm.data import load_splits
+    from mllm.merge import _slug
+    from mllm.modeling import resolve_device
+
+    tracking.configure(cfg.tracking)
+    split = split or cfg.evaluate.split
+    data = load_splits(cfg.data)
+    frame = data.split(split).reset_index(drop=True)
+    labels = frame["label"].to_numpy()
+    texts = frame["text"].tolist()
+    candidates = plan(cfg, models, cfg.evaluate.baselines if baselines is None else baselines)
+    dtype = str(resolve_device(cfg.model)[1] or "float32")
+    downloads = cfg.output_dir / "downloads"
+    done: dict[str, Evaluation] = {}
+    with tracking.tracked_run(cfg, f"evaluate-{split}", stage="evaluate",
+                              tags={"mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint}) as parent:
+        for c in candidates:
+            key = eval_key(c, split, data.fingerprint, cfg, dtype)
+            previous = tracking.find_runs(cfg.name, {"mllm.eval_key": key}) if c.reusable else []
+            if previous:
+                old = previous[0]
+                path = tracking.download_run_artifact(old.info.run_id, "predictions.csv", downloads / "eval" / key)
+                logits = logits_from_frame(pd.read_csv(path, keep_default_na=False), data.label_names)
+                # Same key, same settings: the logged metrics are what scoring these logits gives.
+                done[c.uri] = Evaluation(c, split, dict(old.data.metrics), logits, labels, old.info.run_id, True)
+                print(f"evaluate {c.role} {c.uri}: reused run {old.info.run_id}")
+                continue
+            tags = {"mllm.eval_key": key, "mllm.model_uri": c.uri, "mllm.role": c.role, "mllm.method": c.method,
+                    "mllm.recipe": c.recipe, "mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint,
+                    "mllm.parents": ",".join(c.parts or c.parents)}
+            if c.val_macro_f1 is not None:
+                tags["mllm.val_macro_f1"] = str(c.val_macro_f1)
+            with tracking.tracked_run(cfg, f"eval-{c.role}-{_slug(c.uri)}"[:250], stage="evaluation",
+                                      tags=tags, log_config=False) as child:
+                start = time.perf_counter()
+                if c.parts:  # the ensemble: average of its members' logits, K forward passes per review
+                    missing = [p for p in c.parts if p not in done]
+                    if missing:
+                        raise ModelError(f"ensemble member {missing[0]} was not evaluated", "evaluate its members")
+                    logits = np.mean([done[p].logits for p in c.parts], axis=0).astype(np.float32)
+                    params = sum(done[p].metrics["num_params"] for p in c.parts)
+                    passes = len(c.parts)
+                else:
+                    model_dir = registry.download(c.uri, downloads / _slug(c.uri))
+                    logits, params = model_logits(model_dir, texts, data.label_names, cfg, f"{c.role} {c.uri}")
+                    passes = 1
+                wall = time.perf_counter() - start
+                metrics = score(logits, labels, data.label_names, cfg.evaluate)
+                metrics.update(num_params=float(params), forward_passes=float(passes), wall_s=wall,
+                               reviews_per_s=len(labels) / wall if wall > 0 else 0.0)
+                tracking.log_params({"model_uri": c.uri, "split": split, "role": c.role, "batch_size":
+                                     cfg.evaluate.batch_size, "max_length": cfg.model.max_length, "dtype": dtype})
+                tracking.log_metrics(metrics)
+                tracking.log_dict({"model": c.uri, "split": split, "metrics": metrics}, "metrics.json")
+                tracking.log_table(predictions_frame(frame, logits, data.label_names), "predictions.csv")
+                tracking.log_figure(confusion_figure(labels, logits.argmax(1), data.label_names,
+                                                     f"{c.uri} on {split}"), "confusion_matrix.png")
+            done[c.uri] = Evaluation(c, split, metrics, logits, labels, child.info.run_id, False)
+            print(f"evaluate {c.role} {c.uri}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+                  f" ({wall:.1f} s)")
+        tracking.set_tags({"mllm.evaluations": ",".join(e.run_id for e in done.values())})
+    return EvaluateResult(split, data.fingerprint, list(done.values()), parent.info.run_id)
