@@ -107,6 +107,7 @@ def merge(
         "--member", "-m", help="Member model URI (models:/..., runs:/..., folder); repeatable. Default: the "
         "experiment's newest registered members.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model URI (default: the newest registered base).")] = None,
+    force: Annotated[bool, typer.Option(help="Merge again even if the same merge is registered.")] = False,
 ) -> None:
     """Merge fine-tuned members with mergekit; log the recipe and register the merged classifier."""
     from mllm.config import load_config
@@ -120,7 +121,7 @@ def merge(
     if density is not None:
         sets.append(f"merge.density={density}")
     cfg = load_config(config, sets)
-    result = run(cfg, member or None, base)
+    result = run(cfg, member or None, base, force=force)
     typer.echo(f"{result.method} merge of {', '.join(result.parents)} -> {result.model_uri} (run {result.run_id})")
 
 
@@ -170,6 +171,78 @@ def report(
     cfg = load_config(config, set_ or [])
     result = run(cfg, experiment, split.value if split else None)
     typer.echo(to_json(result) if output is OutputFormat.json else result.markdown)
+
+
+@app.command()
+def search(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    n_trials: Annotated[int | None, typer.Option(help="Finished trials the study should have (search.n_trials); "
+                                                 "a rerun continues the study up to it.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local worker processes (search.workers).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL shared by all workers "
+                                                "(search.storage).")] = None,
+    study_name: Annotated[str | None, typer.Option(help="Study name (default <experiment>-search).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="tpe, cmaes, random or nsgaii (search.sampler).")] = None,
+    member: Annotated[list[str] | None, typer.Option(
+        "--member", "-m", help="Member URI; repeatable (default: the experiment's registered members).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base URI (with --member).")] = None,
+    parent_run_id: Annotated[str | None, typer.Option(help="Nest this worker's runs under this run.")] = None,
+    create_only: Annotated[bool, typer.Option(help="Create the study (and its schema) and exit: run once before "
+                                              "starting workers on several machines.")] = False,
+) -> None:
+    """Search merge recipes with Optuna: in-memory merges scored on the validation split."""
+    from mllm.config import load_config
+    from mllm.search import run
+
+    sets = list(set_ or [])
+    for key, value in (("n_trials", n_trials), ("workers", workers), ("storage", storage),
+                       ("study_name", study_name), ("sampler", sampler)):
+        if value is not None:
+            sets.append(f"search.{key}={value}")
+    cfg = load_config(config, sets)
+    result = run(cfg, member or None, base, parent_run_id=parent_run_id, create_only=create_only)
+    if create_only:
+        typer.echo(f"study {result.study_name} ready in {result.storage} ({result.trials} trials finished)")
+
+
+@app.command()
+def promote(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (search.storage).")] = None,
+    study_name: Annotated[str | None, typer.Option(help="Study name (default <experiment>-search).")] = None,
+) -> None:
+    """Merge the search's best recipe with mergekit, evaluate it on test, set `challenger`, gate `champion`."""
+    from mllm.config import load_config
+    from mllm.promote import run
+
+    sets = list(set_ or [])
+    sets += [f"search.storage={storage}"] if storage else []
+    sets += [f"search.study_name={study_name}"] if study_name else []
+    run(load_config(config, sets))
+
+
+@app.command()
+def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """The whole flow: fine-tune, merge (linear, ties, dare_ties, dare_linear), evaluate, search, promote,
+    report; finished stages are reused."""
+    from mllm.config import load_config
+    from mllm.pipeline import run
+
+    cfg = load_config(config, set_ or [])
+    result = run(cfg)
+    typer.echo("")
+    typer.echo(result.report_markdown)
+    typer.echo(f"champion: {result.champion or 'none'}; stages: " +
+               ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_seconds.items()))
+    typer.echo(f"Open the runs: mlflow ui --backend-store-uri {_redacted(cfg.tracking.tracking_uri)}")
+
+
+def _redacted(uri: str) -> str:
+    from mllm.tracking import redact
+
+    return redact(uri)
 
 
 def quiet_libraries() -> None:

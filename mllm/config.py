@@ -307,7 +307,8 @@ class PromoteConfig(Section):
     """The champion gate."""
 
     margin: float = Field(0.0, ge=0, lt=1, description="Required test macro-F1 gain over the champion.")
-    test: Literal["mcnemar", "bootstrap"] = Field("mcnemar", description="Paired significance test.")
+    test: Literal["bootstrap", "mcnemar"] = Field("bootstrap", description="Paired test of the gate: bootstrap "
+                                                  "of the macro-F1 difference, or McNemar on accuracy.")
     alpha: float = Field(0.05, gt=0, lt=1)
     bootstrap_samples: int = Field(1000, ge=100, le=100_000)
 

@@ -24,13 +24,17 @@ class EntryPoint:
 
 
 ENTRY_POINTS: dict[str, EntryPoint] = {
-    "main": EntryPoint(["data", "stats"]),  # grows into the whole pipeline in later stages
+    "main": EntryPoint(["pipeline"]),
     "validate": EntryPoint(["validate"], config_option=False),
     "finetune": EntryPoint(["finetune"], options={"members": "--member", "parent_run_id": "--parent-run-id"}),
     "merge": EntryPoint(["merge"], options={"method": "--method", "weights": "--weights", "density": "--density",
                                             "members": "--member"}),
     "evaluate": EntryPoint(["evaluate"], options={"model": "--model", "split": "--split"},
                            repeat=frozenset({"model"})),
+    "search": EntryPoint(["search"], options={"n_trials": "--n-trials", "workers": "--workers",
+                                              "storage": "--storage", "study_name": "--study-name",
+                                              "parent_run_id": "--parent-run-id"}),
+    "promote": EntryPoint(["promote"], options={"storage": "--storage", "study_name": "--study-name"}),
     "report": EntryPoint(["report"], options={"experiment": "", "split": "--split"}),
 }
 

@@ -32,6 +32,7 @@ import pandas as pd
 from mllm.config import EvaluateConfig, ExperimentConfig
 from mllm.errors import ModelError
 from mllm.metrics import bootstrap_ci, log_softmax
+from mllm.prefix import PrefixCache
 
 METRIC_MODULES = Path(__file__).parent / "metric_modules"
 ROLE_BY_SUFFIX = {"-merged": "merged", "-finetuned": "member", "-base": "base"}
@@ -149,9 +150,12 @@ def describe(uri: str, role: str | None = None) -> Candidate:
     role = role or found
     recipe = ""
     if found == "merged":
-        parts = [f"weights={tags.get('weights', 'null')}", f"density={tags.get('density')}",
-                 f"lambda={tags.get('lambda')}"]
-        recipe = " ".join(p for p in parts if not p.endswith("=None"))
+        weights = json.loads(tags.get("weights") or "null")
+        parts = [f"weights={[round(w, 3) for w in weights] if weights else 'equal'}",
+                 f"density={float(tags['density']):.3g}" if tags.get("density") else "",
+                 f"lambda={float(tags['lambda']):.3g}" if tags.get("lambda") else "",
+                 f"(search trial {tags['trial']})" if tags.get("trial") else ""]
+        recipe = " ".join(p for p in parts if p)
     elif found == "member":
         recipe = tags.get("member", "")
     val = tags.get("val_macro_f1")
@@ -203,12 +207,16 @@ def eval_key(c: Candidate, split: str, fingerprint: str, cfg: ExperimentConfig, 
 
 
 def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...], cfg: ExperimentConfig,
-                 desc: str) -> tuple[np.ndarray, int]:
-    """(logits in row order, parameter count) of the classifier in `model_dir`."""
+                 desc: str, prefix: PrefixCache | None = None) -> tuple[np.ndarray, int, bool]:
+    """(logits in row order, parameter count, whether the frozen-prefix cache was replayed) of the classifier
+    in `model_dir`."""
+    from contextlib import nullcontext
+
     import torch
     from tqdm.auto import tqdm
 
     from mllm.modeling import encode, iter_logits, load_classifier, resolve_device
+    from mllm.prefix import fingerprint_batches
 
     model, tokenizer = load_classifier(model_dir, "evaluate model")
     names = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
@@ -219,11 +227,14 @@ def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...]
     model.to(device=device, dtype=dtype or torch.float32)  # bf16 weights on CUDA: half the memory traffic
     encoded = encode(tokenizer, texts, cfg.model.max_length)
     logits = np.zeros((len(texts), len(label_names)), dtype=np.float32)
-    with tqdm(total=len(texts), desc=desc, unit="review", leave=False) as bar:
+    key = fingerprint_batches(encoded, cfg.evaluate.batch_size) + str(dtype)
+    replay = prefix is not None and prefix.matches(model, key)
+    context = (prefix.replay(model) if replay else prefix.record(model, key)) if prefix else nullcontext()
+    with context, tqdm(total=len(texts), desc=desc, unit="review", leave=False) as bar:
         for index, batch in iter_logits(model, encoded, tokenizer.pad_token_id, cfg.evaluate.batch_size, device):
             logits[index] = batch
             bar.update(len(index))
-    return logits, sum(p.numel() for p in model.parameters())
+    return logits, sum(p.numel() for p in model.parameters()), replay
 
 
 def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | None = None,
@@ -244,6 +255,9 @@ def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | Non
     dtype = str(resolve_device(cfg.model)[1] or "float32")
     downloads = cfg.output_dir / "downloads"
     done: dict[str, Evaluation] = {}
+    # Members trained with frozen embeddings + lowest layers share those layers with the base and with most
+    # merges: their hidden states at the first trained block are computed once (mllm.prefix).
+    prefix = PrefixCache(cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0)
     with tracking.tracked_run(cfg, f"evaluate-{split}", stage="evaluate",
                               tags={"mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint}) as parent:
         for c in candidates:
@@ -274,7 +288,9 @@ def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | Non
                     passes = len(c.parts)
                 else:
                     model_dir = registry.download(c.uri, downloads / _slug(c.uri))
-                    logits, params = model_logits(model_dir, texts, data.label_names, cfg, f"{c.role} {c.uri}")
+                    logits, params, replayed = model_logits(model_dir, texts, data.label_names, cfg,
+                                                            f"{c.role} {c.uri}", prefix)
+                    tracking.set_tags({"mllm.prefix_reused": replayed})
                     passes = 1
                 wall = time.perf_counter() - start
                 metrics = score(logits, labels, data.label_names, cfg.evaluate)

@@ -163,7 +163,8 @@ class MergeResult:
     method: str
     parents: list[str]  # model URIs of the merged members
     base_uri: str | None
-    local_dir: Path
+    local_dir: Path | None  # None when an identical registered merge was reused
+    reused: bool = False
 
 
 def registered_members(experiment: str) -> tuple[str, list[str]]:
@@ -186,8 +187,19 @@ def registered_members(experiment: str) -> tuple[str, list[str]]:
     return f"models:/{experiment}-base/{base_version}", members
 
 
-def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None) -> MergeResult:
-    """Merge registered (or given) members with `cfg.merge`, log the mergekit YAML, register the result."""
+def merge_key(recipe: MergeConfig, members: Sequence[str], base: str | None, code: str) -> str:
+    """Identifies a merge: recipe, parents, base and code version (an equal key is an equal merge)."""
+    import hashlib
+
+    spec = {"recipe": recipe.model_dump(mode="json", by_alias=True), "members": list(members), "base": base,
+            "code": code}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None,
+        tags: dict[str, Any] | None = None, force: bool = False) -> MergeResult:
+    """Merge registered (or given) members with `cfg.merge`, log the mergekit YAML, register the result.
+    An identical merge (same recipe, parents, base and code version) already registered is reused."""
     from mllm import registry, tracking
 
     tracking.configure(cfg.tracking)
@@ -201,8 +213,16 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     base_dir = registry.download(base_uri, downloads / _slug(base_uri)) if base_uri else None
     check_members(member_dirs, base_dir, cfg.merge.method)  # before a run is opened: bad input leaves no trace
     recipe = cfg.merge
-    tags = {"mllm.merge_method": recipe.method, "mllm.parents": ",".join(members), "mllm.base": base_uri or ""}
-    with tracking.tracked_run(cfg, f"merge-{recipe.method}", stage="merge", tags=tags) as run_:
+    key = merge_key(recipe, members, base_uri, tracking.git_sha())
+    found = [] if force else registry.find_versions(f"{cfg.name}-merged", {"merge_key": key})
+    if found:
+        v = found[0]
+        print(f"merge {recipe.method}: reusing {cfg.name}-merged version {v.version} (same recipe, parents, code)")
+        return MergeResult(f"models:/{cfg.name}-merged/{v.version}", str(v.version), v.run_id, recipe.method,
+                           list(members), base_uri, None, reused=True)
+    run_tags = {"mllm.merge_method": recipe.method, "mllm.parents": ",".join(members), "mllm.base": base_uri or "",
+                **{f"mllm.{k}": v for k, v in (tags or {}).items()}}
+    with tracking.tracked_run(cfg, f"merge-{recipe.method}", stage="merge", tags=run_tags) as run_:
         out = cfg.output_dir / "merged" / run_.info.run_id
         merged, yaml_text = merge_models(recipe, member_dirs, base_dir, out, device=_device(cfg))
         tracking.log_text(yaml_text, "mergekit_config.yml")
@@ -210,7 +230,7 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
         version = registry.register(f"{cfg.name}-merged", uri, run_.info.run_id, {
             "method": recipe.method, "parents": ",".join(members), "base": base_uri or "",
             "weights": json.dumps(recipe.weights), "density": recipe.density, "lambda": recipe.lambda_,
-            "normalize": recipe.normalize, "seed": recipe.seed,
+            "normalize": recipe.normalize, "seed": recipe.seed, "merge_key": key, **(tags or {}),
         }, description=f"{recipe.method} merge of {', '.join(members)}")
     return MergeResult(f"models:/{cfg.name}-merged/{version.version}", str(version.version), run_.info.run_id,
                        recipe.method, list(members), base_uri, merged)

@@ -104,3 +104,23 @@ def download(uri: str, dst: Path | None = None) -> Path:
     except MlflowException as e:
         raise MllmError(f"cannot resolve model URI {uri} ({redact(str(e)).splitlines()[0]})",
                         "check the model name, version or alias (mlflow models UI) or the run id") from None
+
+
+def alias_version(name: str, alias: str) -> Any | None:
+    """The version `name@alias` points at, or None (no such alias or model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(name, version, k, redact(str(v)))

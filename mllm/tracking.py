@@ -108,19 +108,20 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 @contextmanager
 def tracked_run(cfg: ExperimentConfig, run_name: str, *, stage: str, parent_run_id: str | None = None,
-                tags: dict[str, str] | None = None, log_config: bool = True) -> Iterator[Any]:
+                tags: dict[str, Any] | None = None, log_config: bool = True,
+                system_metrics: bool = True) -> Iterator[Any]:
     """Start a run in the experiment `cfg.name` (nested under `parent_run_id` if given) and always end it."""
     import mlflow
 
     configure(cfg.tracking)
     experiment_id = ensure_experiment(cfg.name, cfg.tracking.artifact_location)
-    all_tags = {**provenance(), "mllm.stage": stage, **(tags or {})}
+    all_tags = {**provenance(), "mllm.stage": stage, **{k: redact(str(v)) for k, v in (tags or {}).items()}}
     if parent_run_id is None and mlflow.active_run() is None:
         parent_run_id = _project_run(cfg.tracking.tracking_uri)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags,
-                           nested=mlflow.active_run() is not None, log_system_metrics=True)
+                           nested=mlflow.active_run() is not None, log_system_metrics=system_metrics)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise Terminated(f"signal {signum}")
@@ -270,3 +271,12 @@ def log_table(frame: Any, name: str) -> None:
     import mlflow
 
     mlflow.log_text(frame.to_csv(index=False, float_format="%.9g"), name)
+
+
+def terminate_run(run_id: str, status: str) -> None:
+    """End another process's run (a killed worker's trial) with `status` if it is still RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)

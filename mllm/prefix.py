@@ -1,0 +1,156 @@
+"""Frozen-prefix reuse: score many models that share their lowest layers without recomputing those layers.
+
+Members fine-tuned with `finetune.freeze_embeddings` and `freeze_layers: N` (the CPU recipe freezes 16 of
+SmolLM2's 30 layers) keep the embeddings and blocks 0..N-1 of the base exactly, and so do their TIES/DARE/
+task-arithmetic merges (a zero task vector adds exactly zero). Every such model computes the same hidden
+states entering block N for the same batch, so they are computed once (while the first model is scored) and
+replayed for the others: blocks 0..N-1 are swapped for a pass-through and a pre-hook on block N feeds the
+cached states. A model whose prefix weights are not bit-identical to the first one's (e.g. a linear merge,
+whose average of equal tensors may differ in the last bit) or whose token batches differ runs in full.
+
+Causal and bidirectional models alike see the same inputs for block N, so results equal a full forward pass
+up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+MAX_CACHE_BYTES = 2 * 1024**3  # beyond this (large test sets), score in full rather than hold the states
+
+
+def blocks(model: Any) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks (the ModuleList with num_hidden_layers entries)."""
+    n = model.config.num_hidden_layers
+    found = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
+    if found is None:
+        raise ValueError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+    return found
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a block whose output is replaced anyway: returns its input hidden states."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+def prefix_state(model: Any, depth: int) -> dict[str, torch.Tensor]:
+    """Every weight that can influence the input of block `depth`: the modules run before it (found by
+    running the model once on a two-token input and recording which modules were called first)."""
+    order: list[torch.nn.Module] = []
+    stop = blocks(model)[depth]
+    hooks = []
+
+    class _Stop(Exception):
+        pass
+
+    def seen(module: torch.nn.Module, args: Any) -> None:
+        if module is stop:
+            raise _Stop
+        order.append(module)
+
+    for module in model.modules():
+        if not list(module.children()):  # leaves (embeddings, norms, linears, ...)
+            hooks.append(module.register_forward_pre_hook(seen))
+    hooks.append(stop.register_forward_pre_hook(seen))
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([[1, 2]], device=next(model.parameters()).device))
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    before = {id(m) for m in order}
+    out: dict[str, torch.Tensor] = {}
+    for mod_name, module in model.named_modules():
+        if id(module) in before:
+            for name, p in module.named_parameters(recurse=False):
+                out[f"{mod_name}.{name}" if mod_name else name] = p.detach()
+    return out
+
+
+def fingerprint_batches(encoded: Sequence[Sequence[int]], batch_size: int) -> str:
+    h = hashlib.sha256(str(batch_size).encode())
+    for ids in encoded:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(bytes(str(list(ids)), "ascii"))
+    return h.hexdigest()
+
+
+class PrefixCache:
+    """Hidden states entering block `depth`, per batch of one fixed batching, from the first model scored."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.reference: dict[str, torch.Tensor] | None = None
+        self.batches_key: str | None = None
+        self.states: list[torch.Tensor] = []
+        self.bytes = 0
+        self.usable = depth > 0
+
+    def matches(self, model: Any, batches_key: str) -> bool:
+        """True when `model` may replay the cache: same batches, bit-identical prefix weights."""
+        if not self.usable or self.reference is None or batches_key != self.batches_key:
+            return False
+        ours = prefix_state(model, self.depth)
+        return ours.keys() == self.reference.keys() and all(torch.equal(ours[k], v) for k, v in
+                                                            self.reference.items())
+
+    @contextmanager
+    def record(self, model: Any, batches_key: str) -> Iterator[None]:
+        """Run `model` in full while keeping the states entering block `depth` (first model only)."""
+        if self.usable and self.reference is None:
+            self.depth = min(self.depth, len(blocks(model)) - 1)  # all layers frozen: the last still runs
+        if not self.usable or self.reference is not None:
+            yield
+            return
+        states: list[torch.Tensor] = []
+
+        def keep(module: torch.nn.Module, args: Any) -> None:
+            if not self.usable:
+                return
+            self.bytes += args[0].numel() * args[0].element_size()
+            if self.bytes > MAX_CACHE_BYTES:  # this split is too large to cache: everything runs in full
+                self.usable = False
+                states.clear()
+                return
+            states.append(args[0].detach().clone())
+
+        handle = blocks(model)[self.depth].register_forward_pre_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+        if not self.usable:
+            return
+        self.states = states
+        self.batches_key = batches_key
+        self.reference = {k: v.clone() for k, v in prefix_state(model, self.depth).items()}
+
+    @contextmanager
+    def replay(self, model: Any, start: int = 0) -> Iterator[None]:
+        """Run `model` with blocks below `depth` skipped and the cached states fed to block `depth`, from
+        cached batch `start` on."""
+        layers = blocks(model)
+        original = [layers[i] for i in range(self.depth)]
+        cursor = iter(self.states[start:])
+
+        def feed(module: torch.nn.Module, args: Any) -> Any:
+            return (next(cursor).to(args[0].dtype), *args[1:])
+
+        for i in range(self.depth):
+            layers[i] = _PassThrough()
+        handle = layers[self.depth].register_forward_pre_hook(feed)
+        try:
+            yield
+        finally:
+            handle.remove()
+            for i, block in enumerate(original):
+                layers[i] = block

@@ -1,0 +1,67 @@
+"""Frozen-prefix reuse gives the logits of a full forward pass, and refuses models whose prefix differs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mllm.modeling import encode, load_classifier, predict_logits
+from mllm.prefix import PrefixCache, fingerprint_batches, prefix_state
+from mllm.tiny import build_tiny_classifier
+
+LABELS = ("negative", "neutral", "positive")
+TEXTS = ["great drug, no side effects", "terrible headache and nausea", "it was ok I guess",
+         "worked for two weeks then stopped", "best thing my doctor ever gave me, really", "meh"] * 3
+
+
+def trained_above(base, out, depth: int, seed: int):
+    """A stand-in member: the base with noise on every weight except the embeddings and blocks < depth."""
+    shutil.copytree(base, out)
+    model, _ = load_classifier(base)
+    frozen = set(prefix_state(model, depth))
+    g = torch.Generator().manual_seed(seed)
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v if k in frozen else v + 0.1 * torch.randn(v.shape, generator=g) for k, v in weights.items()},
+              out / "model.safetensors", metadata={"format": "pt"})
+    (out / "mllm-source.json").write_text(json.dumps({"role": "member"}))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_replay_equals_full_forward(arch: str, tmp_path) -> None:
+    base = build_tiny_classifier(arch, tmp_path / "base", LABELS, seed=0, layers=3)
+    members = [trained_above(base, tmp_path / f"m{i}", depth=2, seed=i) for i in range(2)]
+    cache = PrefixCache(2)
+    results = []
+    for path in [base, *members]:
+        model, tok = load_classifier(path)
+        encoded = encode(tok, TEXTS, 32)
+        key = fingerprint_batches(encoded, 4)
+        replay = cache.matches(model, key)
+        with cache.replay(model) if replay else cache.record(model, key):
+            got = predict_logits(model, encoded, tok.pad_token_id, 4, torch.device("cpu"))
+        full = predict_logits(model, encoded, tok.pad_token_id, 4, torch.device("cpu"))
+        np.testing.assert_allclose(got, full, atol=1e-5, rtol=1e-5)
+        results.append((replay, got))
+    assert [r for r, _ in results] == [False, True, True]
+    assert not np.allclose(results[1][1], results[0][1])  # the members really differ from the base
+
+
+def test_different_prefix_or_batches_run_in_full(tmp_path) -> None:
+    base = build_tiny_classifier("gpt2", tmp_path / "base", LABELS, seed=0, layers=3)
+    shallow = trained_above(base, tmp_path / "shallow", depth=1, seed=5)  # block 1 trained: prefix differs
+    cache = PrefixCache(2)
+    model, tok = load_classifier(base)
+    encoded = encode(tok, TEXTS, 32)
+    with cache.record(model, fingerprint_batches(encoded, 4)):
+        predict_logits(model, encoded, tok.pad_token_id, 4, torch.device("cpu"))
+    other, _ = load_classifier(shallow)
+    assert not cache.matches(other, fingerprint_batches(encoded, 4))
+    assert cache.matches(model, fingerprint_batches(encoded, 4))
+    assert not cache.matches(model, fingerprint_batches(encoded[:-1], 4))
+    assert not cache.matches(model, fingerprint_batches(encoded, 8))
