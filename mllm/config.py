@@ -266,7 +266,8 @@ class EvaluateConfig(Section):
 class SearchConfig(Section):
     """The Optuna study over merge recipes (scored on the validation split only)."""
 
-    n_trials: int = Field(20, ge=1, le=100_000)
+    n_trials: int = Field(10, ge=1, le=100_000, description="Finished (complete or pruned) trials the study "
+                          "should have; a rerun continues it up to this number.")
     methods: list[MergeMethod] = Field(
         default_factory=lambda: ["linear", "ties", "dare_ties", "dare_linear"], min_length=1
     )
@@ -278,6 +279,8 @@ class SearchConfig(Section):
     workers: int = Field(1, ge=1, le=256, description="Local worker processes.")
     timeout_s: float | None = Field(None, gt=0)
     prune: bool = Field(True, description="Score growing validation subsets and prune hopeless trials.")
+    heartbeat_s: int = Field(10, ge=1, le=3600, description="Workers' heartbeat interval (seconds).")
+    grace_s: int = Field(30, ge=2, le=86400, description="A trial without a heartbeat for this long is retried.")
     seed: int = Field(0)
 
     @field_validator("objective_split")

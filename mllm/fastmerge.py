@@ -87,8 +87,17 @@ def sparsify(delta: torch.Tensor, how: str, recipe: MergeConfig, rescale: bool) 
 
 
 def merge_tensor(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Sequence[float],
-                 recipe: MergeConfig) -> torch.Tensor:
-    """One merged weight from the base and the members' task vectors (member - base), in member order."""
+                 recipe: MergeConfig, all_zero: bool = False) -> torch.Tensor:
+    """One merged weight from the base and the members' task vectors (member - base), in member order.
+    `all_zero`: every task vector is exactly zero (a frozen layer), so a task-vector merge is the base."""
+    if all_zero and recipe.method in GTA:
+        # Any sparsified, weighted, normalised sum of zeros is zero: base + 0 is the base exactly. Random
+        # methods still draw their masks, so the random stream stays aligned with mergekit's for later weights.
+        how = GTA[recipe.method][0]
+        if how in ("random", "della_magprune"):
+            for d in deltas:
+                sparsify(d, how, recipe, rescale=False)
+        return base
     w = torch.tensor(list(weights), dtype=base.dtype, device=base.device)
     if recipe.method == "linear":  # sum_i w_i * member_i (/ sum_i w_i)
         out = torch.zeros_like(base)
@@ -132,6 +141,8 @@ class MemberStack:
                 raise MllmError(f"{path.name} has other weights than the base", "merge members of one base")
             self.deltas.append({n: (member[n].to(self.device) - self.base[n]) for n in self.names})
             del member
+        # Weights no member changed (frozen embeddings and layers): merging them is skipped (see merge_tensor).
+        self.unchanged = {n for n in self.names if not any(bool(d[n].any()) for d in self.deltas)}
 
     def iter_merged(self, recipe: MergeConfig) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged weight) for `recipe`, one weight at a time, in name order."""
@@ -148,7 +159,8 @@ class MemberStack:
             set_seed(recipe.seed)  # as run_merge does with MergeOptions.random_seed
         with torch.no_grad():
             for n in self.names:
-                yield n, merge_tensor(self.base[n], [d[n] for d in self.deltas], weights, recipe)
+                yield n, merge_tensor(self.base[n], [d[n] for d in self.deltas], weights, recipe,
+                                      all_zero=n in self.unchanged)
 
     def merged(self, recipe: MergeConfig) -> dict[str, torch.Tensor]:
         return dict(self.iter_merged(recipe))

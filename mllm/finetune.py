@@ -17,6 +17,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -24,6 +25,7 @@ from mllm.config import ExperimentConfig
 from mllm.data import SplitData, load_splits, make_shards
 from mllm.errors import MllmError
 from mllm.modeling import build_base, read_source, update_source
+from mllm.prefix import PrefixCache
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,8 +124,11 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, *, parent_run_i
         base_dir, base_version = _ensure_base(cfg, splits)
         if base_only:
             return base_dir, base_version
+        # Members with frozen embeddings + lowest layers share them: validation computes them once (mllm.prefix).
+        prefix = PrefixCache(cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0)
         for spec in specs:
-            outcomes.append(_member(cfg, spec, splits, base_dir, base_version, parent, code, force, progress))
+            outcomes.append(_member(cfg, spec, splits, base_dir, base_version, parent, code, force, progress,
+                                    prefix))
         return base_dir, base_version
 
     if parent_run_id:  # members of a parent run started elsewhere (e.g. a Slurm array)
@@ -165,7 +170,7 @@ def _ensure_base(cfg: ExperimentConfig, splits: SplitData) -> tuple[Path, str]:
 
 
 def _member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir: Path, base_version: str,
-            parent: str | None, code: str, force: bool, progress: bool) -> MemberOutcome:
+            parent: str | None, code: str, force: bool, progress: bool, prefix: Any = None) -> MemberOutcome:
     from mllm import registry, tracking
     from mllm.train import train_member
 
@@ -193,6 +198,7 @@ def _member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir
             base_dir, spec.rows["text"].tolist(), spec.rows["label"].to_numpy(), splits.validation["text"].tolist(),
             splits.validation["label"].to_numpy(), cfg.finetune, cfg.model, work,
             seed=spec.seed, learning_rate=spec.learning_rate, key=key, log=logger, progress=progress, name=spec.name,
+            prefix=prefix,
         )
         logger.flush()
         # Lineage for merge: which registered base this member came from.

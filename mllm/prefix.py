@@ -94,6 +94,7 @@ class PrefixCache:
         self.states: list[torch.Tensor] = []
         self.bytes = 0
         self.usable = depth > 0
+        self.replays = 0
 
     def matches(self, model: Any, batches_key: str) -> bool:
         """True when `model` may replay the cache: same batches, bit-identical prefix weights."""
@@ -141,6 +142,7 @@ class PrefixCache:
         layers = blocks(model)
         original = [layers[i] for i in range(self.depth)]
         cursor = iter(self.states[start:])
+        self.replays += 1
 
         def feed(module: torch.nn.Module, args: Any) -> Any:
             return (next(cursor).to(args[0].dtype), *args[1:])

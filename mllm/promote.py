@@ -99,7 +99,7 @@ def run(cfg: ExperimentConfig, parent_run_id: str | None = None) -> PromoteResul
     name = search.study_name(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=name, storage=search.storage(cfg.search.storage))
+        study = optuna.load_study(study_name=name, storage=search.open_storage(cfg))
     except KeyError:
         raise MllmError(f"no study {name} in {tracking.redact(cfg.search.storage)}",
                         "run mllm search first (or set search.study_name / search.storage)") from None

@@ -7,6 +7,8 @@ crash leaves no version pointing at a half-written folder.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -92,18 +94,35 @@ def resolve(uri: str) -> tuple[str, Any | None]:
 
 
 def download(uri: str, dst: Path | None = None) -> Path:
-    """A local folder with the files behind a `models:/`, `runs:/` or artifact URI (a local path stays put)."""
+    """A local folder with the files behind a `models:/`, `runs:/` or artifact URI (a local path stays put).
+    With `dst`, a complete earlier download of the same version (same source, same registry) is reused."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     local = Path(uri)
     if "://" not in uri and ":/" not in uri and local.exists():
         return local
+    identity: dict[str, str] = {"uri": uri}
+    if uri.startswith("models:/"):  # versions are immutable: same version, same source -> same files
+        canonical, version = resolve(uri)
+        identity = {"uri": canonical, "source": str(version.source), "run_id": str(version.run_id),
+                    "registry": redact(mlflow.get_registry_uri())}
+    marker = dst.with_name(dst.name + ".mllm-download.json") if dst else None
+    if marker is not None and dst is not None and marker.is_file():  # a complete earlier download of the same
+        saved = json.loads(marker.read_text())
+        if saved.get("identity") == identity and (dst / saved["path"]).exists():
+            return dst / saved["path"]
+    if marker is not None and dst is not None:
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(dst, ignore_errors=True)  # a partial or different download
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
     except MlflowException as e:
         raise MllmError(f"cannot resolve model URI {uri} ({redact(str(e)).splitlines()[0]})",
                         "check the model name, version or alias (mlflow models UI) or the run id") from None
+    if marker is not None and dst is not None:  # written last: only a complete download is reused
+        marker.write_text(json.dumps({"identity": identity, "path": str(path.resolve().relative_to(dst.resolve()))}))
+    return path
 
 
 def alias_version(name: str, alias: str) -> Any | None:

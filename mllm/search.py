@@ -208,6 +208,10 @@ def storage(url: str, heartbeat: int = 10, grace: int = 30) -> Any:
                         "that is reachable") from None
 
 
+def open_storage(cfg: ExperimentConfig) -> Any:
+    return storage(cfg.search.storage, cfg.search.heartbeat_s, cfg.search.grace_s)
+
+
 def finished(study: Any) -> int:
     import optuna
 
@@ -244,14 +248,13 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
 
     tracking.configure(cfg.tracking)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if finished(optuna.load_study(study_name=study_name(cfg), storage=storage(cfg.search.storage))) >= \
-            cfg.search.n_trials:
+    if finished(optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg))) >= cfg.search.n_trials:
         return  # the study is complete (a rerun of a finished search): nothing to load
     downloads = cfg.output_dir / "downloads"
     scorer = Scorer(cfg, registry.download(base, downloads / _slug(base)),
                     [registry.download(u, downloads / _slug(u)) for u in members])
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if cfg.search.prune else optuna.pruners.NopPruner()
-    study = optuna.load_study(study_name=study_name(cfg), storage=storage(cfg.search.storage),
+    study = optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg),
                               sampler=sampler(cfg, worker), pruner=pruner)
     single = cfg.search.second_objective == "none"
 
@@ -371,7 +374,7 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     check_members([registry.download(u, downloads / _slug(u)) for u in members],
                   registry.download(base, downloads / _slug(base)), "ties")
     name = study_name(cfg)
-    st = storage(cfg.search.storage)
+    st = open_storage(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=st, directions=objectives(cfg), load_if_exists=True)
     recorded = study.user_attrs.get("members")

@@ -15,6 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from mllm.modeling import (
     resolve_device,
     write_source,
 )
+from mllm.prefix import fingerprint_batches
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -94,6 +96,7 @@ def train_member(
     log: LogFn | None = None,
     progress: bool = True,
     name: str = "member",
+    prefix: Any = None,
 ) -> TrainResult:
     """Fine-tune the base classifier at `base_dir` on (texts, labels); write the best weights to `work/final`."""
     import torch
@@ -137,8 +140,15 @@ def train_member(
         state = json.loads((resume / "state.json").read_text())
     resumed_from = state["step"]
 
+    val_key = fingerprint_batches(enc_val, ft.batch_size * 2) + str(amp)
+
     def evaluate() -> dict[str, float]:
-        logits = predict_logits(model, enc_val, pad, ft.batch_size * 2, device, amp)
+        # With frozen embeddings + lowest layers, the states entering the first trained block are the same for
+        # every evaluation of every member: `prefix` (a PrefixCache shared by the stage) computes them once.
+        replay = prefix is not None and prefix.matches(model, val_key)
+        context = (prefix.replay(model) if replay else prefix.record(model, val_key)) if prefix else nullcontext()
+        with context:
+            logits = predict_logits(model, enc_val, pad, ft.batch_size * 2, device, amp)
         model.train()
         return classification_summary(logits, np.asarray(val_labels))
 

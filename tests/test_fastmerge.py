@@ -73,3 +73,30 @@ def test_out_of_memory_methods_are_refused(stack) -> None:
 
     with pytest.raises(MllmError, match="no in-memory merge"):
         stack.merged(MergeConfig(method="slerp"))
+
+
+@pytest.mark.parametrize("recipe", [c for c in CASES if c.method != "linear"], ids=lambda r: r.method)
+def test_members_with_frozen_weights_still_match_mergekit(family, recipe, tmp_path) -> None:  # noqa: F811
+    """Members that left some weights exactly at the base (frozen layers): the shortcut for unchanged weights
+    keeps every tensor, and the random masks drawn after it, equal to mergekit's."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base_w = load_file(family["base"] / "model.safetensors")
+    frozen = [n for n in sorted(base_w) if ".h.0." in n or "wte" in n or "wpe" in n]
+    members = []
+    for name in ("m0", "m1", "m2"):
+        out = tmp_path / name
+        shutil.copytree(family[name], out)
+        w = load_file(out / "model.safetensors")
+        save_file({k: base_w[k] if k in frozen else v for k, v in w.items()}, out / "model.safetensors",
+                  metadata={"format": "pt"})
+        members.append(out)
+    stack = MemberStack(family["base"], members)
+    assert set(frozen) <= stack.unchanged
+    out, _ = merge_models(recipe, members, family["base"], tmp_path / "mk")
+    reference = load_file(out / "model.safetensors")
+    ours = stack.merged(recipe)
+    worst = max((ours[n] - reference[n]).abs().max().item() for n in reference)
+    assert worst < 2e-6, f"max abs difference {worst}"

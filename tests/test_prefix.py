@@ -65,3 +65,26 @@ def test_different_prefix_or_batches_run_in_full(tmp_path) -> None:
     assert cache.matches(model, fingerprint_batches(encoded, 4))
     assert not cache.matches(model, fingerprint_batches(encoded[:-1], 4))
     assert not cache.matches(model, fingerprint_batches(encoded, 8))
+
+
+def test_training_validation_with_prefix_reuse_matches_without(tmp_path) -> None:
+    """Two members evaluated through one shared cache get the metrics they get without it."""
+    from mllm.config import FinetuneConfig, ModelConfig
+    from mllm.train import train_member
+
+    base = build_tiny_classifier("llama", tmp_path / "base", LABELS, seed=0, layers=3)
+    labels = np.array([0, 1, 2] * 6)
+    ft = FinetuneConfig(epochs=2, batch_size=4, learning_rate=1e-3, freeze_embeddings=True, freeze_layers=2,
+                        early_stopping_patience=None)
+    model_cfg = ModelConfig(name_or_path=str(base), max_length=32)
+    shared = PrefixCache(2)
+    for seed in (1, 2):
+        kw = dict(seed=seed, learning_rate=1e-3, key=f"k{seed}", progress=False)
+        cached = train_member(base, TEXTS, labels, TEXTS[:9], labels[:9], ft, model_cfg, tmp_path / f"c{seed}",
+                              prefix=shared, **kw)
+        plain = train_member(base, TEXTS, labels, TEXTS[:9], labels[:9], ft, model_cfg, tmp_path / f"p{seed}", **kw)
+        assert [h["macro_f1"] for h in cached.history if "macro_f1" in h] == \
+            [h["macro_f1"] for h in plain.history if "macro_f1" in h]
+        assert cached.best["nll"] == pytest.approx(plain.best["nll"], rel=1e-5)
+    assert len(shared.states) == 2  # 9 reviews in batches of 8, recorded once (member 1, epoch 1)
+    assert shared.replays == 3  # member 1 epoch 2, member 2 epochs 1 and 2

@@ -74,7 +74,10 @@ def test_conda_env_installs_this_package() -> None:
 
 @pytest.mark.slow
 def test_mlflow_run_entry_points(tmp_path: Path) -> None:
-    """`mlflow run . -e validate|main --env-manager local` as a user runs it, in a scratch tracking store."""
+    """`mlflow run . -e validate|main --env-manager local` as a user runs it, in a scratch tracking store; main
+    is the whole pipeline on the tiny config."""
+    from mlflow import MlflowClient
+
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     mlflow = str(Path(sys.executable).with_name("mlflow"))
@@ -88,9 +91,23 @@ def test_mlflow_run_entry_points(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode != 0 and "unknown key 'merge.colour'" in bad.stderr
     main = subprocess.run([mlflow, "run", str(REPO), "-e", "main", "-P", f"config={REPO}/configs/tiny.yaml",
-                           "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert main.returncode == 0, main.stderr[-2000:]
-    assert "drugscom-sample" in main.stdout and "979" in main.stdout
+                           "-P", f"overrides=evaluate.bootstrap_samples=200 tracking.tracking_uri=sqlite:///{tmp_path}/"
+                           f"mlflow-tiny.db search.storage=sqlite:///{tmp_path}/optuna-tiny.db output_dir={tmp_path}/out",
+                           "--env-manager", "local"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert main.returncode == 0, main.stderr[-3000:]
+    # The whole flow: members, standard merges, evaluation, >= 10 trials, a champion, the report table.
+    assert "| models:/tiny-merged/5 | merged |" in main.stdout and "best member:" in main.stdout
+    assert "champion: models:/tiny-merged@champion" in main.stdout and "mlflow ui --backend-store-uri" in main.stdout
+    import optuna
+
+    study = optuna.load_study(study_name="tiny-search", storage=f"sqlite:///{tmp_path}/optuna-tiny.db")
+    assert len([t for t in study.trials if t.state.is_finished()]) >= 10
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow-tiny.db")
+    champion = client.get_model_version_by_alias("tiny-merged", "champion")
+    assert champion.tags["study"] == "tiny-search" and champion.tags["parents"].count("tiny-finetuned") == 3
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}
 
 
 @pytest.mark.slow

@@ -1,0 +1,207 @@
+"""Search-trial cost: the original study's trial against mllm's, same recipe and validation set, in one run.
+
+    python scripts/bench_search.py                          # CPU: 256 validation reviews, K=3
+    python scripts/bench_search.py --reviews 2048           # on a GPU (mllm's trial then merges on the GPU, bf16)
+
+Members: K randomly perturbed copies of a randomly initialised GPT-2-124M-sized classifier (12 layers, hidden
+768, vocab 50257; no GPT-2 weights exist offline) and the base they share, as safetensors folders. Reviews:
+the Drugs.com sample, 128 tokens at most. Recipe: TIES, density 0.5, equal weights.
+
+- original: write the mergekit YAML, run the `mergekit-yaml` CLI (merged model written to disk; `--cuda` on a
+  GPU), reload it with transformers, `Trainer.evaluate` in fp32 with batch 8 and dynamic padding.
+- mllm: `mllm.search.Scorer` as a search worker runs it: members resident in memory (loaded once, not
+  counted per trial), in-memory merge (`mllm.fastmerge`) into one resident model, pre-tokenised length-sorted
+  batches (bf16 on CUDA), all reviews scored (no pruning).
+Each way runs in its own process, so each peak RSS is its own. Prints seconds per trial, the ratio, peak RSS
+and the (K+2) x model-size memory bound of a search worker. Wall-clock numbers: run on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+K = 3
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def reviews(n: int) -> tuple[list[str], list[int]]:
+    from mllm.config import DataConfig
+    from mllm.data import load_splits
+
+    splits = load_splits(DataConfig())
+    import pandas as pd
+
+    rows = pd.concat([splits.validation, splits.test, splits.train], ignore_index=True)
+    rows = pd.concat([rows] * (n // len(rows) + 1), ignore_index=True).head(n)  # repeat the sample if n > 979
+    return rows["text"].tolist(), rows["label"].tolist()
+
+
+def build(root: Path) -> tuple[Path, list[Path], int]:
+    """Base + K members (base plus seeded noise), GPT-2-124M-sized, with a BPE tokenizer from the reviews."""
+    import json as _json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from mllm.tiny import build_tiny_tokenizer
+
+    texts, _ = reviews(979)
+    tokenizer = build_tiny_tokenizer("gpt2", vocab_size=8000, corpus=texts)
+    config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, num_labels=3,
+                        pad_token_id=tokenizer.pad_token_id, id2label={0: "negative", 1: "neutral", 2: "positive"},
+                        label2id={"negative": 0, "neutral": 1, "positive": 2})
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(config)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    base = root / "base"
+    model.save_pretrained(base, safe_serialization=True)
+    tokenizer.save_pretrained(base)
+    (base / "mllm-source.json").write_text(_json.dumps({"role": "base", "base_key": "bench"}))
+    weights = load_file(base / "model.safetensors")
+    members = []
+    for i in range(K):
+        out = root / f"member-{i}"
+        shutil.copytree(base, out)
+        g = torch.Generator().manual_seed(i + 1)
+        save_file({k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in weights.items()},
+                  out / "model.safetensors", metadata={"format": "pt"})
+        (out / "mllm-source.json").write_text(_json.dumps({"role": "member", "base_key": "bench"}))
+        members.append(out)
+    return base, members, size
+
+
+def original_trial(base: Path, members: list[Path], texts: list[str], labels: list[int], work: Path,
+                   cuda: bool) -> float:
+    import datasets
+    import numpy as np
+    import torch
+    import yaml
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    start = time.perf_counter()
+    spec = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
+            "parameters": {"normalize": True},
+            "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in members]}
+    (work / "merge.yml").write_text(yaml.safe_dump(spec))
+    out = work / "merged"
+    cmd = [str(Path(sys.executable).with_name("mergekit-yaml")), str(work / "merge.yml"), str(out),
+           "--copy-tokenizer", "--no-write-model-card", "--quiet", *(["--cuda"] if cuda else [])]
+    subprocess.run(cmd, check=True, capture_output=True)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+    ds = datasets.Dataset.from_dict({"text": texts, "label": labels}).map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=128), batched=True, remove_columns=["text"])
+    args = TrainingArguments(output_dir=str(work / "trainer"), per_device_eval_batch_size=8, report_to=[],
+                             disable_tqdm=True)
+
+    def metrics(p):  # noqa: ANN001, ANN202
+        from sklearn.metrics import f1_score
+
+        return {"macro_f1": f1_score(p.label_ids, np.argmax(p.predictions, 1), average="macro")}
+
+    Trainer(model=model, args=args, eval_dataset=ds, data_collator=DataCollatorWithPadding(tokenizer),
+            compute_metrics=metrics).evaluate()
+    return time.perf_counter() - start
+
+
+def run_way(way: str, root: Path, n: int, trials: int, cuda: bool) -> dict[str, float]:
+    base, members = root / "base", sorted(root.glob("member-*"))
+    texts, labels = reviews(n)
+    if way == "original":
+        times = []
+        for t in range(trials):
+            work = root / f"original-{t}"
+            work.mkdir()
+            times.append(original_trial(base, members, texts, labels, work, cuda))
+        return {"s_per_trial": min(times), "peak_rss_gb": peak_rss_gb(), "load_s": 0.0}
+    import numpy as np
+
+    from mllm.config import ExperimentConfig, MergeConfig
+    from mllm.search import STAGES, Scorer, ValidationSet
+
+    cfg = ExperimentConfig.model_validate({"model": {"name_or_path": str(base), "device": "cuda" if cuda else "cpu"},
+                                          "search": {"prune": False},
+                                          "evaluate": {"batch_size": 64 if cuda else 32}})
+    start = time.perf_counter()
+    scorer = Scorer.__new__(Scorer)  # as Scorer.__init__, but on this benchmark's reviews instead of a split
+    from mllm.fastmerge import MemberStack
+    from mllm.modeling import load_classifier, resolve_device
+
+    scorer.device, scorer.autocast = resolve_device(cfg.model)
+    scorer.stack = MemberStack(base, members, scorer.device)
+    scorer.model = scorer.stack.model()
+    _, tokenizer = load_classifier(base)
+    scorer.num_labels = 3
+    scorer.data = ValidationSet(texts, np.array(labels), tokenizer, cfg, scorer.device, (1.0,))
+    scorer.prefix = None
+    load_s = time.perf_counter() - start
+    assert STAGES  # (pruning stages unused here: every review is scored)
+    recipe = MergeConfig(method="ties", density=0.5)
+    times = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        *_, (score, _merge_s) = scorer.stages(recipe)
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"s_per_trial": min(times), "peak_rss_gb": peak_rss_gb(), "load_s": load_s, "macro_f1": score.macro_f1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reviews", type=int, default=256)
+    parser.add_argument("--trials", type=int, default=3, help="trials per way (the fastest is reported)")
+    parser.add_argument("--way", choices=["original", "mllm"], help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if args.way:  # a child process: one way, JSON on the last line
+        print(json.dumps(run_way(args.way, args.root, args.reviews, args.trials, cuda)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _, _, size = build(root)
+        results = {}
+        for way in ("original", "mllm"):
+            proc = subprocess.run([sys.executable, __file__, "--way", way, "--root", str(root), "--reviews",
+                                   str(args.reviews), "--trials", str(args.trials)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{way} failed:\n{proc.stderr[-3000:]}")
+            results[way] = json.loads(proc.stdout.strip().splitlines()[-1])
+    o, m = results["original"], results["mllm"]
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"device: {device}; K={K} GPT-2-124M-sized members ({size / 1e9:.2f} GB each in fp32); "
+          f"{args.reviews} reviews; ties density 0.5; fastest of {args.trials} trials per way")
+    print(f"original (mergekit-yaml to disk, reload, Trainer.evaluate fp32 batch 8): {o['s_per_trial']:.2f} s/trial, "
+          f"peak RSS {o['peak_rss_gb']:.2f} GB")
+    print(f"mllm (in-memory merge, resident model, length-sorted batches): {m['s_per_trial']:.2f} s/trial "
+          f"(+ {m['load_s']:.1f} s once per worker), peak RSS {m['peak_rss_gb']:.2f} GB")
+    bound = 1.5 * (K + 2) * size / 1e9
+    print(f"ratio: {o['s_per_trial'] / m['s_per_trial']:.1f}x; worker RSS bound 1.5 x (K+2) x size = {bound:.2f} GB "
+          f"({'within' if m['peak_rss_gb'] <= bound else 'ABOVE'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Search and promote on tiny registered members: tracking, resume, stale-trial retry, parallel workers,
+the promotion gate and its lock."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mllm.errors import MllmError
+
+from .test_finetune import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    from mllm import finetune
+
+    tmp = tmp_path_factory.mktemp("search")
+    cfg = tiny_cfg(tmp, f"search.storage=sqlite:///{tmp}/optuna.db", "search.n_trials=6",
+                   f"tracking.artifact_location={tmp}/artifacts", "evaluate.bootstrap_samples=200")
+    return cfg, finetune.run(cfg, progress=False)
+
+
+def study(cfg):
+    import optuna
+
+    from mllm.search import open_storage, study_name
+
+    return optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg))
+
+
+@pytest.mark.slow
+def test_search_tracks_every_trial_never_reads_test_and_resumes(trained, monkeypatch) -> None:
+    import mlflow
+    import optuna
+
+    from mllm import data, registry, search
+
+    cfg, ft = trained
+    real = data.load_splits
+    monkeypatch.setattr(data, "load_splits", lambda c: dataclasses.replace(real(c), test=None))  # test unreadable
+    result = search.run(cfg)
+    assert result.trials == 6 and result.best_recipe is not None
+    parent = mlflow.get_run(result.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == str(result.best_trial)
+    artifacts = {a.path for a in registry.client().list_artifacts(result.run_id, "figures")}
+    assert {"figures/optimization_history.png", "figures/parallel_coordinate.png"} <= artifacts
+    assert "figures/param_importances.png" in artifacts or "figures/param_importances.txt" in artifacts
+    trials = mlflow.search_runs(experiment_names=[cfg.name], output_format="list",
+                                filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert len(trials) == 6 and {r.info.status for r in trials} == {"FINISHED"}
+    assert {r.data.tags["mllm.trial_state"] for r in trials} <= {"COMPLETE", "PRUNED"}
+    assert all(k in trials[0].data.params for k in ("method", "weights", "density", "lambda"))
+    assert all("val_macro_f1" in r.data.metrics and not any("test" in m for m in r.data.metrics) for r in trials)
+    best = study(cfg).best_trial
+    assert best.number == result.best_trial and best.user_attrs["recipe"]["method"] in cfg.search.methods
+
+    # A rerun with a higher target continues the same study: 2 more trials, numbers 0..7, no duplicates.
+    more = search.run(cfg.model_copy(update={"search": cfg.search.model_copy(update={"n_trials": 8})}))
+    numbers = [t.number for t in study(cfg).get_trials(states=(optuna.trial.TrialState.COMPLETE,
+                                                                optuna.trial.TrialState.PRUNED))]
+    assert more.trials == 8 and sorted(numbers) == list(range(8))
+    assert search.run(cfg.model_copy(update={"search": cfg.search.model_copy(update={"n_trials": 8})})).trials == 8
+
+
+@pytest.mark.slow
+def test_stale_trial_of_a_killed_worker_is_retried_with_its_parameters(trained) -> None:
+    import mlflow
+    import optuna
+
+    from mllm import search, tracking
+
+    cfg, _ = trained
+    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={
+        "study_name": "stale", "n_trials": 3, "heartbeat_s": 1, "grace_s": 2})})
+    search.run(cfg, create_only=True)
+    # A worker that started a trial (heartbeat recorded, MLflow run open) and then died with SIGKILL:
+    st = search.open_storage(cfg)
+    s = optuna.load_study(study_name="stale", storage=st)
+    trial = s.ask({"method": optuna.distributions.CategoricalDistribution(cfg.search.methods)})
+    params = dict(trial.params)
+    tracking.configure(cfg.tracking)
+    experiment = tracking.ensure_experiment(cfg.name)
+    dead_run = mlflow.MlflowClient().create_run(experiment, run_name="trial-killed")
+    trial.set_user_attr("mlflow_run_id", dead_run.info.run_id)
+    trial.set_user_attr("recipe", {"method": params["method"]})
+    st.record_heartbeat(trial._trial_id)
+    time.sleep(3)  # past the grace period: stale
+
+    search.run(cfg)
+    trials = optuna.load_study(study_name="stale", storage=st).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retried) == 1 and retried[0].params["method"] == params["method"]
+    assert retried[0].state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    assert mlflow.get_run(dead_run.info.run_id).info.status == "KILLED"  # not left RUNNING
+
+
+@pytest.mark.slow
+def test_two_local_workers_share_one_study(trained) -> None:
+    import mlflow
+    import optuna
+
+    from mllm import search
+
+    cfg, _ = trained
+    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"study_name": "pair", "n_trials": 6,
+                                                                          "workers": 2})})
+    result = search.run(cfg)
+    trials = study(cfg).trials
+    done = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert result.trials >= 6 and len(done) == len(trials)  # every trial finished, none lost
+    assert len({t.number for t in trials}) == len(trials)
+    workers = {t.user_attrs.get("mlflow_run_id") for t in trials}
+    runs = [mlflow.get_run(r) for r in workers]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {result.run_id}
+    assert {r.data.tags["mllm.worker"] for r in runs} <= {"0", "1"} and len(runs) == len(trials)
+
+
+def test_search_refuses_bad_storage_and_methods(tmp_path) -> None:
+    from mllm import search
+
+    cfg = tiny_cfg(tmp_path, "search.storage=notadb://x")
+    with pytest.raises(MllmError, match="search.storage: cannot open notadb://x"):
+        search.open_storage(cfg)
+    with pytest.raises(MllmError, match="no in-memory method"):
+        search.run(tiny_cfg(tmp_path, "search.methods=[slerp]"))
+
+
+def test_gate_decisions() -> None:
+    from mllm.config import load_config
+    from mllm.promote import decide
+
+    cfg = load_config(None, ["promote.bootstrap_samples=300"])
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    good = np.where(rng.random(300) < 0.9, labels, (labels + 1) % 3)
+    bad = np.where(rng.random(300) < 0.5, labels, (labels + 1) % 3)
+    assert decide(labels, bad, None, 3, cfg).reason == "no champion yet"
+    assert decide(labels, good, bad, 3, cfg).promote
+    worse = decide(labels, bad, good, 3, cfg)
+    assert not worse.promote and worse.reason.startswith("not better by the margin")
+    slightly = good.copy()
+    slightly[:3] = labels[:3]  # a hair better than `good`: not significant
+    close = decide(labels, slightly, good, 3, cfg)
+    assert not close.promote and (close.reason.startswith("not significant") or "margin" in close.reason)
+    strict = load_config(None, ["promote.margin=0.5"])
+    assert not decide(labels, good, bad, 3, strict).promote
+    assert decide(labels, good, bad, 3, load_config(None, ["promote.test=mcnemar"])).promote
+
+
+@pytest.mark.slow
+def test_concurrent_promoters_leave_champion_on_the_better_model(trained, tmp_path) -> None:
+    from mllm import registry, tracking
+    from mllm.promote import gate
+
+    cfg, ft = trained
+    tracking.configure(cfg.tracking)
+    name = "gate-merged"
+    versions = [registry.register(name, ft.base_uri, "", {"n": i}) for i in range(3)]  # any artifacts do
+    v1, v2, v3 = (str(v.version) for v in versions)
+    registry.set_alias(name, "champion", v1)
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 400)
+    preds = {v1: np.where(rng.random(400) < 0.4, labels, (labels + 1) % 3),  # champion: poor
+             v2: np.where(rng.random(400) < 0.95, labels, (labels + 1) % 3),  # the best
+             v3: np.where(rng.random(400) < 0.7, labels, (labels + 1) % 3)}  # beats v1, loses to v2
+    barrier = threading.Barrier(2)
+    outcomes = {}
+
+    def champion_preds(version: str) -> np.ndarray:
+        time.sleep(0.5)  # a slow champion evaluation: without the lock both promoters would decide on v1
+        return preds[version]
+
+    def promoter(version: str) -> None:
+        barrier.wait()
+        outcomes[version] = gate(cfg, name, version, labels, preds[version], 3, champion_preds)
+
+    threads = [threading.Thread(target=promoter, args=(v,)) for v in (v3, v2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert str(registry.alias_version(name, "champion").version) == v2
+    assert outcomes[v2][1].promote
+    # Whoever went first, the other compared itself with the model that was champion at that moment.
+    assert outcomes[v3][0] in (v1, v2) and outcomes[v3][1].promote == (outcomes[v3][0] == v1)
