@@ -199,6 +199,10 @@ def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool) -> li
     return [c for c in out if not (c.uri in seen or seen.add(c.uri))]  # type: ignore[func-returns-value]
 
 
+def new_prefix_cache(cfg: ExperimentConfig) -> PrefixCache:
+    return PrefixCache(cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0)
+
+
 def eval_key(c: Candidate, split: str, fingerprint: str, cfg: ExperimentConfig, dtype: str) -> str:
     """Identifies an evaluation whose results can be reused: model, data, split and scoring settings."""
     settings = {"model": c.uri, "split": split, "data": fingerprint, "max_length": cfg.model.max_length,
@@ -238,8 +242,9 @@ def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...]
 
 
 def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | None = None,
-        baselines: bool | None = None) -> EvaluateResult:
-    """Score `models` (and their baselines) on `split`; each evaluation is an MLflow run under one stage run."""
+        baselines: bool | None = None, prefix: PrefixCache | None = None) -> EvaluateResult:
+    """Score `models` (and their baselines) on `split`; each evaluation is an MLflow run under one stage run.
+    `prefix`: a frozen-prefix cache to share with later calls on the same split (the pipeline passes one)."""
     from mllm import registry, tracking
     from mllm.data import load_splits
     from mllm.merge import _slug
@@ -257,7 +262,7 @@ def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | Non
     done: dict[str, Evaluation] = {}
     # Members trained with frozen embeddings + lowest layers share those layers with the base and with most
     # merges: their hidden states at the first trained block are computed once (mllm.prefix).
-    prefix = PrefixCache(cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0)
+    prefix = prefix or new_prefix_cache(cfg)
     with tracking.tracked_run(cfg, f"evaluate-{split}", stage="evaluate",
                               tags={"mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint}) as parent:
         for c in candidates:

@@ -28,7 +28,7 @@ class PipelineResult:
 def run(cfg: ExperimentConfig, standard_methods: list[str] | None = None) -> PipelineResult:
     from mllm import evaluate, finetune, merge, promote, report, search, tracking
 
-    methods = standard_methods or [m for m in ("linear", "ties", "dare_ties", "dare_linear")]
+    methods = standard_methods or ["linear", "ties", "dare_ties", "dare_linear"]
     seconds: dict[str, float] = {}
 
     def timed(stage: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -42,9 +42,11 @@ def run(cfg: ExperimentConfig, standard_methods: list[str] | None = None) -> Pip
         timed("finetune", finetune.run, cfg)
         for method in methods:
             timed("merge", merge.run, cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"method": method})}))
-        timed("evaluate", evaluate.run, cfg)
+        # One frozen-prefix cache for every test-split scoring of the run (baselines, merges, the promoted one).
+        prefix = evaluate.new_prefix_cache(cfg)
+        timed("evaluate", evaluate.run, cfg, prefix=prefix)
         timed("search", search.run, cfg)
-        promoted = timed("promote", promote.run, cfg)
+        promoted = timed("promote", promote.run, cfg, prefix=prefix)
         rep = timed("report", report.run, cfg)
         tracking.log_metrics({f"{k}_s": v for k, v in seconds.items()})
         tracking.set_tags({"mllm.champion": f"models:/{cfg.name}-merged/{promoted.champion_after}"

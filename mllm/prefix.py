@@ -156,3 +156,67 @@ class PrefixCache:
             handle.remove()
             for i, block in enumerate(original):
                 layers[i] = block
+
+
+DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob",
+                "attention_probs_dropout_prob", "hidden_dropout", "dropout")
+
+
+def dropout_free(model: Any) -> bool:
+    """True when the model has no dropout anywhere (config rates and Dropout modules), so the states below a
+    frozen block are a fixed function of the example in training mode too. Conservative: Llama-family models
+    (SmolLM2) qualify; GPT-2 and BERT, with dropout 0.1, do not."""
+    if any(float(getattr(model.config, k, 0.0) or 0.0) > 0 for k in DROPOUT_KEYS):
+        return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+class ExampleCache:
+    """Training-time reuse: the states entering block `depth` per training example, recorded in the first
+    epoch and replayed in later ones (frozen, dropout-free prefix only). Positions beyond an example's length
+    are zero-filled: they are padding, masked (bidirectional models) or never attended to by real tokens
+    (causal models, right padding), and the classifier pools the last real token."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.states: dict[int, torch.Tensor] = {}
+        self.bytes = 0
+        self.replayed_batches = 0
+
+    @contextmanager
+    def forward(self, model: Any, index: Sequence[int], lengths: Sequence[int]) -> Iterator[None]:
+        rows = [int(i) for i in index]
+        layers = blocks(model)
+        if all(i in self.states for i in rows):
+            def feed(module: torch.nn.Module, args: Any) -> Any:
+                like = args[0]
+                out = like.new_zeros(like.shape)
+                for r, i in enumerate(rows):
+                    out[r, : lengths[i]] = self.states[i].to(like.dtype)
+                return (out, *args[1:])
+
+            original = [layers[i] for i in range(self.depth)]
+            for i in range(self.depth):
+                layers[i] = _PassThrough()
+            handle = layers[self.depth].register_forward_pre_hook(feed)
+            self.replayed_batches += 1
+            try:
+                yield
+            finally:
+                handle.remove()
+                for i, block in enumerate(original):
+                    layers[i] = block
+            return
+
+        def keep(module: torch.nn.Module, args: Any) -> None:
+            for r, i in enumerate(rows):
+                state = args[0][r, : lengths[i]]
+                if i not in self.states and self.bytes + state.numel() * state.element_size() <= MAX_CACHE_BYTES:
+                    self.states[i] = state.detach().clone()
+                    self.bytes += state.numel() * state.element_size()
+
+        handle = layers[self.depth].register_forward_pre_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ def gate(cfg: ExperimentConfig, name: str, version: str, labels: np.ndarray, pre
     return before, decision
 
 
-def run(cfg: ExperimentConfig, parent_run_id: str | None = None) -> PromoteResult:
+def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = None) -> PromoteResult:
     """Merge the best trial's recipe with mergekit, evaluate it on test, set challenger, gate champion."""
     import optuna
 
@@ -113,13 +114,13 @@ def run(cfg: ExperimentConfig, parent_run_id: str | None = None) -> PromoteResul
                               tags={"mllm.study": name, "mllm.trial": top.number}) as run_:
         merged = merge.run(cfg.model_copy(update={"merge": recipe}), members, base,
                            tags={"study": name, "trial": top.number, "val_macro_f1": round(top.values[0], 6)})
-        scored = evaluate.run(cfg, [merged.model_uri], split="test", baselines=False).evaluations[0]
+        scored = evaluate.run(cfg, [merged.model_uri], split="test", baselines=False, prefix=prefix).evaluations[0]
         labels, k = scored.labels, scored.logits.shape[1]
         registry.set_alias(model_name, "challenger", merged.version)
 
         def champion_preds(version: str) -> np.ndarray:  # reused when the champion was scored on this data
-            return evaluate.run(cfg, [f"models:/{model_name}/{version}"], split="test",
-                                baselines=False).evaluations[0].logits.argmax(1)
+            return evaluate.run(cfg, [f"models:/{model_name}/{version}"], split="test", baselines=False,
+                                prefix=prefix).evaluations[0].logits.argmax(1)
 
         before, decision = gate(cfg, model_name, merged.version, labels, scored.logits.argmax(1), k, champion_preds)
         after = registry.alias_version(model_name, "champion")

@@ -94,7 +94,9 @@ class Scorer:
     """Members resident once per worker; `stages(recipe)` merges in memory and yields the score after each
     validation stage (rows seen so far)."""
 
-    def __init__(self, cfg: ExperimentConfig, base_dir: Path, member_dirs: list[Path]) -> None:
+    def __init__(self, cfg: ExperimentConfig, base_dir: Path, member_dirs: list[Path],
+                 reviews: tuple[list[str], np.ndarray] | None = None) -> None:
+        """`reviews` (texts, label ids) replaces the validation split (benchmarks)."""
         from mllm.data import load_splits
         from mllm.fastmerge import MemberStack
         from mllm.modeling import load_classifier, resolve_device
@@ -103,10 +105,12 @@ class Scorer:
         self.stack = MemberStack(base_dir, member_dirs, self.device)
         self.model = self.stack.model()
         _, tokenizer = load_classifier(base_dir, "search base")
-        validation = load_splits(cfg.data).validation  # the only split a search reads
+        if reviews is None:
+            validation = load_splits(cfg.data).validation  # the only split a search reads
+            reviews = (validation["text"].tolist(), validation["label"].to_numpy())
         self.num_labels = self.model.config.num_labels
-        self.data = ValidationSet(validation["text"].tolist(), validation["label"].to_numpy(), tokenizer, cfg,
-                                  self.device, STAGES if cfg.search.prune else (1.0,))
+        self.data = ValidationSet(reviews[0], np.asarray(reviews[1]), tokenizer, cfg, self.device,
+                                  STAGES if cfg.search.prune else (1.0,))
         self.prefix = self._frozen_prefix(cfg)
 
     def _frozen_prefix(self, cfg: ExperimentConfig) -> Any:

@@ -35,7 +35,7 @@ from mllm.modeling import (
     resolve_device,
     write_source,
 )
-from mllm.prefix import fingerprint_batches
+from mllm.prefix import ExampleCache, dropout_free, fingerprint_batches
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -97,6 +97,7 @@ def train_member(
     progress: bool = True,
     name: str = "member",
     prefix: Any = None,
+    reuse_frozen: bool = True,
 ) -> TrainResult:
     """Fine-tune the base classifier at `base_dir` on (texts, labels); write the best weights to `work/final`."""
     import torch
@@ -163,6 +164,10 @@ def train_member(
         for old in sorted(checkpoints.glob("step-*"))[:-1]:  # keep the newest only
             _rmtree(old)
 
+    # Frozen embeddings + lowest layers with no dropout in them: their output per example is fixed, so it is
+    # recorded in the first epoch and replayed afterwards (mllm.prefix.ExampleCache).
+    depth = min(ft.freeze_layers, model.config.num_hidden_layers - 1) if ft.freeze_embeddings else 0
+    examples = ExampleCache(depth) if reuse_frozen and depth > 0 and dropout_free(model) else None
     model.train()
     bar = tqdm(total=total, initial=state["step"], desc=f"finetune {name}", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -176,7 +181,8 @@ def train_member(
             loss_sum = 0.0
             for index in group:
                 inputs = collate(enc_train, index, pad, device)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                with (examples.forward(model, index, lengths) if examples else nullcontext()), \
+                        torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     logits = model(**inputs).logits
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels_t[index].to(device), reduction="sum")
                 (loss / n_group).backward()

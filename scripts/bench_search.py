@@ -135,25 +135,14 @@ def run_way(way: str, root: Path, n: int, trials: int, cuda: bool) -> dict[str, 
     import numpy as np
 
     from mllm.config import ExperimentConfig, MergeConfig
-    from mllm.search import STAGES, Scorer, ValidationSet
+    from mllm.search import Scorer
 
     cfg = ExperimentConfig.model_validate({"model": {"name_or_path": str(base), "device": "cuda" if cuda else "cpu"},
                                           "search": {"prune": False},
                                           "evaluate": {"batch_size": 64 if cuda else 32}})
     start = time.perf_counter()
-    scorer = Scorer.__new__(Scorer)  # as Scorer.__init__, but on this benchmark's reviews instead of a split
-    from mllm.fastmerge import MemberStack
-    from mllm.modeling import load_classifier, resolve_device
-
-    scorer.device, scorer.autocast = resolve_device(cfg.model)
-    scorer.stack = MemberStack(base, members, scorer.device)
-    scorer.model = scorer.stack.model()
-    _, tokenizer = load_classifier(base)
-    scorer.num_labels = 3
-    scorer.data = ValidationSet(texts, np.array(labels), tokenizer, cfg, scorer.device, (1.0,))
-    scorer.prefix = None
+    scorer = Scorer(cfg, base, members, reviews=(texts, np.array(labels)))  # as a search worker builds it
     load_s = time.perf_counter() - start
-    assert STAGES  # (pruning stages unused here: every review is scored)
     recipe = MergeConfig(method="ties", density=0.5)
     times = []
     for _ in range(trials):

@@ -88,3 +88,37 @@ def test_training_validation_with_prefix_reuse_matches_without(tmp_path) -> None
         assert cached.best["nll"] == pytest.approx(plain.best["nll"], rel=1e-5)
     assert len(shared.states) == 2  # 9 reviews in batches of 8, recorded once (member 1, epoch 1)
     assert shared.replays == 3  # member 1 epoch 2, member 2 epochs 1 and 2
+
+
+def test_training_with_replayed_frozen_states_matches_full_forward(tmp_path) -> None:
+    """Epochs after the first replay the frozen layers' per-example output: same metrics, same weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mllm.config import FinetuneConfig, ModelConfig
+    from mllm.prefix import dropout_free
+    from mllm.train import train_member
+
+    base = build_tiny_classifier("llama", tmp_path / "base", LABELS, seed=0, layers=3)
+    model, _ = load_classifier(base)
+    assert dropout_free(model)
+    labels = np.array([0, 1, 2] * 6)
+    ft = FinetuneConfig(epochs=3, batch_size=4, learning_rate=1e-3, freeze_embeddings=True, freeze_layers=2,
+                        early_stopping_patience=None)
+    model_cfg = ModelConfig(name_or_path=str(base), max_length=32)
+    kw = dict(seed=3, learning_rate=1e-3, key="k", progress=False)
+    fast = train_member(base, TEXTS, labels, TEXTS[:9], labels[:9], ft, model_cfg, tmp_path / "fast", **kw)
+    full = train_member(base, TEXTS, labels, TEXTS[:9], labels[:9], ft, model_cfg, tmp_path / "full",
+                        reuse_frozen=False, **kw)
+    assert [h["macro_f1"] for h in fast.history] == [h["macro_f1"] for h in full.history]
+    a, b = load_file(fast.model_dir / "model.safetensors"), load_file(full.model_dir / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(a[n], load_file(base / "model.safetensors")[n]) for n in a)  # it did train
+
+
+def test_gpt2_with_dropout_does_not_cache_training_states(tmp_path) -> None:
+    from mllm.prefix import dropout_free
+
+    model, _ = load_classifier(build_tiny_classifier("gpt2", tmp_path / "g", LABELS, seed=0))
+    assert not dropout_free(model)

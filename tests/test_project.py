@@ -91,8 +91,9 @@ def test_mlflow_run_entry_points(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode != 0 and "unknown key 'merge.colour'" in bad.stderr
     main = subprocess.run([mlflow, "run", str(REPO), "-e", "main", "-P", f"config={REPO}/configs/tiny.yaml",
-                           "-P", f"overrides=evaluate.bootstrap_samples=200 tracking.tracking_uri=sqlite:///{tmp_path}/"
-                           f"mlflow-tiny.db search.storage=sqlite:///{tmp_path}/optuna-tiny.db output_dir={tmp_path}/out",
+                           "-P", f"overrides=evaluate.bootstrap_samples=200 tracking.tracking_uri=sqlite:///{tmp_path}"
+                           f"/mlflow-tiny.db search.storage=sqlite:///{tmp_path}/optuna-tiny.db "
+                           f"output_dir={tmp_path}/o",
                            "--env-manager", "local"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert main.returncode == 0, main.stderr[-3000:]
