@@ -151,9 +151,12 @@ def describe(uri: str, role: str | None = None) -> Candidate:
     recipe = ""
     if found == "merged":
         weights = json.loads(tags.get("weights") or "null")
+        from mllm.merge import TASK_VECTOR, USES_DENSITY
+
+        method = tags.get("method", "")
         parts = [f"weights={[round(w, 3) for w in weights] if weights else 'equal'}",
-                 f"density={float(tags['density']):.3g}" if tags.get("density") else "",
-                 f"lambda={float(tags['lambda']):.3g}" if tags.get("lambda") else "",
+                 f"density={float(tags['density']):.3g}" if tags.get("density") and method in USES_DENSITY else "",
+                 f"lambda={float(tags['lambda']):.3g}" if tags.get("lambda") and method in TASK_VECTOR else "",
                  f"(search trial {tags['trial']})" if tags.get("trial") else ""]
         recipe = " ".join(p for p in parts if p)
     elif found == "member":

@@ -105,15 +105,22 @@ def merge_tensor(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Se
             out.add_(base + d, alpha=float(wi))
         return out / w.sum() if recipe.normalize else out
     how, consensus, rescale = GTA[recipe.method]
-    stacked = torch.stack([sparsify(d, how, recipe, rescale) if how else d for d in deltas])
+    # One (K, *shape) buffer of weighted, sparsified task vectors; the sign election then works member by member
+    # in place, so the temporaries stay one weight's size rather than K times it (worker memory).
+    stacked = torch.empty((len(deltas), *base.shape), dtype=base.dtype, device=base.device)
+    for i, d in enumerate(deltas):
+        stacked[i] = sparsify(d, how, recipe, rescale) if how else d
     w = w.reshape(-1, *([1] * base.dim()))
     stacked.mul_(w)
     if consensus:  # TIES sign election: keep entries agreeing with the sign of the weighted sum
-        sign = stacked.sign()
         majority = (stacked.sum(0) >= 0).to(base.dtype) * 2 - 1
-        mask = (sign == majority).to(base.dtype)
-        mixed = (stacked * mask).sum(0)
-        divisor = (w * mask).sum(0)
+        divisor = torch.zeros_like(base)
+        for i in range(len(deltas)):
+            agree = (stacked[i].sign() == majority).to(base.dtype)
+            stacked[i].mul_(agree)
+            divisor.add_(agree.mul_(w[i]))
+        del majority
+        mixed = stacked.sum(0)
         divisor[divisor == 0] = 1
     else:
         mixed = stacked.sum(0)
@@ -139,7 +146,8 @@ class MemberStack:
             member = load_weights(path)
             if sorted(member) != self.names:
                 raise MllmError(f"{path.name} has other weights than the base", "merge members of one base")
-            self.deltas.append({n: (member[n].to(self.device) - self.base[n]) for n in self.names})
+            # The loaded tensor becomes the task vector in place: no second copy of a member is ever held.
+            self.deltas.append({n: member.pop(n).to(self.device).sub_(self.base[n]) for n in self.names})
             del member
         # Weights no member changed (frozen embeddings and layers): merging them is skipped (see merge_tensor).
         self.unchanged = {n for n in self.names if not any(bool(d[n].any()) for d in self.deltas)}

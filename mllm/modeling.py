@@ -202,16 +202,27 @@ def resolve_device(cfg: ModelConfig) -> tuple[Any, Any]:
 def load_classifier(path: Path, field: str = "model") -> tuple[Any, Any]:
     """(model, tokenizer) from a checkpoint folder: safetensors only, no remote code, fp32 on the CPU."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     check_local_checkpoint(path, field)
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
         raise ModelError(f"{field}: {path} has no tokenizer", "save the tokenizer beside the model")
     model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, trust_remote_code=False,
                                                                dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = load_tokenizer(path)
     set_padding(model, tokenizer)
     return model, tokenizer
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved beside a checkpoint, padded like load_classifier's (pad = EOS when missing, right)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
 
 
 def encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:

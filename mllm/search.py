@@ -14,7 +14,7 @@ schema is created once before they start, heartbeats mark a killed worker's tria
 with the same parameters, and rerunning a study continues it up to `search.n_trials` finished trials.
 
 MLflow: one parent run per study invocation (tags `best_trial`, `best_value`, the recipe as
-`best_recipe.yaml`, Optuna's figures), one nested run per trial (parameters, metrics per step, state).
+`best_recipe.json`, Optuna's figures), one nested run per trial (parameters, metrics per step, state).
 Weights are never stored per trial: `mllm promote` materialises the best recipe with mergekit.
 """
 
@@ -99,12 +99,12 @@ class Scorer:
         """`reviews` (texts, label ids) replaces the validation split (benchmarks)."""
         from mllm.data import load_splits
         from mllm.fastmerge import MemberStack
-        from mllm.modeling import load_classifier, resolve_device
+        from mllm.modeling import load_tokenizer, resolve_device
 
         self.device, self.autocast = resolve_device(cfg.model)
         self.stack = MemberStack(base_dir, member_dirs, self.device)
         self.model = self.stack.model()
-        _, tokenizer = load_classifier(base_dir, "search base")
+        tokenizer = load_tokenizer(base_dir)
         if reviews is None:
             validation = load_splits(cfg.data).validation  # the only split a search reads
             reviews = (validation["text"].tolist(), validation["label"].to_numpy())

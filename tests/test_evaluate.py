@@ -227,3 +227,21 @@ def test_cli_evaluate_and_report_one_line_errors(merged_experiment, tmp_path) ->
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "| models:/tiny-merged/1 | merged | ties |" in out.stdout
+
+
+@pytest.mark.slow
+def test_bigger_model_joins_the_baselines_with_its_relative_cost(merged_experiment) -> None:
+    from mllm import evaluate, report
+    from mllm.tiny import build_tiny_classifier
+
+    cfg, trained, merged = merged_experiment
+    bigger = build_tiny_classifier("gpt2", cfg.output_dir / "bigger", LABELS, seed=1, hidden=64, layers=4)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"bigger_model": str(bigger)})})
+    result = evaluate.run(cfg, [merged.model_uri], split="validation")
+    row = next(e for e in result.evaluations if e.candidate.role == "bigger")
+    member = next(e for e in result.evaluations if e.candidate.role == "member")
+    assert row.metrics["num_params"] > 2 * member.metrics["num_params"]
+    rep = report.run(cfg, split="validation", log=False)
+    bigger_row = next(r for r in rep.rows if r.role == "bigger")
+    assert bigger_row.cost == pytest.approx(row.metrics["num_params"] / member.metrics["num_params"])
+    assert bigger_row.versus_best_member is not None
