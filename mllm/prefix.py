@@ -40,6 +40,27 @@ class _PassThrough(torch.nn.Module):
         return hidden_states
 
 
+@contextmanager
+def skipping(model: Any, depth: int, states: Any) -> Iterator[None]:
+    """Within the block: blocks below `depth` pass their input through, and block `depth` receives
+    `states(its actual input)` instead of its input (the cached hidden states, shaped like it)."""
+    layers = blocks(model)
+    original = [layers[i] for i in range(depth)]
+
+    def feed(module: torch.nn.Module, args: Any) -> Any:
+        return (states(args[0]), *args[1:])
+
+    for i in range(depth):
+        layers[i] = _PassThrough()
+    handle = layers[depth].register_forward_pre_hook(feed)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i, block in enumerate(original):
+            layers[i] = block
+
+
 def prefix_state(model: Any, depth: int) -> dict[str, torch.Tensor]:
     """Every weight that can influence the input of block `depth`: the modules run before it (found by
     running the model once on a two-token input and recording which modules were called first)."""
@@ -139,23 +160,10 @@ class PrefixCache:
     def replay(self, model: Any, start: int = 0) -> Iterator[None]:
         """Run `model` with blocks below `depth` skipped and the cached states fed to block `depth`, from
         cached batch `start` on."""
-        layers = blocks(model)
-        original = [layers[i] for i in range(self.depth)]
         cursor = iter(self.states[start:])
         self.replays += 1
-
-        def feed(module: torch.nn.Module, args: Any) -> Any:
-            return (next(cursor).to(args[0].dtype), *args[1:])
-
-        for i in range(self.depth):
-            layers[i] = _PassThrough()
-        handle = layers[self.depth].register_forward_pre_hook(feed)
-        try:
+        with skipping(model, self.depth, lambda like: next(cursor).to(like.dtype)):
             yield
-        finally:
-            handle.remove()
-            for i, block in enumerate(original):
-                layers[i] = block
 
 
 DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob",
@@ -188,24 +196,15 @@ class ExampleCache:
         rows = [int(i) for i in index]
         layers = blocks(model)
         if all(i in self.states for i in rows):
-            def feed(module: torch.nn.Module, args: Any) -> Any:
-                like = args[0]
+            def padded(like: torch.Tensor) -> torch.Tensor:
                 out = like.new_zeros(like.shape)
                 for r, i in enumerate(rows):
                     out[r, : lengths[i]] = self.states[i].to(like.dtype)
-                return (out, *args[1:])
+                return out
 
-            original = [layers[i] for i in range(self.depth)]
-            for i in range(self.depth):
-                layers[i] = _PassThrough()
-            handle = layers[self.depth].register_forward_pre_hook(feed)
             self.replayed_batches += 1
-            try:
+            with skipping(model, self.depth, padded):
                 yield
-            finally:
-                handle.remove()
-                for i, block in enumerate(original):
-                    layers[i] = block
             return
 
         def keep(module: torch.nn.Module, args: Any) -> None:
