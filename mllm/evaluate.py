@@ -198,8 +198,10 @@ def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool) -> li
     out += chosen
     if baselines and cfg.model.bigger_model:
         out.append(describe(cfg.model.bigger_model, "bigger"))
-    seen: set[str] = set()
-    return [c for c in out if not (c.uri in seen or seen.add(c.uri))]  # type: ignore[func-returns-value]
+    unique: dict[str, Candidate] = {}
+    for c in out:
+        unique.setdefault(c.uri, c)  # a member shared by several merges is scored once
+    return list(unique.values())
 
 
 def new_prefix_cache(cfg: ExperimentConfig) -> PrefixCache:

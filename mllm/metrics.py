@@ -25,6 +25,12 @@ def per_class_f1(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.n
     return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
 
 
+def macro_f1(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> float:
+    """Mean F1 over the classes present in labels or predictions (scikit-learn's average="macro")."""
+    present = np.union1d(np.unique(labels), np.unique(preds))
+    return float(per_class_f1(labels, preds, num_labels)[present].mean())
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
@@ -32,13 +38,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def classification_summary(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """accuracy, macro_f1 (over the classes present in labels or predictions, as sklearn does), nll."""
-    num_labels = logits.shape[1]
     preds = logits.argmax(1)
-    present = np.union1d(np.unique(labels), np.unique(preds))
-    f1 = per_class_f1(labels, preds, num_labels)[present]
     return {
         "accuracy": float((preds == labels).mean()),
-        "macro_f1": float(f1.mean()),
+        "macro_f1": macro_f1(labels, preds, logits.shape[1]),
         "nll": float(-log_softmax(logits)[np.arange(len(labels)), labels].mean()),
     }
 

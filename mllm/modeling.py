@@ -180,10 +180,15 @@ def build_base(cfg: ModelConfig, label_names: Sequence[str], seed: int, out: Pat
 
 def set_padding(model: Any, tokenizer: Any) -> None:
     """GPT-2 and Llama ship no pad token: reuse EOS, and tell the model (it finds the last real token by it)."""
+    pad_tokenizer(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def pad_tokenizer(tokenizer: Any) -> None:
+    """Pad token = EOS when the tokenizer has none; right padding (the classifier pools the last real token)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model.config.pad_token_id = tokenizer.pad_token_id
 
 
 def resolve_device(cfg: ModelConfig) -> tuple[Any, Any]:
@@ -219,9 +224,7 @@ def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    pad_tokenizer(tokenizer)
     return tokenizer
 
 

@@ -34,8 +34,9 @@ def run(cfg: ExperimentConfig, standard_methods: list[str] | None = None) -> Pip
     def timed(stage: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
         start = time.perf_counter()
         out = fn(*args, **kwargs)
-        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
-        print(f"pipeline: {stage} done in {time.perf_counter() - start:.0f} s")
+        took = time.perf_counter() - start
+        seconds[stage] = seconds.get(stage, 0.0) + took
+        print(f"pipeline: {stage} done in {took:.0f} s")
         return out
 
     with tracking.tracked_run(cfg, "pipeline", stage="pipeline") as parent:

@@ -25,7 +25,7 @@ import numpy as np
 
 from mllm.config import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
-from mllm.metrics import paired_test
+from mllm.metrics import macro_f1, paired_test
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,6 @@ class PromoteResult:
     champion_after: str | None
     decision: Decision
     run_id: str
-
-
-def macro_f1(labels: np.ndarray, preds: np.ndarray, k: int) -> float:
-    from mllm.metrics import per_class_f1
-
-    present = np.union1d(np.unique(labels), np.unique(preds))
-    return float(per_class_f1(labels, preds, k)[present].mean())
 
 
 def decide(labels: np.ndarray, challenger: np.ndarray, champion: np.ndarray | None, k: int,

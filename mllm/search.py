@@ -329,15 +329,11 @@ def log_figures(study: Any) -> None:
     from mllm import tracking
 
     names = ["val_macro_f1"] + ([] if len(study.directions) == 1 else ["second"])
-    figures = {"optimization_history": lambda: plots.plot_optimization_history(study, target=(lambda t: t.values[0])
-                                                                               if len(names) > 1 else None,
-                                                                               target_name=names[0]),
-               "param_importances": lambda: plots.plot_param_importances(study, target=(lambda t: t.values[0])
-                                                                         if len(names) > 1 else None,
-                                                                         target_name=names[0]),
-               "parallel_coordinate": lambda: plots.plot_parallel_coordinate(study, target=(lambda t: t.values[0])
-                                                                             if len(names) > 1 else None,
-                                                                             target_name=names[0])}
+    # With two objectives, the single-objective plots show the first (macro-F1).
+    first = {"target": (lambda t: t.values[0]) if len(names) > 1 else None, "target_name": names[0]}
+    figures = {"optimization_history": lambda: plots.plot_optimization_history(study, **first),
+               "param_importances": lambda: plots.plot_param_importances(study, **first),
+               "parallel_coordinate": lambda: plots.plot_parallel_coordinate(study, **first)}
     if len(names) > 1:
         figures["pareto_front"] = lambda: plots.plot_pareto_front(study, target_names=names)
     for name, make in figures.items():
