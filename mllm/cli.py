@@ -190,8 +190,13 @@ def search(
     parent_run_id: Annotated[str | None, typer.Option(help="Nest this worker's runs under this run.")] = None,
     create_only: Annotated[bool, typer.Option(help="Create the study (and its schema) and exit: run once before "
                                               "starting workers on several machines.")] = False,
+    worker_index: Annotated[int | None, typer.Option(
+        help="This process's index among independent workers of one study; seeds its sampler (default "
+        "$SLURM_ARRAY_TASK_ID, else 0).")] = None,
 ) -> None:
     """Search merge recipes with Optuna: in-memory merges scored on the validation split."""
+    import os
+
     from mllm.config import load_config
     from mllm.search import run
 
@@ -201,7 +206,10 @@ def search(
         if value is not None:
             sets.append(f"search.{key}={value}")
     cfg = load_config(config, sets)
-    result = run(cfg, member or None, base, parent_run_id=parent_run_id, create_only=create_only)
+    if worker_index is None:
+        worker_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
+    result = run(cfg, member or None, base, parent_run_id=parent_run_id, create_only=create_only,
+                 worker_index=worker_index)
     if create_only:
         typer.echo(f"study {result.study_name} ready in {result.storage} ({result.trials} trials finished)")
 
@@ -236,7 +244,9 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(result.report_markdown)
     typer.echo(f"champion: {result.champion or 'none'}; stages: " +
                ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_seconds.items()))
-    typer.echo(f"Open the runs: mlflow ui --backend-store-uri {_redacted(cfg.tracking.tracking_uri)}")
+    uri = _redacted(cfg.tracking.tracking_uri)
+    typer.echo(f"Open the runs: {uri} in a browser" if uri.startswith(("http://", "https://"))
+               else f"Open the runs: mlflow ui --backend-store-uri {uri}")
 
 
 def _redacted(uri: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -407,10 +409,34 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
                               "start the file with keys such as name:, data:, model:")
     for assignment in overrides:
         apply_override(raw, assignment)
+    raw = expand_env(raw)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """Replace `${NAME}` / `${NAME:-default}` in string values with environment variables, so credentials
+    (`search.storage: ${MLLM_OPTUNA_STORAGE}`) stay out of config files and `mlflow run -P` parameters."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def lookup(m: re.Match[str]) -> str:
+        found = os.environ.get(m[1], m[2])
+        if found is None:
+            raise ConfigError(f"{where}: environment variable {m[1]} is not set",
+                              f"export {m[1]}, or write ${{{m[1]}:-default}} or the value itself")
+        return found
+
+    return _ENV_REF.sub(lookup, value)
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

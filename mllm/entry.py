@@ -33,7 +33,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
                            repeat=frozenset({"model"})),
     "search": EntryPoint(["search"], options={"n_trials": "--n-trials", "workers": "--workers",
                                               "storage": "--storage", "study_name": "--study-name",
-                                              "parent_run_id": "--parent-run-id"}),
+                                              "parent_run_id": "--parent-run-id", "worker_index": "--worker-index"}),
     "promote": EntryPoint(["promote"], options={"storage": "--storage", "study_name": "--study-name"}),
     "report": EntryPoint(["report"], options={"experiment": "", "split": "--split"}),
 }

@@ -146,7 +146,7 @@ def merge_models(recipe: MergeConfig, members: Sequence[Path], base: Path | None
                             "check merge.* parameters for this method") from None
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_from, trust_remote_code=False).save_pretrained(tmp)
         (Path(tmp) / "mergekit_config.yml").write_text(text)
         write_source(Path(tmp), role="merged", method=recipe.method, members=[str(m) for m in members],
                      base=str(base) if base else None, recipe=recipe.model_dump(mode="json", by_alias=True),

@@ -21,6 +21,8 @@ Weights are never stored per trial: `mllm promote` materialises the best recipe 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -265,6 +267,7 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         recipe = suggest_recipe(trial, cfg, len(members))
         trial.set_user_attr("recipe", recipe.model_dump(mode="json", by_alias=True))
+        trial.set_user_attr("owner", f"{platform.node()}/{os.getpid()}")  # which process ran it (a killed one?)
         tags = {"mllm.study": study.study_name, "mllm.trial": trial.number, "mllm.worker": worker}
         pruned = False
         with tracking.tracked_run(cfg, f"trial-{trial.number}", stage="search-trial", parent_run_id=parent_run_id,
@@ -349,8 +352,12 @@ def log_figures(study: Any) -> None:
 
 
 def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None,
-        parent_run_id: str | None = None, create_only: bool = False) -> SearchResult:
-    """Create (or continue) the study, run `search.workers` workers on it, and log the outcome."""
+        parent_run_id: str | None = None, create_only: bool = False, worker_index: int = 0) -> SearchResult:
+    """Create (or continue) the study, run `search.workers` workers on it, and log the outcome.
+
+    `worker_index` tells independent processes on one study apart (their samplers' seeds): local workers are
+    worker_index, worker_index + 1, ...
+    """
     import multiprocessing
 
     import optuna
@@ -394,10 +401,10 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     with tracking.tracked_run(cfg, f"search-{name}", stage="search", parent_run_id=parent_run_id, tags=tags) as parent:
         before = finished(study)
         if cfg.search.workers == 1:
-            work(cfg, parent.info.run_id, 0, members, base)
+            work(cfg, parent.info.run_id, worker_index, members, base)
         else:  # processes, not threads: each holds its own members; the storage coordinates them
             ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=_worker_main, args=(cfg, parent.info.run_id, i, members, base))
+            procs = [ctx.Process(target=_worker_main, args=(cfg, parent.info.run_id, worker_index + i, members, base))
                      for i in range(cfg.search.workers)]
             for p in procs:
                 p.start()

@@ -2,7 +2,9 @@
 and `registry` import mlflow.
 
 `tracked_run` never leaves a run RUNNING: SIGTERM and SIGINT end it KILLED, an exception ends it FAILED
-(both re-raised), a normal exit FINISHED. Credentials in URIs are masked before anything is logged.
+(both re-raised), a normal exit FINISHED. A process killed outright (SIGKILL, out of memory, power) cannot end
+its runs; every run carries its owner (host, boot, pid), and the next mllm process on that host ends the runs
+of owners that are gone as KILLED. Credentials in URIs are masked before anything is logged.
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ def tracked_run(cfg: ExperimentConfig, run_name: str, *, stage: str, parent_run_
 
     configure(cfg.tracking)
     experiment_id = ensure_experiment(cfg.name, cfg.tracking.artifact_location)
-    all_tags = {**provenance(), "mllm.stage": stage, **{k: redact(str(v)) for k, v in (tags or {}).items()}}
+    end_orphaned_runs(experiment_id)
+    all_tags = {**provenance(), "mllm.stage": stage, "mllm.owner": f"{_owner_prefix()}{os.getpid()}",
+                **{k: redact(str(v)) for k, v in (tags or {}).items()}}
     if parent_run_id is None and mlflow.active_run() is None:
         parent_run_id = _project_run(cfg.tracking.tracking_uri)
     if parent_run_id:
@@ -142,6 +146,57 @@ def tracked_run(cfg: ExperimentConfig, run_name: str, *, stage: str, parent_run_
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         mlflow.end_run(status=status)
+
+
+def _owner_prefix() -> str:
+    """`host/boot-id/`: a pid is only meaningful on one host during one boot."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        boot = "noboot"
+    return f"{platform.node()}/{boot}/"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+_swept: set[str] = set()
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """End as KILLED the RUNNING runs of `experiment_id` whose owner process on this host is gone.
+
+    Once per experiment and process. Runs of other hosts are left alone (their processes cannot be checked
+    from here); a reused pid keeps a run RUNNING rather than ending a live one.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    store = f"{mlflow.get_tracking_uri()}#{experiment_id}"
+    if store in _swept:
+        return []
+    _swept.add(store)
+    prefix = _owner_prefix()
+    client = MlflowClient()
+    ended = []
+    query = f"attributes.status = 'RUNNING' and tags.`mllm.owner` LIKE '{prefix}%'"
+    runs = client.search_runs([experiment_id], query, max_results=1000)
+    for run in runs:
+        pid = run.data.tags["mllm.owner"].removeprefix(prefix)
+        if pid.isdigit() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "mllm.ended_by", f"orphan sweep of {prefix}{os.getpid()}")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        print(f"tracking: ended {len(ended)} run(s) left RUNNING by killed mllm processes on this host as KILLED")
+    return ended
 
 
 def _project_run(tracking_uri: str) -> str | None:

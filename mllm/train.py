@@ -132,6 +132,8 @@ def train_member(
     state: dict[str, Any] = {"step": 0, "best": -1.0, "best_metrics": {}, "bad_evals": 0, "history": [],
                              "samples": 0, "train_s": 0.0, "stopped_early": False, "key": key}
     checkpoints, best_file = work / "checkpoints", work / "best.safetensors"
+    for partial in checkpoints.glob(".step-*.tmp"):  # a save that a crash cut short: never a checkpoint
+        _rmtree(partial)
     resume = _latest_checkpoint(checkpoints, key)
     if resume is not None:
         load_model(model, resume / "model.safetensors", device=str(device))

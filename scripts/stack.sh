@@ -6,6 +6,7 @@
 #   source /tmp/mllm-stack/env     # MLFLOW_TRACKING_URI, MLLM_OPTUNA_STORAGE, S3 endpoint and (test) keys
 #   bash scripts/stack.sh status
 #   bash scripts/stack.sh down     # stop what `up` started (process groups) and delete the data
+#   bash scripts/stack.sh mlflow-stop | mlflow-start   # take the tracking server away and back (outage drills)
 #
 # Real deployments use the same topology with a real PostgreSQL and S3: run `mlflow server
 # --backend-store-uri postgresql+psycopg2://USER:PASSWORD@HOST/mlflow --artifacts-destination s3://BUCKET/mlflow`
@@ -23,6 +24,7 @@ PG_PASSWORD=mllm-stack-secret   # a throwaway cluster on 127.0.0.1; never reused
 BUCKET=mllm-artifacts
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 PG_BIN=$(ls -d /usr/lib/postgresql/15/bin 2>/dev/null || true)
+VENV=${MLLM_STACK_VENV:-.venv-services}   # mlflow, moto, psycopg2, boto3 (scripts/test.sh passes its own venv)
 
 as_postgres() {  # PostgreSQL refuses to run as root
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -44,9 +46,30 @@ wait_for() {  # wait_for WHAT SECONDS COMMAND...
   return 1
 }
 
+install_postgres() {  # a fresh Debian machine has the client at most; the server comes from Debian's packages
+  if [ -n "$PG_BIN" ]; then return 0; fi
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "stack: PostgreSQL 15 not found; install it (apt-get install postgresql-15) and rerun" >&2; exit 2
+  fi
+  echo "stack: installing PostgreSQL 15 (apt-get)"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null
+  PG_BIN=/usr/lib/postgresql/15/bin
+}
+
+start_mlflow() {
+  # The database URI (with its password) goes through the environment, not the command line that `ps` shows.
+  MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/mlflow" \
+  MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" start_group mlflow "$VENV/bin/mlflow" server \
+    --artifacts-destination "s3://$BUCKET/mlflow" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 2
+  wait_for "mlflow server" 120 curl -sf "http://127.0.0.1:$MLFLOW_PORT/health"
+}
+
 up() {
-  if [ -z "$PG_BIN" ]; then echo "stack: PostgreSQL 15 not found (apt-get install postgresql-15)" >&2; exit 2; fi
-  bash scripts/venv.sh .venv-services services
+  # A start that fails half way stops whatever it had started (no stray servers, no half-made cluster).
+  trap 'rc=$?; if [ $rc -ne 0 ]; then echo "stack: up failed; stopping what it started" >&2; down >/dev/null 2>&1; fi' EXIT
+  install_postgres
+  [ -n "${MLLM_STACK_VENV:-}" ] || bash scripts/venv.sh "$VENV" services
   mkdir -p "$DIR"
   chmod 777 "$DIR"
   if [ ! -f "$DIR/pg/PG_VERSION" ]; then
@@ -62,18 +85,15 @@ up() {
     psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$db'" \
       | grep -q 1 || psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -qc "CREATE DATABASE $db"
   done
-  start_group s3 .venv-services/bin/moto_server -H 127.0.0.1 -p "$S3_PORT"
+  start_group s3 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT"
   wait_for "S3 (moto)" 60 curl -sf "http://127.0.0.1:$S3_PORT/moto-api/"
-  .venv-services/bin/python - <<EOF
+  "$VENV/bin/python" - <<EOF
 import boto3
 s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:$S3_PORT")
 if "$BUCKET" not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
     s3.create_bucket(Bucket="$BUCKET")
 EOF
-  MLFLOW_S3_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" start_group mlflow .venv-services/bin/mlflow server \
-    --backend-store-uri "postgresql+psycopg2://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/mlflow" \
-    --artifacts-destination "s3://$BUCKET/mlflow" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 2
-  wait_for "mlflow server" 120 curl -sf "http://127.0.0.1:$MLFLOW_PORT/health"
+  start_mlflow
   cat >"$DIR/env" <<EOF
 export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 export MLLM_STACK_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
@@ -84,6 +104,7 @@ export MLLM_STACK_DIR=$DIR
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 EOF
+  trap - EXIT
   echo "stack up: mlflow http://127.0.0.1:$MLFLOW_PORT (PostgreSQL :$PG_PORT, S3 :$S3_PORT bucket $BUCKET); source $DIR/env"
 }
 
@@ -122,5 +143,7 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: scripts/stack.sh up|down|status" >&2; exit 2 ;;
+  mlflow-stop) stop_group mlflow; echo "mlflow server stopped" ;;   # outage drills (tests/test_services.py)
+  mlflow-start) start_mlflow; echo "mlflow server up" ;;
+  *) echo "usage: scripts/stack.sh up|down|status|mlflow-stop|mlflow-start" >&2; exit 2 ;;
 esac

@@ -134,3 +134,16 @@ def test_apply_override_fills_missing_sections_from_defaults() -> None:
     assert raw["merge"]["density"] == 0.25 and raw["merge"]["method"] == ExperimentConfig().merge.method
     apply_override(raw, "data.datasets.0.name=drugs")
     assert raw["data"]["datasets"][0]["preset"] == "drugscom-sample"
+
+
+def test_environment_references_expand(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`${NAME}` keeps credentials out of config files and `mlflow run -P` parameters."""
+    monkeypatch.setenv("MLLM_TEST_STORAGE", "postgresql+psycopg2://u:s3cret@db.example/optuna")
+    monkeypatch.delenv("MLLM_TEST_UNSET", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text("name: ${MLLM_TEST_UNSET:-envexp}\nsearch:\n  storage: ${MLLM_TEST_STORAGE}\n")
+    cfg = load_config(path)
+    assert cfg.search.storage == "postgresql+psycopg2://u:s3cret@db.example/optuna" and cfg.name == "envexp"
+    with pytest.raises(ConfigError, match=r"^search\.storage: environment variable MLLM_TEST_UNSET is not set"):
+        load_config(path, ["search.storage=${MLLM_TEST_UNSET}"])
+    assert load_config(path, ["search.storage=sqlite:///$HOME.db"]).search.storage == "sqlite:///$HOME.db"
