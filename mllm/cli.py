@@ -266,6 +266,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines: no usage pings
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # two lines per run on a server
     for name in ("alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -287,6 +288,14 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         print("mllm: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a storage failure from inside a library (an S3 upload) is the user's to fix
+        from mllm.stores import storage_error
+
+        problem = storage_error(e)
+        if problem is None:
+            raise
+        print(f"mllm: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     except BaseException as e:
         from mllm.tracking import Terminated
 

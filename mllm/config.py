@@ -345,7 +345,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML (`[1, 2]`, `0.5`, `ties`)."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {assignment!r} is not KEY=VALUE", "write e.g. --set merge.method=ties")
+        raise ConfigError(f"--set {assignment!r} is not KEY=VALUE", "write e.g. --set merge.method=ties")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -365,7 +365,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {key}: no list entry {part!r} (the list has {len(node)})",
+                raise ConfigError(f"--set {key}: no list entry {part!r} (the list has {len(node)})",
                                   f"use an index below {len(node)}")
             if last:
                 node[int(part)] = value
@@ -378,11 +378,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
                 if node.get(part) is None:
                     node[part] = {}
                 elif not isinstance(node[part], dict | list):
-                    raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is a value, not a section",
+                    raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section",
                                       "override the value itself")
                 node = node[part]
         else:
-            raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is a value, not a section",
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section",
                               "override the value itself")
 
 
@@ -413,7 +413,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source), "edit the file or pass --set KEY=VALUE") from None
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -458,7 +458,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line: every problem pydantic found, each with its dotted key and a fix."""
+    """One line: every problem pydantic found, each with its dotted key (and what is allowed)."""
     problems = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -473,4 +473,4 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             shown = e.get("input")
             got = f" (got {shown!r})" if not isinstance(shown, dict | list) or key == "<top level>" else ""
             problems.append(f"{key}: {msg}{got}")
-    return f"{source}: invalid config: " + "; ".join(problems) + " (edit the file or pass --set KEY=VALUE)"
+    return f"{source}: invalid config: " + "; ".join(problems)

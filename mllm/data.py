@@ -59,18 +59,22 @@ def normalise(frame: pd.DataFrame, ds: DatasetConfig, cfg: DataConfig, where: st
     if missing:
         columns = ", ".join(c for c in frame.columns if c != "__file")
         field_name = "label_column" if missing == [ds.label_column] else "text_columns"
-        raise DataError(f"{where}: no column {', '.join(map(repr, missing))} (the data has: {columns})",
+        raise DataError(f"{where}.{field_name}: no column {', '.join(map(repr, missing))} (the data has: {columns})",
                         f"set {where}.{field_name} to one of those")
     parts = frame[ds.text_columns].fillna("").astype(str)
     text = parts.apply(lambda row: " ".join(p for p in row if p.strip()), axis=1).map(clean_text)
-    label, bad = _labels(frame[ds.label_column], ds, cfg, where)
-    bad = bad | (text == "")
+    label, no_label = _labels(frame[ds.label_column], ds, cfg, where)
+    empty = text == ""
+    bad = no_label | empty
     if bad.any():
         if ds.on_invalid == "error":
-            n_empty = int((text == "").sum())
+            # Name the column at fault: the label column for missing labels, else the text columns.
+            which, key = (no_label, "label_column") if no_label.any() else (empty, "text_columns")
+            what = "a missing label" if key == "label_column" else "an empty text"
+            also = f" (and {int(empty.sum())} an empty text)" if key == "label_column" and empty.any() else ""
             raise DataError(
-                f"{where}: {int(bad.sum())} of {len(frame)} rows have an empty text ({n_empty}) or a missing "
-                f"label (first at row {int(np.flatnonzero(bad.to_numpy())[0])})",
+                f"{where}.{key}: {int(which.sum())} of {len(frame)} rows have {what}{also}, first at row "
+                f"{int(np.flatnonzero(which.to_numpy())[0])}",
                 f"clean the file or set {where}.on_invalid=drop",
             )
         text, label = text[~bad], label[~bad]

@@ -175,6 +175,10 @@ def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool) -> li
     from mllm import registry
     from mllm.errors import MllmError
 
+    for m in models or []:  # before any run is opened: unknown names, versions, runs, unusable folders
+        registry.check_uri(m, "--model")
+    if baselines and cfg.model.bigger_model:
+        registry.check_uri(cfg.model.bigger_model, "model.bigger_model")
     if models:
         chosen = [describe(m) for m in models]
     else:
@@ -227,11 +231,8 @@ def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...]
     from mllm.modeling import encode, iter_logits, load_classifier, resolve_device
     from mllm.prefix import fingerprint_batches
 
-    model, tokenizer = load_classifier(model_dir, "evaluate model")
-    names = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
-    if names != label_names:
-        raise ModelError(f"evaluate model {model_dir.name} predicts {list(names)}, the data has {list(label_names)}",
-                         "evaluate models trained for this config's data.label_scheme")
+    model, tokenizer = load_classifier(model_dir, "--model")
+    check_labels(model.config.to_dict(), model_dir.name, label_names, "--model")
     device, dtype = resolve_device(cfg.model)
     model.to(device=device, dtype=dtype or torch.float32)  # bf16 weights on CUDA: half the memory traffic
     encoded = encode(tokenizer, texts, cfg.model.max_length)
@@ -244,6 +245,15 @@ def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...]
             logits[index] = batch
             bar.update(len(index))
     return logits, sum(p.numel() for p in model.parameters()), replay
+
+
+def check_labels(config: dict[str, Any], name: str, label_names: tuple[str, ...], field: str) -> None:
+    """Refuse a classifier (its config.json as a dict) whose labels are not the data's."""
+    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    names = tuple(id2label[i] for i in sorted(id2label))
+    if names != label_names:
+        raise ModelError(f"{field}: {name} predicts {list(names)}, the data has {list(label_names)}",
+                         "evaluate models trained for this config's data.label_scheme")
 
 
 def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | None = None,
@@ -262,6 +272,10 @@ def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | Non
     labels = frame["label"].to_numpy()
     texts = frame["text"].tolist()
     candidates = plan(cfg, models, cfg.evaluate.baselines if baselines is None else baselines)
+    for c in candidates:  # local folders: their labels are known before anything is loaded or a run opened
+        if not c.parts and Path(c.uri).is_dir():
+            check_labels(json.loads((Path(c.uri) / "config.json").read_text()), Path(c.uri).name, data.label_names,
+                         "model.bigger_model" if c.role == "bigger" else "--model")
     dtype = str(resolve_device(cfg.model)[1] or "float32")
     downloads = cfg.output_dir / "downloads"
     done: dict[str, Evaluation] = {}

@@ -24,7 +24,7 @@ import pandas as pd
 from mllm.config import ExperimentConfig
 from mllm.data import SplitData, load_splits, make_shards
 from mllm.errors import MllmError
-from mllm.modeling import build_base, read_source, update_source
+from mllm.modeling import build_base, check_pretrained, read_source, update_source
 from mllm.prefix import PrefixCache
 
 
@@ -108,6 +108,7 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, *, parent_run_i
     """Build/reuse the base, then train (or reuse) each selected member; return their registered versions."""
     from mllm import tracking
 
+    check_pretrained(cfg.model)  # before any run is opened
     splits = load_splits(cfg.data)
     specs = plan_members(cfg, splits)
     if members:

@@ -20,7 +20,7 @@ from typing import Any
 
 from mllm.config import ExperimentConfig, MergeConfig, MergeMethod
 from mllm.errors import MllmError, ModelError
-from mllm.modeling import atomic_dir, check_local_checkpoint, publish_dir, read_source, write_source
+from mllm.modeling import atomic_dir, check_classifier, publish_dir, read_source, write_source
 
 # What each method reads, after mergekit 0.1.5's method specs (mergekit/merge_methods/).
 TASK_VECTOR = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
@@ -39,14 +39,12 @@ SHAPE_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_lay
               "num_attention_heads", "intermediate_size")
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    return json.loads((path / "config.json").read_text())
-
-
-def check_members(members: Sequence[Path], base: Path | None, method: MergeMethod) -> None:
-    """Refuse, in one line, members that cannot be merged with each other or with the base."""
+def check_members(members: Sequence[Path], base: Path | None, method: MergeMethod, field: str = "--member",
+                  base_field: str = "--base") -> None:
+    """Refuse, in one line, members that cannot be merged with each other or with the base. `field` and
+    `base_field` name where the members and the base came from (CLI options or registered models)."""
     if len(members) < 1:
-        raise MllmError("no members to merge", "finetune members first (mllm finetune) or pass --members")
+        raise MllmError("no members to merge", "finetune members first (mllm finetune) or pass --member")
     if method in EXACTLY_TWO and len(members) != 2:
         raise MllmError(f"merge.method={method} merges exactly two members, got {len(members)}",
                         "pass two members or choose another method")
@@ -56,34 +54,40 @@ def check_members(members: Sequence[Path], base: Path | None, method: MergeMetho
     if method in NEEDS_BASE and base is None:
         raise MllmError(f"merge.method={method} needs the base checkpoint", "pass the base (models:/<exp>-base/N)")
     paths = [*members, *([base] if base is not None else [])]
-    for p in paths:
-        check_local_checkpoint(p, "merge member")
-    configs = [read_config(p) for p in paths]
+    fields = [field] * len(members) + [base_field] * (base is not None)
+    tokenizer_from = base if base is not None else members[0]  # the merged folder gets this tokenizer
+    configs = [check_classifier(p, f, tokenizer=p == tokenizer_from) for p, f in zip(paths, fields, strict=True)]
     names = [p.name for p in paths]
     ref = configs[0]
-    for name, c in zip(names[1:], configs[1:], strict=True):
+    for name, f, c in zip(names[1:], fields[1:], configs[1:], strict=True):
         for key in SHAPE_KEYS:
             if ref.get(key) != c.get(key):
-                raise ModelError(f"{name} differs from {names[0]} in {key} ({c.get(key)} vs {ref.get(key)})",
+                raise ModelError(f"{f}: {name} differs from {names[0]} in {key} ({c.get(key)} vs {ref.get(key)})",
                                  "merge only members fine-tuned from the same base classifier")
         if ref.get("architectures") != c.get("architectures"):
-            raise ModelError(f"{name} is a {c.get('architectures')}, {names[0]} a {ref.get('architectures')}",
+            raise ModelError(f"{f}: {name} is a {c.get('architectures')}, {names[0]} a {ref.get('architectures')}",
                              "merge only members of the same architecture")
         labels = [str(v) for _, v in sorted((int(k), v) for k, v in c.get("id2label", {}).items())]
         ref_labels = [str(v) for _, v in sorted((int(k), v) for k, v in ref.get("id2label", {}).items())]
         if len(labels) != len(ref_labels):
-            raise ModelError(f"{name} has {len(labels)} labels, {names[0]} has {len(ref_labels)}",
+            raise ModelError(f"{f}: {name} has {len(labels)} labels, {names[0]} has {len(ref_labels)}",
                              "merge only members trained for the same label scheme")
         if labels != ref_labels:
-            raise ModelError(f"{name} has labels {labels}, {names[0]} has {ref_labels}",
+            raise ModelError(f"{f}: {name} has labels {labels}, {names[0]} has {ref_labels}",
                              "merge only members trained for the same label scheme")
     base_key = read_source(base).get("base_key") if base is not None else None
     if base_key:  # lineage is known when mllm wrote the folders (mllm-source.json)
         for p in members:
             src = read_source(p)
             if src.get("base_key") not in (None, base_key):
-                raise ModelError(f"{p.name} was fine-tuned from another base ({src.get('base_key')})",
+                raise ModelError(f"{field}: {p.name} was fine-tuned from another base ({src.get('base_key')})",
                                  "merge members of one fine-tune stage with their own base")
+
+
+def check_weights(recipe: MergeConfig, members: int) -> None:
+    if recipe.weights is not None and len(recipe.weights) != members:
+        raise MllmError(f"merge.weights has {len(recipe.weights)} values for {members} members",
+                        "give one weight per member, or leave merge.weights unset for equal weights")
 
 
 def merge_configuration(recipe: MergeConfig, members: Sequence[Path], base: Path | None) -> Any:
@@ -91,10 +95,8 @@ def merge_configuration(recipe: MergeConfig, members: Sequence[Path], base: Path
     from mergekit.config import MergeConfiguration
 
     method = recipe.method
+    check_weights(recipe, len(members))
     weights = recipe.weights or [1.0] * len(members)
-    if len(weights) != len(members):
-        raise MllmError(f"merge.weights has {len(weights)} values for {len(members)} members",
-                        "give one weight per member, or leave merge.weights unset for equal weights")
     models = []
     for path, weight in zip(members, weights, strict=True):
         params: dict[str, Any] = {}
@@ -203,6 +205,9 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     from mllm import registry, tracking
 
     tracking.configure(cfg.tracking)
+    given = bool(members)
+    for uri in [*(members or []), *([base] if base else [])]:  # before any download or run (check_members,
+        registry.check_uri(uri, "--member" if uri != base else "--base", tokenizer=False)  # below: the tokenizer)
     if members:
         base_uri = base
     else:
@@ -211,7 +216,10 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     downloads = cfg.output_dir / "downloads"
     member_dirs = [registry.download(uri, downloads / _slug(uri)) for uri in members]
     base_dir = registry.download(base_uri, downloads / _slug(base_uri)) if base_uri else None
-    check_members(member_dirs, base_dir, cfg.merge.method)  # before a run is opened: bad input leaves no trace
+    # Before a run is opened: bad input leaves no trace.
+    check_members(member_dirs, base_dir, cfg.merge.method, "--member" if given else f"{cfg.name}-finetuned member",
+                  "--base" if base else f"{cfg.name}-base")
+    check_weights(cfg.merge, len(member_dirs))
     recipe = cfg.merge
     key = merge_key(recipe, members, base_uri, tracking.git_sha())
     found = [] if force else registry.find_versions(f"{cfg.name}-merged", {"merge_key": key})

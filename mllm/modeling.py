@@ -116,17 +116,54 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def check_local_checkpoint(path: Path, field: str = "model.name_or_path") -> None:
-    """Refuse folders without a config or with pickle-only weights before transformers sees them."""
+    """Refuse folders without a config, with pickle-only weights or asking for custom code, before transformers
+    sees them (a pickle runs code when loaded; so does an `auto_map` with trust_remote_code, never set here)."""
     if not path.is_dir():
         raise ModelError(f"{field}: {path} is not a folder", "point it at a Hugging Face model folder")
     if not (path / "config.json").is_file():
         raise ModelError(f"{field}: {path} has no config.json", "point it at a Hugging Face model folder")
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            custom = json.loads((path / name).read_text()).get("auto_map") if (path / name).is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise ModelError(f"{field}: {path / name} is not a JSON object", "save the model again with "
+                             "save_pretrained") from None
+        if custom:
+            code = ", ".join(sorted({str(v) for v in custom.values()}))[:120]
+            raise ModelError(f"{field}: {path} asks for custom code ({name} auto_map: {code}); mllm never runs "
+                             "code from model folders (trust_remote_code stays off)",
+                             "use a model of an architecture transformers ships, saved without auto_map")
     if not list(path.glob("*.safetensors")):
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
         what = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
         raise ModelError(f"{field}: {path} has {what}; mllm loads safetensors only",
                          "convert it once where you trust the file: "
                          "model.save_pretrained(dir, safe_serialization=True)")
+
+
+def has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+
+
+def check_classifier(path: Path, field: str, tokenizer: bool = True) -> dict[str, Any]:
+    """`check_local_checkpoint`, plus: a sequence classifier with labels (and a tokenizer). Returns its config.
+
+    A causal LM folder would otherwise load into AutoModelForSequenceClassification with a fresh random head,
+    silently: only the config says what was saved."""
+    check_local_checkpoint(path, field)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{field}: {path}/config.json is not valid JSON", "save the model again") from None
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        what = ", ".join(map(str, architectures)) or "no architectures entry"
+        raise ModelError(f"{field}: {path} is not a sequence classifier ({what})",
+                         "pass a classifier (mllm finetune / merge output, or any *ForSequenceClassification)")
+    if tokenizer and not has_tokenizer(path):
+        raise ModelError(f"{field}: {path} has no tokenizer", "save the tokenizer beside the model "
+                         "(tokenizer.save_pretrained(dir))")
+    return config
 
 
 def pretrained_source(cfg: ModelConfig) -> str:
@@ -139,6 +176,20 @@ def pretrained_source(cfg: ModelConfig) -> str:
         check_local_checkpoint(path)
         return str(path.resolve())
     return name
+
+
+def check_pretrained(cfg: ModelConfig) -> None:
+    """Refuse an unusable `model.name_or_path` (unknown tiny model, a bad local folder) before any run opens."""
+    if cfg.name_or_path.startswith(TINY_PREFIX):
+        from mllm.tiny import TINY_ARCHS
+
+        if cfg.name_or_path.removeprefix(TINY_PREFIX) not in TINY_ARCHS:
+            raise ModelError(f"model.name_or_path: unknown tiny model {cfg.name_or_path}",
+                             f"use one of {', '.join(TINY_PREFIX + a for a in TINY_ARCHS)}")
+    elif cfg.name_or_path != "smollm2-135m":
+        path = Path(cfg.name_or_path).expanduser()
+        if path.exists() or cfg.name_or_path.startswith((".", "/", "~")):
+            check_local_checkpoint(path)
 
 
 def build_base(cfg: ModelConfig, label_names: Sequence[str], seed: int, out: Path) -> Path:
@@ -210,12 +261,14 @@ def load_classifier(path: Path, field: str = "model") -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    check_local_checkpoint(path, field)
-    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-        raise ModelError(f"{field}: {path} has no tokenizer", "save the tokenizer beside the model")
-    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True, trust_remote_code=False,
-                                                               dtype=torch.float32)
-    tokenizer = load_tokenizer(path)
+    check_classifier(path, field)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
+                                                                   trust_remote_code=False, dtype=torch.float32)
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError, KeyError) as e:  # a config or tokenizer transformers cannot read
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"{field}: cannot load {path} ({first})", "save it again with save_pretrained") from None
     set_padding(model, tokenizer)
     return model, tokenizer
 

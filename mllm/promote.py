@@ -95,7 +95,7 @@ def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = N
     try:
         study = optuna.load_study(study_name=name, storage=search.open_storage(cfg))
     except KeyError:
-        raise MllmError(f"no study {name} in {tracking.redact(cfg.search.storage)}",
+        raise MllmError(f"search.study_name: no study {name} in {tracking.redact(cfg.search.storage)}",
                         "run mllm search first (or set search.study_name / search.storage)") from None
     top = search.best(study)
     if top is None:

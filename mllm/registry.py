@@ -65,9 +65,9 @@ def find_versions(name: str, tags: dict[str, str]) -> list[Any]:
     return sorted(hits, key=lambda v: int(v.version), reverse=True)
 
 
-def resolve(uri: str) -> tuple[str, Any | None]:
+def resolve(uri: str, field: str = "model URI") -> tuple[str, Any | None]:
     """(`models:/name/version`, the version) for a registered-model URI (aliases and `latest` resolved), or
-    (uri, None) for anything else. Fails in one line for an unknown name, version or alias."""
+    (uri, None) for anything else. Fails in one line, naming `field`, for an unknown name, version or alias."""
     from mlflow.exceptions import MlflowException
 
     if not uri.startswith("models:/"):
@@ -75,22 +75,73 @@ def resolve(uri: str) -> tuple[str, Any | None]:
     name, sep, ref = uri.removeprefix("models:/").partition("@")
     try:
         if sep:
+            if not name or not ref:
+                raise MllmError(f"{field}: {uri} names no model or alias", "write models:/<name>@<alias>")
             version = client().get_model_version_by_alias(name, ref)
         else:
             name, _, ref = name.rstrip("/").rpartition("/")
             if not name:
-                raise MllmError(f"model URI {uri} names no version", "write models:/<name>/<version> or @<alias>")
+                raise MllmError(f"{field}: {uri} names no version", "write models:/<name>/<version> or @<alias>")
             if ref == "latest":
                 found = find_versions(name, {})
                 if not found:
-                    raise MllmError(f"model URI {uri}: no versions of {name}", "register a version first")
+                    raise MllmError(f"{field}: {uri}: no versions of {name}", "register a version first")
                 version = found[0]
             else:
                 version = client().get_model_version(name, ref)
     except MlflowException as e:
-        raise MllmError(f"cannot resolve model URI {uri} ({redact(str(e)).splitlines()[0]})",
+        raise MllmError(f"{field}: cannot resolve {uri} ({_first_line(e)})",
                         "check the model name, version or alias (mlflow models UI)") from None
     return f"models:/{version.name}/{version.version}", version
+
+
+def _first_line(e: BaseException) -> str:
+    return (redact(str(e)).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+# Artifact stores `download` also accepts (checked when downloaded, inside the run that needs them).
+ARTIFACT_SCHEMES = ("file://", "s3://", "gs://", "wasbs://", "abfss://", "hdfs://", "mlflow-artifacts:/", "dbfs:/",
+                    "http://", "https://")
+_URI_FORMS = "use models:/<name>/<version>, models:/<name>@<alias>, runs:/<run id>/<path> or a model folder"
+
+
+def check_uri(uri: str, field: str, tokenizer: bool = True) -> None:
+    """Refuse, before any run is opened, a model reference that cannot work: a malformed URI, an unknown
+    registered name / version / alias, a run that does not exist or lacks the artifact, a folder that is not a
+    usable classifier (`tokenizer`: it must hold one). `field` names where the reference came from (`--model`,
+    `model.bigger_model`, ...)."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+
+    from mllm.modeling import check_classifier
+
+    if uri.startswith("models:/"):
+        resolve(uri, field)
+        return
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        path = path.strip("/")
+        if not run_id or not path:
+            raise MllmError(f"{field}: {uri} is not a runs:/ URI", "write runs:/<run id>/<artifact path>, "
+                            "e.g. runs:/<run id>/model")
+        try:
+            client().get_run(run_id)
+        except MlflowException as e:
+            raise MllmError(f"{field}: no run {run_id} in this tracking store ({_first_line(e)})",
+                            "check the run id (mlflow UI) and tracking.tracking_uri") from None
+        if not client().list_artifacts(run_id, path):
+            raise MllmError(f"{field}: run {run_id} has no artifact folder {path}",
+                            "check the path (the run's artifacts in the mlflow UI), e.g. runs:/<run id>/model")
+        return
+    if uri.startswith(ARTIFACT_SCHEMES):
+        return
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", uri):
+        raise MllmError(f"{field}: {uri} has an unknown scheme", _URI_FORMS)
+    path = Path(uri).expanduser()
+    if not path.exists():
+        raise MllmError(f"{field}: {uri} is neither an existing folder nor a models:/ or runs:/ URI", _URI_FORMS)
+    check_classifier(path, field, tokenizer)
 
 
 def download(uri: str, dst: Path | None = None) -> Path:
@@ -118,7 +169,7 @@ def download(uri: str, dst: Path | None = None) -> Path:
     try:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
     except MlflowException as e:
-        raise MllmError(f"cannot resolve model URI {uri} ({redact(str(e)).splitlines()[0]})",
+        raise MllmError(f"cannot download {uri} ({_first_line(e)})",
                         "check the model name, version or alias (mlflow models UI) or the run id") from None
     if marker is not None and dst is not None:  # written last: only a complete download is reused
         marker.write_text(json.dumps({"identity": identity, "path": str(path.resolve().relative_to(dst.resolve()))}))

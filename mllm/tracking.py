@@ -28,6 +28,7 @@ from typing import Any
 
 from mllm.config import ExperimentConfig, TrackingConfig
 from mllm.errors import MllmError
+from mllm.stores import preflight
 
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@\s]+)@")
 _SECRET_PARAMS = re.compile(r"(password|secret|token|access_key)=([^&\s]+)", re.IGNORECASE)
@@ -49,6 +50,7 @@ def configure(cfg: TrackingConfig) -> None:
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import: mlflow sets its level when imported
+    preflight(cfg)  # seconds, not minutes of mlflow's retries, for a store that cannot be reached
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_registry_uri(cfg.registry_uri or cfg.tracking_uri)
 
