@@ -79,7 +79,7 @@ up() {
     rm -f "$DIR/pgpass"
   fi
   as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg/server.log" -w \
-    -o "-p $PG_PORT -k $DIR -c listen_addresses=127.0.0.1" start >/dev/null
+    -o "-p $PG_PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=300" start >/dev/null
   export PGPASSWORD=$PG_PASSWORD
   for db in mlflow optuna; do
     psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$db'" \

@@ -72,10 +72,17 @@ def all_runs(stack: dict[str, str], experiment: str) -> list:
     return c.search_runs([exp.experiment_id], max_results=5000)
 
 
+_STORAGES: dict[str, object] = {}
+
+
 def study(stack: dict[str, str], name: str):
+    """The study, through one storage (one connection pool) per test session: the polling loops below would
+    otherwise open a pool per look and exhaust PostgreSQL's connection slots."""
     import optuna
 
-    return optuna.load_study(study_name=name, storage=stack["storage"])
+    if stack["storage"] not in _STORAGES:
+        _STORAGES[stack["storage"]] = optuna.storages.RDBStorage(stack["storage"])
+    return optuna.load_study(study_name=name, storage=_STORAGES[stack["storage"]])
 
 
 @pytest.fixture(scope="module")
