@@ -24,7 +24,8 @@ PG_PASSWORD=mllm-stack-secret   # a throwaway cluster on 127.0.0.1; never reused
 BUCKET=mllm-artifacts
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 PG_BIN=$(ls -d /usr/lib/postgresql/15/bin 2>/dev/null || true)
-VENV=${MLLM_STACK_VENV:-.venv-services}   # mlflow, moto, psycopg2, boto3 (scripts/test.sh passes its own venv)
+# mlflow, moto, psycopg2, boto3: scripts/test.sh passes its own venv; later calls (mlflow-start) reuse up's choice
+VENV=${MLLM_STACK_VENV:-$(cat "$DIR/venv" 2>/dev/null || echo .venv-services)}
 
 as_postgres() {  # PostgreSQL refuses to run as root
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -104,6 +105,7 @@ export MLLM_STACK_DIR=$DIR
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 export MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 EOF
+  echo "$VENV" >"$DIR/venv"
   trap - EXIT
   echo "stack up: mlflow http://127.0.0.1:$MLFLOW_PORT (PostgreSQL :$PG_PORT, S3 :$S3_PORT bucket $BUCKET); source $DIR/env"
 }

@@ -197,7 +197,8 @@ def test_sigkilled_worker_trial_is_retried(stack: dict[str, str], members: dict[
     ok(mllm(*args, "--create-only", cwd=folder))
     def running_of(pid: int) -> list:
         running = study(stack, name).get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        return [t for t in running if t.user_attrs.get("owner", "").endswith(f"/{pid}")]
+        return [t for t in running if t.user_attrs.get("owner", "").endswith(f"/{pid}")
+                and "mlflow_run_id" in t.user_attrs]  # inside the trial's run
 
     owner = victim = None
     for attempt in range(4):  # the kill must land inside a trial; a trial can end between the look and the kill
