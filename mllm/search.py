@@ -21,8 +21,6 @@ Weights are never stored per trial: `mllm promote` materialises the best recipe 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -267,7 +265,7 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         recipe = suggest_recipe(trial, cfg, len(members))
         trial.set_user_attr("recipe", recipe.model_dump(mode="json", by_alias=True))
-        trial.set_user_attr("owner", f"{platform.node()}/{os.getpid()}")  # which process ran it (a killed one?)
+        trial.set_user_attr("owner", tracking.owner())  # which process ran it (a killed one?)
         tags = {"mllm.study": study.study_name, "mllm.trial": trial.number, "mllm.worker": worker}
         pruned = False
         with tracking.tracked_run(cfg, f"trial-{trial.number}", stage="search-trial", parent_run_id=parent_run_id,

@@ -9,6 +9,7 @@ of owners that are gone as KILLED. Credentials in URIs are masked before anythin
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -120,7 +121,7 @@ def tracked_run(cfg: ExperimentConfig, run_name: str, *, stage: str, parent_run_
     configure(cfg.tracking)
     experiment_id = ensure_experiment(cfg.name, cfg.tracking.artifact_location)
     end_orphaned_runs(experiment_id)
-    all_tags = {**provenance(), "mllm.stage": stage, "mllm.owner": f"{_owner_prefix()}{os.getpid()}",
+    all_tags = {**provenance(), "mllm.stage": stage, "mllm.owner": owner(),
                 **{k: redact(str(v)) for k, v in (tags or {}).items()}}
     if parent_run_id is None and mlflow.active_run() is None:
         parent_run_id = _project_run(cfg.tracking.tracking_uri)
@@ -150,6 +151,12 @@ def tracked_run(cfg: ExperimentConfig, run_name: str, *, stage: str, parent_run_
         mlflow.end_run(status=status)
 
 
+def owner() -> str:
+    """`host/boot-id/pid`: this process, as run tags (`mllm.owner`) and search trials record it."""
+    return f"{_owner_prefix()}{os.getpid()}"
+
+
+@functools.cache
 def _owner_prefix() -> str:
     """`host/boot-id/`: a pid is only meaningful on one host during one boot."""
     try:
