@@ -26,3 +26,8 @@ class DataError(MllmError):
 
 class ModelError(MllmError):
     """A model directory or id cannot be used (missing files, unsafe weights, wrong kind)."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM (Slurm preemption, `kill`, timeouts): runs
+    end KILLED and the CLI exits 143."""

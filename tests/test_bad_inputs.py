@@ -427,7 +427,7 @@ def test_s3_upload_failing_mid_run_ends_the_run_failed(models: dict[str, Path], 
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The store fails after the pre-flight check (simulated by marking it checked): the upload inside the run
     fails, the run ends FAILED, nothing is registered, and the user still gets one line."""
-    from mllm import stores
+    from mllm import preflight as stores
 
     location, says = bad_s3
     monkeypatch.setattr(stores, "_reachable", {location})

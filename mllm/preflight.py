@@ -1,8 +1,8 @@
 """The stores a config points at (tracking server or database, model registry, S3 artifacts): a pre-flight check
 that they can be reached, and storage failures raised mid-run, both as one `MllmError` line naming the field.
 
-    from mllm.stores import preflight
-    preflight(cfg.tracking)   # tracking.configure calls it: once per store and process
+    from mllm.preflight import preflight
+    preflight(cfg.tracking)   # the Store calls it: once per store and process
 
 Why: mlflow retries an unreachable HTTP server or database for minutes before it gives up, and an S3 upload
 that fails inside a run surfaces as a botocore traceback. Credentials never reach the message.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from mllm.basics import redact
 from mllm.config import TrackingConfig
 from mllm.errors import MllmError
 
@@ -24,8 +25,6 @@ def preflight(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
     """Fail within seconds, in one line, when a configured store cannot be reached: before any run is opened,
     where mlflow itself would retry an HTTP server or a database for minutes (or fail an S3 upload mid-run).
     Each store is checked once per process."""
-    from mllm.tracking import redact  # (tracking imports this module)
-
     stores = (("tracking.tracking_uri", cfg.tracking_uri), ("tracking.registry_uri", cfg.registry_uri),
               ("tracking.artifact_location", cfg.artifact_location))
     for field, uri in stores:
@@ -113,8 +112,6 @@ def storage_error(e: BaseException) -> MllmError | None:
         seen = seen.__cause__ or seen.__context__
     if not found:
         return None
-    from mllm.tracking import redact
-
     # S3's own answer (e.g. InvalidAccessKeyId) says more than boto3's wrapper around it.
     client_error = next((f for f in found if isinstance(f, ClientError)), None)
     if client_error is not None:
