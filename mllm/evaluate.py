@@ -18,7 +18,6 @@ logits are read back from predictions.csv. That is also why the ensemble costs n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,13 +28,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mllm.basics import short_hash, slug
 from mllm.config import EvaluateConfig, ExperimentConfig
-from mllm.errors import ModelError
-from mllm.metrics import bootstrap_ci, log_softmax
-from mllm.prefix import PrefixCache
+from mllm.data import SplitData, load_splits
+from mllm.errors import MllmError, ModelError
+from mllm.methods import METHODS, info
+from mllm.metrics import bootstrap_ci, confusion, log_softmax
+from mllm.modeling import encode, iter_logits, load_classifier, resolve_device
+from mllm.prefix import PrefixCache, fingerprint_batches
+from mllm.store import Store
 
 METRIC_MODULES = Path(__file__).parent / "metric_modules"
-ROLE_BY_SUFFIX = {"-merged": "merged", "-finetuned": "member", "-base": "base"}
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,6 @@ def confusion_figure(labels: np.ndarray, preds: np.ndarray, label_names: tuple[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mllm.metrics import confusion
-
     k = len(label_names)
     cm = confusion(labels, preds, k)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -138,25 +139,21 @@ def logits_from_frame(frame: pd.DataFrame, label_names: tuple[str, ...]) -> np.n
     return frame[[f"logit_{n}" for n in label_names]].to_numpy(dtype=np.float32)
 
 
-def describe(uri: str, role: str | None = None) -> Candidate:
+def describe(uri: str, store: Store, role: str | None = None) -> Candidate:
     """A candidate for a URI: registered versions carry their role, method, recipe and lineage in tags."""
-    from mllm import registry
-
-    canonical, version = registry.resolve(uri)
+    canonical, version = store.resolve(uri)
     if version is None:
         return Candidate(uri, role or "model", reusable=not Path(uri).exists())  # runs:/ URIs are immutable
     tags = version.tags
-    found = next((r for suffix, r in ROLE_BY_SUFFIX.items() if version.name.endswith(suffix)), "model")
+    found = store.role_of(version.name)
     role = role or found
     recipe = ""
     if found == "merged":
         weights = json.loads(tags.get("weights") or "null")
-        from mllm.merge import TASK_VECTOR, USES_DENSITY
-
-        method = tags.get("method", "")
+        how = info(tags["method"]) if tags.get("method") in METHODS else None
         parts = [f"weights={[round(w, 3) for w in weights] if weights else 'equal'}",
-                 f"density={float(tags['density']):.3g}" if tags.get("density") and method in USES_DENSITY else "",
-                 f"lambda={float(tags['lambda']):.3g}" if tags.get("lambda") and method in TASK_VECTOR else "",
+                 f"density={float(tags['density']):.3g}" if tags.get("density") and how and how.uses("density") else "",
+                 f"lambda={float(tags['lambda']):.3g}" if tags.get("lambda") and how and how.task_vector else "",
                  f"(search trial {tags['trial']})" if tags.get("trial") else ""]
         recipe = " ".join(p for p in parts if p)
     elif found == "member":
@@ -168,24 +165,21 @@ def describe(uri: str, role: str | None = None) -> Candidate:
                      base=tags.get("base") or None)
 
 
-def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool) -> list[Candidate]:
+def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool, store: Store) -> list[Candidate]:
     """What to score: the given models (default: every merge of the experiment's newest base), then for the
     merges their members, the members' ensemble, the base, and model.bigger_model. Members come before the
     ensemble, which is computed from their logits."""
-    from mllm import registry
-    from mllm.errors import MllmError
-
     for m in models or []:  # before any run is opened: unknown names, versions, runs, unusable folders
-        registry.check_uri(m, "--model")
+        store.check_uri(m, "--model")
     if baselines and cfg.model.bigger_model:
-        registry.check_uri(cfg.model.bigger_model, "model.bigger_model")
+        store.check_uri(cfg.model.bigger_model, "model.bigger_model")
     if models:
-        chosen = [describe(m) for m in models]
+        chosen = [describe(m, store) for m in models]
     else:
-        bases = registry.find_versions(f"{cfg.name}-base", {})
-        merged = registry.find_versions(f"{cfg.name}-merged", {}) if bases else []
-        newest_base = f"models:/{cfg.name}-base/{bases[0].version}" if bases else None
-        chosen = [describe(f"models:/{cfg.name}-merged/{v.version}") for v in reversed(merged)
+        base = store.newest("base")
+        merged = store.find_versions(store.model_name("merged"), {}) if base else []
+        newest_base = store.model_uri("base", base.version) if base else None
+        chosen = [describe(store.model_uri("merged", v.version), store) for v in reversed(merged)
                   if v.tags.get("base") == newest_base]
         if not chosen:
             raise MllmError(f"no merged models of experiment {cfg.name} to evaluate",
@@ -193,15 +187,15 @@ def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool) -> li
     out: list[Candidate] = []
     if baselines:
         for c in [c for c in chosen if c.role == "merged"]:
-            out += [describe(p, "member") for p in c.parents]
+            out += [describe(p, store, "member") for p in c.parents]
             if len(c.parents) > 1:
                 out.append(Candidate("ensemble:" + ",".join(c.parents), "ensemble", "logit average",
                                      f"{len(c.parents)} members", parts=c.parents))
             if c.base:
-                out.append(describe(c.base, "base"))
+                out.append(describe(c.base, store, "base"))
     out += chosen
     if baselines and cfg.model.bigger_model:
-        out.append(describe(cfg.model.bigger_model, "bigger"))
+        out.append(describe(cfg.model.bigger_model, store, "bigger"))
     unique: dict[str, Candidate] = {}
     for c in out:
         unique.setdefault(c.uri, c)  # a member shared by several merges is scored once
@@ -216,7 +210,7 @@ def eval_key(c: Candidate, split: str, fingerprint: str, cfg: ExperimentConfig, 
     """Identifies an evaluation whose results can be reused: model, data, split and scoring settings."""
     settings = {"model": c.uri, "split": split, "data": fingerprint, "max_length": cfg.model.max_length,
                 "dtype": dtype, "evaluate": cfg.evaluate.model_dump(exclude={"split", "baselines", "alpha"})}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    return short_hash(settings, 20)
 
 
 def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...], cfg: ExperimentConfig,
@@ -227,9 +221,6 @@ def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...]
 
     import torch
     from tqdm.auto import tqdm
-
-    from mllm.modeling import encode, iter_logits, load_classifier, resolve_device
-    from mllm.prefix import fingerprint_batches
 
     model, tokenizer = load_classifier(model_dir, "--model")
     check_labels(model.config.to_dict(), model_dir.name, label_names, "--model")
@@ -257,78 +248,78 @@ def check_labels(config: dict[str, Any], name: str, label_names: tuple[str, ...]
 
 
 def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | None = None,
-        baselines: bool | None = None, prefix: PrefixCache | None = None) -> EvaluateResult:
+        baselines: bool | None = None, prefix: PrefixCache | None = None, store: Store | None = None
+        ) -> EvaluateResult:
     """Score `models` (and their baselines) on `split`; each evaluation is an MLflow run under one stage run.
     `prefix`: a frozen-prefix cache to share with later calls on the same split (the pipeline passes one)."""
-    from mllm import registry, tracking
-    from mllm.data import load_splits
-    from mllm.merge import _slug
-    from mllm.modeling import resolve_device
-
-    tracking.configure(cfg.tracking)
+    store = store or Store(cfg)
     split = split or cfg.evaluate.split
     data = load_splits(cfg.data)
     frame = data.split(split).reset_index(drop=True)
-    labels = frame["label"].to_numpy()
-    texts = frame["text"].tolist()
-    candidates = plan(cfg, models, cfg.evaluate.baselines if baselines is None else baselines)
+    candidates = plan(cfg, models, cfg.evaluate.baselines if baselines is None else baselines, store)
     for c in candidates:  # local folders: their labels are known before anything is loaded or a run opened
         if not c.parts and Path(c.uri).is_dir():
             check_labels(json.loads((Path(c.uri) / "config.json").read_text()), Path(c.uri).name, data.label_names,
                          "model.bigger_model" if c.role == "bigger" else "--model")
-    dtype = str(resolve_device(cfg.model)[1] or "float32")
-    downloads = cfg.output_dir / "downloads"
     done: dict[str, Evaluation] = {}
     # Members trained with frozen embeddings + lowest layers share those layers with the base and with most
     # merges: their hidden states at the first trained block are computed once (mllm.prefix).
     prefix = prefix or new_prefix_cache(cfg)
-    with tracking.tracked_run(cfg, f"evaluate-{split}", stage="evaluate",
-                              tags={"mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint}) as parent:
+    with store.run(f"evaluate-{split}", stage="evaluate",
+                   tags={"mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint}) as parent:
         for c in candidates:
-            key = eval_key(c, split, data.fingerprint, cfg, dtype)
-            previous = tracking.find_runs(cfg.name, {"mllm.eval_key": key}) if c.reusable else []
-            if previous:
-                old = previous[0]
-                path = tracking.download_run_artifact(old.info.run_id, "predictions.csv", downloads / "eval" / key)
-                logits = logits_from_frame(pd.read_csv(path, keep_default_na=False), data.label_names)
-                # Same key, same settings: the logged metrics are what scoring these logits gives.
-                done[c.uri] = Evaluation(c, split, dict(old.data.metrics), logits, labels, old.info.run_id, True)
-                print(f"evaluate {c.role} {c.uri}: reused run {old.info.run_id}")
-                continue
-            tags = {"mllm.eval_key": key, "mllm.model_uri": c.uri, "mllm.role": c.role, "mllm.method": c.method,
-                    "mllm.recipe": c.recipe, "mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint,
-                    "mllm.parents": ",".join(c.parts or c.parents)}
-            if c.val_macro_f1 is not None:
-                tags["mllm.val_macro_f1"] = str(c.val_macro_f1)
-            with tracking.tracked_run(cfg, f"eval-{c.role}-{_slug(c.uri)}"[:250], stage="evaluation",
-                                      tags=tags, log_config=False) as child:
-                start = time.perf_counter()
-                if c.parts:  # the ensemble: average of its members' logits, K forward passes per review
-                    missing = [p for p in c.parts if p not in done]
-                    if missing:
-                        raise ModelError(f"ensemble member {missing[0]} was not evaluated", "evaluate its members")
-                    logits = np.mean([done[p].logits for p in c.parts], axis=0).astype(np.float32)
-                    params = sum(done[p].metrics["num_params"] for p in c.parts)
-                    passes = len(c.parts)
-                else:
-                    model_dir = registry.download(c.uri, downloads / _slug(c.uri))
-                    logits, params, replayed = model_logits(model_dir, texts, data.label_names, cfg,
-                                                            f"{c.role} {c.uri}", prefix)
-                    tracking.set_tags({"mllm.prefix_reused": replayed})
-                    passes = 1
-                wall = time.perf_counter() - start
-                metrics = score(logits, labels, data.label_names, cfg.evaluate)
-                metrics.update(num_params=float(params), forward_passes=float(passes), wall_s=wall,
-                               reviews_per_s=len(labels) / wall if wall > 0 else 0.0)
-                tracking.log_params({"model_uri": c.uri, "split": split, "role": c.role, "batch_size":
-                                     cfg.evaluate.batch_size, "max_length": cfg.model.max_length, "dtype": dtype})
-                tracking.log_metrics(metrics)
-                tracking.log_dict({"model": c.uri, "split": split, "metrics": metrics}, "metrics.json")
-                tracking.log_table(predictions_frame(frame, logits, data.label_names), "predictions.csv")
-                tracking.log_figure(confusion_figure(labels, logits.argmax(1), data.label_names,
-                                                     f"{c.uri} on {split}"), "confusion_matrix.png")
-            done[c.uri] = Evaluation(c, split, metrics, logits, labels, child.info.run_id, False)
-            print(f"evaluate {c.role} {c.uri}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
-                  f" ({wall:.1f} s)")
-        tracking.set_tags({"mllm.evaluations": ",".join(e.run_id for e in done.values())})
-    return EvaluateResult(split, data.fingerprint, list(done.values()), parent.info.run_id)
+            done[c.uri] = evaluate_one(cfg, c, split, data, frame, done, prefix, store)
+        parent.tags({"mllm.evaluations": ",".join(e.run_id for e in done.values())})
+    return EvaluateResult(split, data.fingerprint, list(done.values()), parent.id)
+
+
+def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitData, frame: pd.DataFrame,
+                 done: dict[str, Evaluation], prefix: PrefixCache, store: Store) -> Evaluation:
+    """One candidate's evaluation run, or the finished run with the same key (its logits read back)."""
+    labels = frame["label"].to_numpy()
+    dtype = str(resolve_device(cfg.model)[1] or "float32")
+    key = eval_key(c, split, data.fingerprint, cfg, dtype)
+    fresh: dict[str, Evaluation] = {}
+
+    def make() -> Any:
+        tags = {"mllm.eval_key": key, "mllm.model_uri": c.uri, "mllm.role": c.role, "mllm.method": c.method,
+                "mllm.recipe": c.recipe, "mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint,
+                "mllm.parents": ",".join(c.parts or c.parents),
+                **({"mllm.val_macro_f1": str(c.val_macro_f1)} if c.val_macro_f1 is not None else {})}
+        with store.run(f"eval-{c.role}-{slug(c.uri)}"[:250], stage="evaluation", tags=tags, log_config=False) as run_:
+            start = time.perf_counter()
+            if c.parts:  # the ensemble: average of its members' logits, K forward passes per review
+                missing = [p for p in c.parts if p not in done]
+                if missing:
+                    raise ModelError(f"ensemble member {missing[0]} was not evaluated", "evaluate its members")
+                logits = np.mean([done[p].logits for p in c.parts], axis=0).astype(np.float32)
+                params, passes = sum(done[p].metrics["num_params"] for p in c.parts), len(c.parts)
+            else:
+                logits, params, replayed = model_logits(store.download(c.uri), frame["text"].tolist(),
+                                                        data.label_names, cfg, f"{c.role} {c.uri}", prefix)
+                run_.tags({"mllm.prefix_reused": replayed})
+                passes = 1
+            wall = time.perf_counter() - start
+            metrics = score(logits, labels, data.label_names, cfg.evaluate)
+            metrics.update(num_params=float(params), forward_passes=float(passes), wall_s=wall,
+                           reviews_per_s=len(labels) / wall if wall > 0 else 0.0)
+            run_.params({"model_uri": c.uri, "split": split, "role": c.role, "batch_size": cfg.evaluate.batch_size,
+                         "max_length": cfg.model.max_length, "dtype": dtype})
+            run_.metrics(metrics)
+            run_.json({"model": c.uri, "split": split, "metrics": metrics}, "metrics.json")
+            run_.table(predictions_frame(frame, logits, data.label_names), "predictions.csv")
+            run_.figure(confusion_figure(labels, logits.argmax(1), data.label_names, f"{c.uri} on {split}"),
+                        "confusion_matrix.png")
+            fresh["ev"] = Evaluation(c, split, metrics, logits, labels, run_.id, False)
+        print(f"evaluate {c.role} {c.uri}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+              f" ({wall:.1f} s)")
+        return fresh["ev"]
+
+    found, reused = store.find_or_run("evaluation", key, make, force=not c.reusable)
+    if not reused:
+        return found
+    path = store.run_artifact(found.info.run_id, "predictions.csv", store.downloads / "eval" / key)
+    logits = logits_from_frame(pd.read_csv(path, keep_default_na=False), data.label_names)
+    print(f"evaluate {c.role} {c.uri}: reused run {found.info.run_id}")
+    # Same key, same settings: the logged metrics are what scoring these logits gives.
+    return Evaluation(c, split, dict(found.data.metrics), logits, labels, found.info.run_id, True)

@@ -26,20 +26,15 @@ import torch
 
 from mllm.config import MergeConfig
 from mllm.errors import MllmError
+from mllm.methods import IN_MEMORY, RANDOM_SPARSIFIERS, info
+from mllm.modeling import load_classifier
 
-# method -> (sparsifier, sign consensus, rescale the kept entries to the task vector's L1 norm); mergekit's
-# defaults for each method (mllm never overrides `rescale`).
+# method -> (sparsifier, sign consensus, rescale the kept entries to the task vector's L1 norm): mergekit's
+# defaults for each task-vector method, read from its registry (mllm never overrides `rescale`). IN_MEMORY (linear
+# and these) is re-exported for the modules that import it from here.
 GTA: dict[str, tuple[str | None, bool, bool]] = {
-    "task_arithmetic": (None, False, False),
-    "ties": ("magnitude", True, False),
-    "dare_ties": ("random", True, True),
-    "dare_linear": ("random", False, True),
-    "breadcrumbs": ("magnitude_outliers", False, False),
-    "breadcrumbs_ties": ("magnitude_outliers", True, False),
-    "della": ("della_magprune", True, True),
-    "della_linear": ("della_magprune", False, True),
+    m: (info(m).sparsifier, info(m).consensus, info(m).rescale) for m in sorted(IN_MEMORY) if info(m).task_vector
 }
-IN_MEMORY = {"linear", *GTA}
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -94,7 +89,7 @@ def merge_tensor(base: torch.Tensor, deltas: Sequence[torch.Tensor], weights: Se
         # Any sparsified, weighted, normalised sum of zeros is zero: base + 0 is the base exactly. Random
         # methods still draw their masks, so the random stream stays aligned with mergekit's for later weights.
         how = GTA[recipe.method][0]
-        if how in ("random", "della_magprune"):
+        if how in RANDOM_SPARSIFIERS:
             for d in deltas:
                 sparsify(d, how, recipe, rescale=False)
         return base
@@ -161,7 +156,7 @@ class MemberStack:
         weights = recipe.weights or [1.0] * k
         if len(weights) != k:
             raise MllmError(f"merge.weights has {len(weights)} values for {k} members", "give one per member")
-        if recipe.method in {"dare_ties", "dare_linear", "della", "della_linear"}:
+        if info(recipe.method).random:
             from transformers.trainer_utils import set_seed
 
             set_seed(recipe.seed)  # as run_merge does with MergeOptions.random_seed
@@ -175,8 +170,6 @@ class MemberStack:
 
     def model(self) -> Any:
         """A classifier built from the base folder, on the stack's device: the container trials merge into."""
-        from mllm.modeling import load_classifier
-
         model, _ = load_classifier(self.base_dir, "search base")
         return model.to(self.device).eval()
 

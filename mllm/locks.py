@@ -18,14 +18,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from mllm.basics import redact
 from mllm.errors import MllmError
 
 
 @contextmanager
 def db_lock(url: str, name: str, timeout_s: float = 600, stale_s: float = 900) -> Iterator[None]:
     import sqlalchemy as sa
-
-    from mllm.tracking import redact
 
     engine = sa.create_engine(url)
     table = sa.Table("mllm_locks", sa.MetaData(), sa.Column("name", sa.String(255), primary_key=True),

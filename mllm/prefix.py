@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from mllm.errors import ModelError
+
 MAX_CACHE_BYTES = 2 * 1024**3  # beyond this (large test sets), score in full rather than hold the states
 
 
@@ -29,7 +31,8 @@ def blocks(model: Any) -> torch.nn.ModuleList:
     n = model.config.num_hidden_layers
     found = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
     if found is None:
-        raise ValueError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+        raise ModelError(f"finetune.freeze_layers: cannot find the {n} transformer layers of {type(model).__name__}",
+                         "set finetune.freeze_layers=0 (and freeze_embeddings=false) for this architecture")
     return found
 
 

@@ -23,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from mllm import evaluate, merge
+from mllm.basics import redact
 from mllm.config import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
+from mllm.locks import db_lock
 from mllm.metrics import macro_f1, paired_test
+from mllm.store import Store
+from mllm.study import best, open_storage, study_name
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class PromoteResult:
     champion_after: str | None
     decision: Decision
     run_id: str
+    evaluation_run_id: str  # the challenger's test-split evaluation
 
 
 def decide(labels: np.ndarray, challenger: np.ndarray, champion: np.ndarray | None, k: int,
@@ -65,65 +71,66 @@ def decide(labels: np.ndarray, challenger: np.ndarray, champion: np.ndarray | No
     return Decision(True, f"better: {summary}", p_value, diff)
 
 
-def gate(cfg: ExperimentConfig, name: str, version: str, labels: np.ndarray, preds: np.ndarray, k: int,
+def gate(cfg: ExperimentConfig, store: Store, version: str, labels: np.ndarray, preds: np.ndarray, k: int,
          champion_preds: Callable[[str], np.ndarray]) -> tuple[str | None, Decision]:
     """Under the champion lock: read the champion, decide, move the alias. Returns (champion before, decision).
     `champion_preds(version)` gives a registered version's test predictions."""
-    from mllm import registry
-    from mllm.locks import db_lock
-
-    with db_lock(cfg.search.storage, f"{name}@champion"):
-        current = registry.alias_version(name, "champion")
+    with db_lock(cfg.search.storage, f"{store.model_name('merged')}@champion"):
+        current = store.alias_version("merged", "champion")
         before = str(current.version) if current is not None else None
         if before == version:
             return before, Decision(False, "already the champion")
         decision = decide(labels, preds, champion_preds(before) if before else None, k, cfg)
         if decision.promote:
-            registry.set_alias(name, "champion", version)
+            store.set_alias("merged", "champion", version)
     return before, decision
 
 
-def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = None) -> PromoteResult:
-    """Merge the best trial's recipe with mergekit, evaluate it on test, set challenger, gate champion."""
+def best_recipe(cfg: ExperimentConfig) -> tuple[Any, MergeConfig, list[str], str]:
+    """(best trial, its recipe, member URIs, base URI) of the configured study."""
     import optuna
 
-    from mllm import evaluate, merge, registry, search, tracking
-
-    tracking.configure(cfg.tracking)
-    name = search.study_name(cfg)
+    name = study_name(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.load_study(study_name=name, storage=search.open_storage(cfg))
+        study = optuna.load_study(study_name=name, storage=open_storage(cfg))
     except KeyError:
-        raise MllmError(f"search.study_name: no study {name} in {tracking.redact(cfg.search.storage)}",
+        raise MllmError(f"search.study_name: no study {name} in {redact(cfg.search.storage)}",
                         "run mllm search first (or set search.study_name / search.storage)") from None
-    top = search.best(study)
+    top = best(study)
     if top is None:
         raise MllmError(f"study {name} has no complete trial", "run mllm search (more trials) first")
-    recipe = MergeConfig.model_validate(top.user_attrs["recipe"])
-    members, base = study.user_attrs["members"], study.user_attrs["base"]
-    model_name = f"{cfg.name}-merged"
-    with tracking.tracked_run(cfg, f"promote-{name}", stage="promote", parent_run_id=parent_run_id,
-                              tags={"mllm.study": name, "mllm.trial": top.number}) as run_:
-        merged = merge.run(cfg.model_copy(update={"merge": recipe}), members, base,
+    return top, MergeConfig.model_validate(top.user_attrs["recipe"]), study.user_attrs["members"], \
+        study.user_attrs["base"]
+
+
+def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = None,
+        store: Store | None = None) -> PromoteResult:
+    """Merge the best trial's recipe with mergekit, evaluate it on test, set challenger, gate champion."""
+    store = store or Store(cfg)
+    top, recipe, members, base = best_recipe(cfg)
+    name = study_name(cfg)
+    with store.run(f"promote-{name}", stage="promote", parent_run_id=parent_run_id,
+                   tags={"mllm.study": name, "mllm.trial": top.number}) as run_:
+        merged = merge.run(cfg.model_copy(update={"merge": recipe}), members, base, store=store,
                            tags={"study": name, "trial": top.number, "val_macro_f1": round(top.values[0], 6)})
-        scored = evaluate.run(cfg, [merged.model_uri], split="test", baselines=False, prefix=prefix).evaluations[0]
-        labels, k = scored.labels, scored.logits.shape[1]
-        registry.set_alias(model_name, "challenger", merged.version)
 
-        def champion_preds(version: str) -> np.ndarray:  # reused when the champion was scored on this data
-            return evaluate.run(cfg, [f"models:/{model_name}/{version}"], split="test", baselines=False,
-                                prefix=prefix).evaluations[0].logits.argmax(1)
+        def test_logits(uri: str) -> Any:  # reused when that version was scored on this data
+            return evaluate.run(cfg, [uri], split="test", baselines=False, prefix=prefix, store=store).evaluations[0]
 
-        before, decision = gate(cfg, model_name, merged.version, labels, scored.logits.argmax(1), k, champion_preds)
-        after = registry.alias_version(model_name, "champion")
-        registry.set_version_tags(model_name, merged.version, {"promotion": decision.reason})
-        tracking.set_tags({"mllm.promoted": decision.promote, "mllm.promotion": decision.reason,
-                           "mllm.model_uri": merged.model_uri})
-        tracking.log_metrics({"test_macro_f1": scored.metrics["macro_f1"], "test_accuracy": scored.metrics["accuracy"],
-                              **({"p_value": decision.p_value} if decision.p_value is not None else {})})
+        scored = test_logits(merged.model_uri)
+        store.set_alias("merged", "challenger", merged.version)
+        before, decision = gate(cfg, store, merged.version, scored.labels, scored.logits.argmax(1),
+                                scored.logits.shape[1],
+                                lambda v: test_logits(store.model_uri("merged", v)).logits.argmax(1))
+        after = store.alias_version("merged", "champion")
+        store.set_version_tags("merged", merged.version, {"promotion": decision.reason})
+        run_.tags({"mllm.promoted": decision.promote, "mllm.promotion": decision.reason,
+                   "mllm.model_uri": merged.model_uri})
+        run_.metrics({"test_macro_f1": scored.metrics["macro_f1"], "test_accuracy": scored.metrics["accuracy"],
+                      **({"p_value": decision.p_value} if decision.p_value is not None else {})})
     verdict = "champion" if decision.promote else "challenger only"
     print(f"promote: {merged.model_uri} (trial {top.number}, {recipe.method}) test macro-F1 "
           f"{scored.metrics['macro_f1']:.4f} -> {verdict}: {decision.reason}")
     return PromoteResult(merged.model_uri, merged.version, scored.metrics["macro_f1"], before,
-                         str(after.version) if after is not None else None, decision, run_.info.run_id)
+                         str(after.version) if after is not None else None, decision, run_.id, scored.run_id)

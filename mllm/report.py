@@ -24,6 +24,7 @@ import pandas as pd
 from mllm.config import ExperimentConfig
 from mllm.errors import MllmError
 from mllm.metrics import PairedTest, paired_test
+from mllm.store import Store
 
 ROLE_ORDER = {"merged": 0, "ensemble": 1, "member": 2, "base": 3, "bigger": 4, "model": 5}
 
@@ -50,11 +51,9 @@ class ReportResult:
     run_id: str | None
 
 
-def collect(experiment: str, split: str) -> list[Any]:
+def collect(store: Store, experiment: str, split: str) -> list[Any]:
     """The newest evaluation run per model on `split`, all on the newest evaluated data."""
-    from mllm import tracking
-
-    runs = tracking.find_runs(experiment, {"mllm.stage": "evaluation", "mllm.split": split})
+    runs = store.find_runs({"mllm.stage": "evaluation", "mllm.split": split}, experiment=experiment)
     if not runs:
         raise MllmError(f"experiment {experiment} has no evaluations on the {split} split",
                         "run mllm evaluate first (it scores the merges and their baselines)")
@@ -66,21 +65,18 @@ def collect(experiment: str, split: str) -> list[Any]:
     return list(newest.values())
 
 
-def _predictions(run_id: str, dst: Path) -> pd.DataFrame:
-    from mllm import tracking
-
-    return pd.read_csv(tracking.download_run_artifact(run_id, "predictions.csv", dst / run_id),
-                       keep_default_na=False)
+def _predictions(store: Store, run_id: str, dst: Path) -> pd.DataFrame:
+    return pd.read_csv(store.run_artifact(run_id, "predictions.csv", dst / run_id), keep_default_na=False)
 
 
-def build_rows(runs: list[Any], cfg: ExperimentConfig, work: Path) -> tuple[list[Row], str | None]:
+def build_rows(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store) -> tuple[list[Row], str | None]:
     members = [r for r in runs if r.data.tags.get("mllm.role") == "member"]
     reference = members[0] if members else None
     if members:  # the best member by validation macro-F1; the reported split's score only breaks ties
         reference = max(members, key=lambda r: (float(r.data.tags.get("mllm.val_macro_f1", "-1")),
                                                 r.data.metrics.get("macro_f1", 0.0)))
     unit = reference.data.metrics.get("num_params") if reference else None
-    best_preds = _predictions(reference.info.run_id, work) if reference else None
+    best_preds = _predictions(store, reference.info.run_id, work) if reference else None
     rows = []
     for r in sorted(runs, key=lambda r: (ROLE_ORDER.get(r.data.tags.get("mllm.role", "model"), 9),
                                          -r.data.metrics.get("macro_f1", 0.0))):
@@ -88,7 +84,7 @@ def build_rows(runs: list[Any], cfg: ExperimentConfig, work: Path) -> tuple[list
         cost = m.get("num_params", 0.0) / unit if unit else m.get("forward_passes", 1.0)
         versus = None
         if best_preds is not None and t.get("mllm.role") != "member":
-            preds = _predictions(r.info.run_id, work)
+            preds = _predictions(store, r.info.run_id, work)
             labels = best_preds["label"].to_numpy()
             if len(preds) == len(best_preds) and (preds["label"].to_numpy() == labels).all():
                 names = sorted(set(labels) | set(preds["predicted"]) | set(best_preds["predicted"]))
@@ -132,24 +128,23 @@ def render(rows: list[Row], experiment: str, split: str, best: str | None, cfg: 
 
 
 def run(cfg: ExperimentConfig, experiment: str | None = None, split: str | None = None,
-        log: bool = True) -> ReportResult:
-    """Build the comparison table; print-ready markdown, also logged in a `report` run when `log`."""
-    from mllm import tracking
-
-    tracking.configure(cfg.tracking)
+        log: bool = True, store: Store | None = None, evaluations: list[str] | None = None) -> ReportResult:
+    """Build the comparison table; print-ready markdown, also logged in a `report` run when `log`.
+    `evaluations`: the evaluation run ids to compare (the pipeline hands over its own); by default the newest
+    evaluation of each model on the newest evaluated data."""
+    store = store or Store(cfg)
     experiment = experiment or cfg.name
     split = split or cfg.evaluate.split
-    runs = collect(experiment, split)
-    rows, best = build_rows(runs, cfg, cfg.output_dir / "report")
+    runs = collect(store, experiment, split) if not evaluations else sorted(  # newest first, as collect gives them
+        (store.client.get_run(i) for i in evaluations), key=lambda r: r.info.start_time, reverse=True)
+    rows, best = build_rows(runs, cfg, cfg.output_dir / "report", store)
     markdown = render(rows, experiment, split, best, cfg)
     run_id = None
     if log:
-        named = cfg.model_copy(update={"name": experiment})
-        with tracking.tracked_run(named, f"report-{split}", stage="report", tags={"mllm.split": split}) as r:
-            tracking.log_text(markdown, "report.md")
-            tracking.log_dict({"split": split, "best_member": best, "rows": [asdict(x) for x in rows]},
-                              "report.json")
-            run_id = r.info.run_id
+        with store.run(f"report-{split}", stage="report", tags={"mllm.split": split}, experiment=experiment) as r:
+            r.text(markdown, "report.md")
+            r.json({"split": split, "best_member": best, "rows": [asdict(x) for x in rows]}, "report.json")
+            run_id = r.id
     return ReportResult(experiment, split, rows, best, markdown, run_id)
 
 

@@ -21,24 +21,23 @@ Weights are never stored per trial: `mllm promote` materialises the best recipe 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from mllm.basics import quiet_libraries, redact
 from mllm.config import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.fastmerge import IN_MEMORY
-from mllm.merge import TASK_VECTOR, USES_DENSITY
+from mllm.merge import check_members, registered_members
+from mllm.methods import info
+from mllm.scorer import Scorer, TrialScore
+from mllm.store import Store
+from mllm.study import best, finished, objectives, open_storage, sampler, study_name
+from mllm.tracking import RunLog, owner
 
-STAGES = (0.25, 0.5, 1.0)  # shares of the validation split scored before each pruning decision
-
-
-def study_name(cfg: ExperimentConfig) -> str:
-    return cfg.search.study_name or f"{cfg.name}-search"
+__all__ = ["SearchResult", "best", "finished", "open_storage", "run", "study_name", "suggest_recipe", "work"]
 
 
 def suggest_recipe(trial: Any, cfg: ExperimentConfig, k: int) -> MergeConfig:
@@ -47,180 +46,11 @@ def suggest_recipe(trial: Any, cfg: ExperimentConfig, k: int) -> MergeConfig:
     method = trial.suggest_categorical("method", methods)
     values: dict[str, Any] = {"method": method, "seed": cfg.merge.seed, "normalize": cfg.merge.normalize}
     values["weights"] = [trial.suggest_float(f"weight_{i}", 0.05, 1.0) for i in range(k)]
-    if method in USES_DENSITY:
+    if info(method).uses("density"):
         values["density"] = trial.suggest_float("density", 0.1, 1.0)
-    if method in TASK_VECTOR:
+    if info(method).task_vector:
         values["lambda"] = trial.suggest_float("lambda", 0.5, 1.5)
     return MergeConfig.model_validate(values)
-
-
-class ValidationSet:
-    """The validation split tokenised once, cut into stages (a seeded permutation), each stage's rows
-    length-sorted into batches that are collated once and reused by every trial."""
-
-    def __init__(self, texts: list[str], labels: np.ndarray, tokenizer: Any, cfg: ExperimentConfig, device: Any,
-                 stages: tuple[float, ...]) -> None:
-        from mllm.modeling import collate, encode, length_batches
-
-        self.labels = labels
-        encoded = encode(tokenizer, texts, cfg.model.max_length)
-        order = np.random.default_rng(cfg.search.seed).permutation(len(texts))
-        cuts = [0, *sorted({max(1, round(s * len(texts))) for s in stages})]
-        self.stages: list[list[tuple[np.ndarray, dict[str, Any]]]] = []
-        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
-            rows = order[lo:hi]
-            batches = length_batches([len(encoded[i]) for i in rows], cfg.evaluate.batch_size, seed=None)
-            self.stages.append([(rows[b], collate(encoded, rows[b], tokenizer.pad_token_id, device))
-                                for b in batches])
-
-
-@dataclass(frozen=True)
-class TrialScore:
-    macro_f1: float
-    worst_class_f1: float
-    accuracy: float
-    rows: int
-
-
-def score_rows(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> TrialScore:
-    from mllm.metrics import classification_summary, per_class_f1
-
-    summary = classification_summary(logits, labels)
-    f1 = per_class_f1(labels, logits.argmax(1), num_labels)
-    return TrialScore(summary["macro_f1"], float(f1.min()), summary["accuracy"], len(labels))
-
-
-class Scorer:
-    """Members resident once per worker; `stages(recipe)` merges in memory and yields the score after each
-    validation stage (rows seen so far)."""
-
-    def __init__(self, cfg: ExperimentConfig, base_dir: Path, member_dirs: list[Path],
-                 reviews: tuple[list[str], np.ndarray] | None = None) -> None:
-        """`reviews` (texts, label ids) replaces the validation split (benchmarks)."""
-        from mllm.data import load_splits
-        from mllm.fastmerge import MemberStack
-        from mllm.modeling import load_tokenizer, resolve_device
-
-        self.device, self.autocast = resolve_device(cfg.model)
-        self.stack = MemberStack(base_dir, member_dirs, self.device)
-        self.model = self.stack.model()
-        tokenizer = load_tokenizer(base_dir)
-        if reviews is None:
-            validation = load_splits(cfg.data).validation  # the only split a search reads
-            reviews = (validation["text"].tolist(), validation["label"].to_numpy())
-        self.num_labels = self.model.config.num_labels
-        self.data = ValidationSet(reviews[0], np.asarray(reviews[1]), tokenizer, cfg, self.device,
-                                  STAGES if cfg.search.prune else (1.0,))
-        self.prefix = self._frozen_prefix(cfg)
-
-    def _frozen_prefix(self, cfg: ExperimentConfig) -> Any:
-        """When every member kept the base's embeddings and lowest blocks (finetune.freeze_*), every merge of
-        them does too: the states entering the first trained block are computed once, with the base."""
-        from mllm.prefix import PrefixCache, prefix_state
-
-        depth = cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0
-        depth = min(depth, self.model.config.num_hidden_layers - 1)
-        if depth <= 0:
-            return None
-        names = prefix_state(self.model, depth)
-        if any(n not in d or bool(d[n].any()) for d in self.stack.deltas for n in names):
-            return None  # some member changed a weight below the trained blocks: score every trial in full
-        cache = PrefixCache(depth)
-        with cache.record(self.model, "validation"):
-            self._forward(range(len(self.data.stages)), None)
-        return cache if cache.usable else None
-
-    def _forward(self, stages: Any, prefix: Any) -> list[np.ndarray]:
-        import torch
-
-        out = []
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
-                                                     enabled=self.autocast is not None):
-            for s in stages:
-                start = sum(len(b) for b in self.data.stages[:s])  # cached batches before this stage
-                with prefix.replay(self.model, start) if prefix else _nothing():
-                    out += [self.model(**batch).logits.float().cpu().numpy() for _, batch in self.data.stages[s]]
-        return out
-
-    def stages(self, recipe: MergeConfig):
-        start = time.perf_counter()
-        self.stack.merge_into(self.model, recipe)
-        merge_s = time.perf_counter() - start
-        rows: list[np.ndarray] = []
-        logits: list[np.ndarray] = []
-        for s, stage in enumerate(self.data.stages):
-            logits += self._forward([s], self.prefix)
-            rows += [index for index, _ in stage]
-            seen = np.concatenate(rows)
-            yield score_rows(np.concatenate(logits), self.data.labels[seen], self.num_labels), merge_s
-
-
-@contextmanager
-def _nothing():  # noqa: ANN202
-    yield
-
-
-def objectives(cfg: ExperimentConfig) -> list[str]:
-    second = cfg.search.second_objective
-    return ["maximize"] + ([] if second == "none" else ["minimize" if second == "density" else "maximize"])
-
-
-def sampler(cfg: ExperimentConfig, worker: int) -> Any:
-    import optuna
-
-    seed = cfg.search.seed + worker  # workers of one study must not propose the same sequence
-    if cfg.search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # liar: parallel workers spread out
-    if cfg.search.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)  # method: independent
-    if cfg.search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.NSGAIISampler(seed=seed)
-
-
-def _retry_stale(study: Any, trial: Any) -> None:
-    """A killed worker's trial: re-queue it with the same parameters and end its MLflow run KILLED."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        from mllm import tracking
-
-        tracking.terminate_run(run_id, "KILLED")
-
-
-def storage(url: str, heartbeat: int = 10, grace: int = 30) -> Any:
-    """The study storage, with heartbeats: a trial whose worker stops beating for `grace` seconds is failed
-    and re-queued with the same parameters (up to 3 times)."""
-    import warnings
-
-    import optuna
-
-    from mllm.tracking import redact
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                                          heartbeat_stale_trial_callback=_retry_stale,
-                                          engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
-                                          else None)
-    except Exception as e:  # sqlalchemy's ArgumentError / OperationalError: a bad or unreachable URL
-        first = redact(str(e)).splitlines()[0][:200]
-        raise MllmError(f"search.storage: cannot open {redact(url)} ({first})",
-                        "give a database URL (sqlite:///optuna.db, postgresql+psycopg2://user:pw@host/db) "
-                        "that is reachable") from None
-
-
-def open_storage(cfg: ExperimentConfig) -> Any:
-    return storage(cfg.search.storage, cfg.search.heartbeat_s, cfg.search.grace_s)
-
-
-def finished(study: Any) -> int:
-    import optuna
-
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
 
 
 @dataclass(frozen=True)
@@ -240,23 +70,18 @@ def _value(score: TrialScore, recipe: MergeConfig, cfg: ExperimentConfig) -> flo
         return score.macro_f1
     if second == "worst_class_f1":
         return score.macro_f1, score.worst_class_f1
-    return score.macro_f1, recipe.density if recipe.method in USES_DENSITY else 1.0
+    return score.macro_f1, recipe.density if info(recipe.method).uses("density") else 1.0
 
 
 def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members: list[str], base: str) -> None:
     """One search worker: load the members once, then run trials until the study has search.n_trials."""
     import optuna
 
-    from mllm import registry, tracking
-    from mllm.merge import _slug
-
-    tracking.configure(cfg.tracking)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if finished(optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg))) >= cfg.search.n_trials:
         return  # the study is complete (a rerun of a finished search): nothing to load
-    downloads = cfg.output_dir / "downloads"
-    scorer = Scorer(cfg, registry.download(base, downloads / _slug(base)),
-                    [registry.download(u, downloads / _slug(u)) for u in members])
+    store = Store(cfg)
+    scorer = Scorer(cfg, store.download(base), [store.download(u) for u in members])
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if cfg.search.prune else optuna.pruners.NopPruner()
     study = optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg),
                               sampler=sampler(cfg, worker), pruner=pruner)
@@ -265,27 +90,12 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         recipe = suggest_recipe(trial, cfg, len(members))
         trial.set_user_attr("recipe", recipe.model_dump(mode="json", by_alias=True))
-        trial.set_user_attr("owner", tracking.owner())  # which process ran it (a killed one?)
+        trial.set_user_attr("owner", owner())  # which process ran it (a killed one?)
         tags = {"mllm.study": study.study_name, "mllm.trial": trial.number, "mllm.worker": worker}
-        pruned = False
-        with tracking.tracked_run(cfg, f"trial-{trial.number}", stage="search-trial", parent_run_id=parent_run_id,
-                                  tags=tags, log_config=False, system_metrics=False) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            tracking.log_params({"method": recipe.method, "weights": json.dumps([round(w, 4) for w in recipe.weights
-                                                                                 or []]),
-                                 "density": recipe.density, "lambda": recipe.lambda_, "seed": recipe.seed,
-                                 "trial": trial.number})
-            start = time.perf_counter()
-            for step, (score, merge_s) in enumerate(scorer.stages(recipe)):  # noqa: B007 (merge_s used below)
-                tracking.log_metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
-                                      "val_accuracy": score.accuracy, "val_rows": score.rows}, step=step)
-                if single and step < len(scorer.data.stages) - 1:
-                    trial.report(score.macro_f1, step)
-                    if trial.should_prune():
-                        pruned = True
-                        break
-            tracking.log_metrics({"merge_s": merge_s, "trial_s": time.perf_counter() - start})
-            tracking.set_tags({"mllm.trial_state": "PRUNED" if pruned else "COMPLETE"})
+        with store.run(f"trial-{trial.number}", stage="search-trial", parent_run_id=parent_run_id, tags=tags,
+                       log_config=False, system_metrics=False) as run:
+            trial.set_user_attr("mlflow_run_id", run.id)
+            score, pruned = _trial(trial, recipe, scorer, run, single)
         if pruned:
             raise optuna.TrialPruned()
         return _value(score, recipe, cfg)
@@ -298,27 +108,31 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
                        gc_after_trial=False, show_progress_bar=worker == 0)
 
 
+def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, single: bool) -> tuple[TrialScore, bool]:
+    """Score one recipe stage by stage inside its run; (last score, whether the pruner stopped it)."""
+    run.params({"method": recipe.method, "weights": json.dumps([round(w, 4) for w in recipe.weights or []]),
+                "density": recipe.density, "lambda": recipe.lambda_, "seed": recipe.seed, "trial": trial.number})
+    start, pruned, merge_s = time.perf_counter(), False, 0.0
+    for step, (score, merge_s) in enumerate(scorer.stages(recipe)):
+        run.metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
+                     "val_accuracy": score.accuracy, "val_rows": score.rows}, step=step)
+        if single and step < len(scorer.data.stages) - 1:
+            trial.report(score.macro_f1, step)
+            if trial.should_prune():
+                pruned = True
+                break
+    run.metrics({"merge_s": merge_s, "trial_s": time.perf_counter() - start})
+    run.tags({"mllm.trial_state": "PRUNED" if pruned else "COMPLETE"})
+    return score, pruned
+
+
 def _worker_main(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members: list[str],
                  base: str) -> None:  # a spawned process: quiet libraries, then work
-    from mllm.cli import quiet_libraries
-
     quiet_libraries()
     work(cfg, parent_run_id, worker, members, base)
 
 
-def best(study: Any) -> Any | None:
-    """The best finished trial (multi-objective: the Pareto trial with the highest macro-F1)."""
-    import optuna
-
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
-        return None
-    if len(study.directions) == 1:
-        return study.best_trial
-    return max(study.best_trials, key=lambda t: t.values[0])
-
-
-def log_figures(study: Any) -> None:
+def log_figures(study: Any, run: RunLog) -> None:
     """Optuna's history, parameter importance and parallel-coordinate plots (Pareto front with two objectives)."""
     import warnings
 
@@ -326,8 +140,6 @@ def log_figures(study: Any) -> None:
 
     matplotlib.use("Agg")
     from optuna.visualization import matplotlib as plots
-
-    from mllm import tracking
 
     names = ["val_macro_f1"] + ([] if len(study.directions) == 1 else ["second"])
     # With two objectives, the single-objective plots show the first (macro-F1).
@@ -344,26 +156,57 @@ def log_figures(study: Any) -> None:
                 axes = make()
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
             figure.set_size_inches(9, 5)
-            tracking.log_figure(figure, f"figures/{name}.png")
+            run.figure(figure, f"figures/{name}.png")
         except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importance needs 2+ complete trials
-            tracking.log_text(f"{name}: not drawn ({e})", f"figures/{name}.txt")
+            run.text(f"{name}: not drawn ({e})", f"figures/{name}.txt")
 
 
 def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None,
-        parent_run_id: str | None = None, create_only: bool = False, worker_index: int = 0) -> SearchResult:
+        parent_run_id: str | None = None, create_only: bool = False, worker_index: int = 0,
+        store: Store | None = None) -> SearchResult:
     """Create (or continue) the study, run `search.workers` workers on it, and log the outcome.
 
     `worker_index` tells independent processes on one study apart (their samplers' seeds): local workers are
     worker_index, worker_index + 1, ...
     """
-    import multiprocessing
+    store = store or Store(cfg)
+    study, members, base = open_study(cfg, members, base, store)
+    name = study.study_name
+    if create_only:
+        return SearchResult(name, redact(cfg.search.storage), None, None, None, finished(study), None)
+    tags = {"mllm.study": name, "mllm.storage": redact(cfg.search.storage), "mllm.parents": ",".join(members),
+            "mllm.base": base}
+    with store.run(f"search-{name}", stage="search", parent_run_id=parent_run_id, tags=tags) as parent:
+        before = finished(study)
+        run_workers(cfg, parent.id, worker_index, members, base)
+        study = _reload(cfg, name)
+        top, done = best(study), finished(study)
+        parent.metrics({"trials_finished": done, "trials_this_run": done - before})
+        parent.table(study.trials_dataframe(), "trials.csv")
+        log_figures(study, parent)
+        recipe = MergeConfig.model_validate(top.user_attrs["recipe"]) if top else None
+        if top is not None and recipe is not None:
+            parent.tags({"best_trial": top.number, "best_value": top.values[0],
+                         "best_run": top.user_attrs.get("mlflow_run_id", "")})
+            parent.metrics({"best_val_macro_f1": top.values[0]})
+            parent.json(recipe.model_dump(mode="json", by_alias=True), "best_recipe.json")
+    print(f"search {name}: {done} trials finished" + (f", best trial {top.number} val macro-F1 {top.values[0]:.4f} "
+                                                      f"({recipe.method})" if top and recipe else ""))
+    return SearchResult(name, redact(cfg.search.storage), top.number if top else None,
+                        top.values[0] if top else None, recipe, done, parent.id)
 
+
+def _reload(cfg: ExperimentConfig, name: str) -> Any:
     import optuna
 
-    from mllm import registry, tracking
-    from mllm.merge import _slug, check_members, registered_members
+    return optuna.load_study(study_name=name, storage=open_storage(cfg))
 
-    tracking.configure(cfg.tracking)
+
+def open_study(cfg: ExperimentConfig, members: list[str] | None, base: str | None, store: Store
+               ) -> tuple[Any, list[str], str]:
+    """(study, member URIs, base URI): the study created or continued, checked to search these members."""
+    import optuna
+
     if cfg.search.objective_split != "validation":  # config validation refuses it too; never score test here
         raise MllmError("search.objective_split must be validation", "set search.objective_split=validation")
     if not [m for m in cfg.search.methods if m in IN_MEMORY]:
@@ -375,13 +218,11 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
         if not base:
             raise MllmError("--base: search with --member needs --base", "pass the base classifier the members share")
         for uri in [*members, base]:
-            registry.check_uri(uri, "--member" if uri != base else "--base", tokenizer=uri == base)
+            store.check_uri(uri, "--member" if uri != base else "--base", tokenizer=uri == base)
     else:
-        base, members = registered_members(cfg.name)
-    assert base is not None
-    downloads = cfg.output_dir / "downloads"
-    check_members([registry.download(u, downloads / _slug(u)) for u in members],
-                  registry.download(base, downloads / _slug(base)), "ties",
+        base, members = registered_members(store)
+    assert base is not None and members is not None
+    check_members([store.download(u) for u in members], store.download(base), "ties",
                   "--member" if given else f"{cfg.name}-finetuned member", "--base" if given else f"{cfg.name}-base")
     name = study_name(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -396,39 +237,23 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
                         "set search.study_name to a new name, or pass the same members")
     if [d.name for d in study.directions] != [d.upper() for d in objectives(cfg)]:
         raise MllmError(f"study {name} has other objectives", "set search.study_name to a new name")
-    if create_only:
-        return SearchResult(name, tracking.redact(cfg.search.storage), None, None, None, finished(study), None)
-    tags = {"mllm.study": name, "mllm.storage": tracking.redact(cfg.search.storage), "mllm.parents": ",".join(members),
-            "mllm.base": base}
-    with tracking.tracked_run(cfg, f"search-{name}", stage="search", parent_run_id=parent_run_id, tags=tags) as parent:
-        before = finished(study)
-        if cfg.search.workers == 1:
-            work(cfg, parent.info.run_id, worker_index, members, base)
-        else:  # processes, not threads: each holds its own members; the storage coordinates them
-            ctx = multiprocessing.get_context("spawn")
-            procs = [ctx.Process(target=_worker_main, args=(cfg, parent.info.run_id, worker_index + i, members, base))
-                     for i in range(cfg.search.workers)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
-            failed = [p.exitcode for p in procs if p.exitcode != 0]
-            if failed:
-                raise MllmError(f"{len(failed)} of {len(procs)} search workers failed (exit codes {failed})",
-                                "see their output above; rerun to continue the study")
-        study = optuna.load_study(study_name=name, storage=st)
-        top = best(study)
-        done = finished(study)
-        tracking.log_metrics({"trials_finished": done, "trials_this_run": done - before})
-        tracking.log_table(study.trials_dataframe(), "trials.csv")
-        log_figures(study)
-        recipe = MergeConfig.model_validate(top.user_attrs["recipe"]) if top else None
-        if top is not None and recipe is not None:
-            tracking.set_tags({"best_trial": top.number, "best_value": top.values[0],
-                               "best_run": top.user_attrs.get("mlflow_run_id", "")})
-            tracking.log_metrics({"best_val_macro_f1": top.values[0]})
-            tracking.log_dict(recipe.model_dump(mode="json", by_alias=True), "best_recipe.json")
-    print(f"search {name}: {done} trials finished" + (f", best trial {top.number} val macro-F1 {top.values[0]:.4f} "
-                                                      f"({recipe.method})" if top and recipe else ""))
-    return SearchResult(name, tracking.redact(cfg.search.storage), top.number if top else None,
-                        top.values[0] if top else None, recipe, done, parent.info.run_id)
+    return study, members, base
+
+
+def run_workers(cfg: ExperimentConfig, parent_run_id: str, worker_index: int, members: list[str], base: str) -> None:
+    """search.workers workers on the study: this process, or spawned processes (each holds its own members; the
+    storage coordinates them)."""
+    if cfg.search.workers == 1:
+        work(cfg, parent_run_id, worker_index, members, base)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(cfg, parent_run_id, worker_index + i, members, base))
+             for i in range(cfg.search.workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise MllmError(f"{len(failed)} of {len(procs)} search workers failed (exit codes {failed})",
+                        "see their output above; rerun to continue the study")

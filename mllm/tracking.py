@@ -1,20 +1,20 @@
-"""MLflow runs: start/end with guaranteed final status, params, metrics, provenance, datasets. Only this module
-and `registry` import mlflow.
+"""MLflow runs: start and end them with a guaranteed final status, and log into them through a `RunLog`.
+With `mllm.store`, the only module that imports mlflow.
 
 `tracked_run` never leaves a run RUNNING: SIGTERM and SIGINT end it KILLED, an exception ends it FAILED
 (both re-raised), a normal exit FINISHED. A process killed outright (SIGKILL, out of memory, power) cannot end
 its runs; every run carries its owner (host, boot, pid), and the next mllm process on that host ends the runs
-of owners that are gone as KILLED. Credentials in URIs are masked before anything is logged.
+of owners that are gone as KILLED. Every run carries provenance tags (git SHA, package versions, platform);
+credentials in URIs are masked before anything is logged. `RunLog` addresses its run by id through an explicit
+`MlflowClient`, so logging never depends on which run happens to be active.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -27,47 +27,24 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mllm.config import ExperimentConfig, TrackingConfig
-from mllm.errors import MllmError
-from mllm.stores import preflight
+from mllm.basics import redact
+from mllm.config import ExperimentConfig
+from mllm.errors import MllmError, Terminated
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@\s]+)@")
-_SECRET_PARAMS = re.compile(r"(password|secret|token|access_key)=([^&\s]+)", re.IGNORECASE)
 PACKAGES = ("mllm", "torch", "transformers", "mergekit", "mlflow", "optuna", "datasets", "evaluate", "accelerate")
 
 
-class Terminated(BaseException):
-    """Raised in the main thread when the process receives SIGTERM (Slurm preemption, `kill`, timeouts)."""
-
-
-def redact(text: str) -> str:
-    """Mask passwords in URIs (`postgresql://u:pw@h` -> `postgresql://u:***@h`) and secret query params."""
-    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return _SECRET_PARAMS.sub(lambda m: f"{m[1]}=***", text)
-
-
-def configure(cfg: TrackingConfig) -> None:
-    """Point mlflow at the configured tracking and registry stores."""
-    import mlflow
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import: mlflow sets its level when imported
-    preflight(cfg)  # seconds, not minutes of mlflow's retries, for a store that cannot be reached
-    mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_registry_uri(cfg.registry_uri or cfg.tracking_uri)
-
-
-def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
+def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
     """Experiment id of `name`, creating it (tolerating a concurrent creator)."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        found = mlflow.get_experiment_by_name(name)
+        found = client.get_experiment_by_name(name)
         if found is None:
             try:
-                return mlflow.create_experiment(name, artifact_location=artifact_location)
+                return client.create_experiment(name, artifact_location=artifact_location)
             except MlflowException:
-                found = mlflow.get_experiment_by_name(name)  # another process created it first
+                found = client.get_experiment_by_name(name)  # another process created it first
                 if found is None:
                     raise
         return found.experiment_id
@@ -111,16 +88,99 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+class RunLog:
+    """What a stage logs into one run: params, metrics, tags, text, figures, tables, folders, datasets."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.id = client, run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.id, params=items[i : i + 100])
+
+    def metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
+
+    def text(self, text: str, name: str) -> None:
+        self.client.log_text(self.id, redact(text), name)
+
+    def json(self, data: dict[str, Any], name: str) -> None:
+        self.text(json.dumps(data, indent=2, default=str), name)
+
+    def table(self, frame: Any, name: str) -> None:
+        """A pandas frame as a CSV artifact (floats written so that float32 values read back exactly)."""
+        self.client.log_text(self.id, frame.to_csv(index=False, float_format="%.9g"), name)
+
+    def figure(self, figure: Any, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(self.id, figure, name)
+        plt.close(figure)
+
+    def folder(self, local_dir: Path, artifact_path: str) -> str:
+        """Upload a folder; return its artifact URI (`<run artifact root>/<artifact_path>`)."""
+        self.client.log_artifacts(self.id, str(local_dir), artifact_path)
+        return f"{self.client.get_run(self.id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+    def inputs(self, frames: dict[str, Any], name: str, fingerprint: str) -> None:
+        """Each split as an MLflow dataset input (context = split name), tagged with the data fingerprint."""
+        import mlflow
+
+        for context, frame in frames.items():
+            with warnings.catch_warnings():  # "integer columns cannot hold NaN": labels never do
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = mlflow.data.from_pandas(frame, name=f"{name}-{context}", targets="label")
+            # (mlflow.log_input is the public way to turn a dataset into an input; it logs to the active run,
+            # which tracked_run made this one.)
+            mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
+
+    def metric_logger(self, flush_every: int = 100) -> MetricLogger:
+        return MetricLogger(self, flush_every)
+
+
+class MetricLogger:
+    """Buffers per-step metrics and sends them in batches (one round trip per ~100 values, not per value)."""
+
+    def __init__(self, run: RunLog, flush_every: int = 100) -> None:
+        self.run, self.flush_every = run, flush_every
+        self.pending: list[Any] = []
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.run.client.log_batch(self.run.id, metrics=self.pending)
+            self.pending = []
+
+
 @contextmanager
-def tracked_run(cfg: ExperimentConfig, run_name: str, *, stage: str, parent_run_id: str | None = None,
+def tracked_run(client: Any, cfg: ExperimentConfig, run_name: str, *, stage: str, parent_run_id: str | None = None,
                 tags: dict[str, Any] | None = None, log_config: bool = True,
-                system_metrics: bool = True) -> Iterator[Any]:
-    """Start a run in the experiment `cfg.name` (nested under `parent_run_id` if given) and always end it."""
+                system_metrics: bool = True) -> Iterator[RunLog]:
+    """Start a run in the experiment `cfg.name` (nested under `parent_run_id`, else under the run this process
+    has open, else under `mlflow run`'s project run) and always end it. The caller (`mllm.store.Store.run`) has
+    pointed mlflow at `client`'s stores."""
     import mlflow
 
-    configure(cfg.tracking)
-    experiment_id = ensure_experiment(cfg.name, cfg.tracking.artifact_location)
-    end_orphaned_runs(experiment_id)
+    experiment_id = ensure_experiment(client, cfg.name, cfg.tracking.artifact_location)
+    end_orphaned_runs(client, experiment_id)
     all_tags = {**provenance(), "mllm.stage": stage, "mllm.owner": owner(),
                 **{k: redact(str(v)) for k, v in (tags or {}).items()}}
     if parent_run_id is None and mlflow.active_run() is None:
@@ -136,11 +196,12 @@ def tracked_run(cfg: ExperimentConfig, run_name: str, *, stage: str, parent_run_
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be caught there
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     status = "FAILED"
+    log = RunLog(client, run.info.run_id)
     try:
         if log_config:
-            log_params(flatten(cfg.to_dict()))
-            mlflow.log_text(redact(cfg.to_yaml()), "config.yaml")
-        yield run
+            log.params(flatten(cfg.to_dict()))
+            log.text(cfg.to_yaml(), "config.yaml")
+        yield log
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated):
         status = "KILLED"
@@ -179,21 +240,17 @@ def _alive(pid: int) -> bool:
 _swept: set[str] = set()
 
 
-def end_orphaned_runs(experiment_id: str) -> list[str]:
+def end_orphaned_runs(client: Any, experiment_id: str) -> list[str]:
     """End as KILLED the RUNNING runs of `experiment_id` whose owner process on this host is gone.
 
     Once per experiment and process. Runs of other hosts are left alone (their processes cannot be checked
     from here); a reused pid keeps a run RUNNING rather than ending a live one.
     """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    store = f"{mlflow.get_tracking_uri()}#{experiment_id}"
+    store = f"{client.tracking_uri}#{experiment_id}"
     if store in _swept:
         return []
     _swept.add(store)
     prefix = _owner_prefix()
-    client = MlflowClient()
     ended = []
     query = f"attributes.status = 'RUNNING' and tags.`mllm.owner` LIKE '{prefix}%'"
     runs = client.search_runs([experiment_id], query, max_results=1000)
@@ -218,129 +275,3 @@ def _project_run(tracking_uri: str) -> str | None:
     if run_id and os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db") == tracking_uri:
         return run_id
     return None
-
-
-def log_params(params: dict[str, Any]) -> None:
-    import mlflow
-
-    items = {k: redact(str(v))[:6000] for k, v in params.items()}
-    keys = list(items)
-    for i in range(0, len(keys), 100):  # MLflow accepts at most 100 params per batch
-        mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
-
-
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    import mlflow
-
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-
-def set_tags(tags: dict[str, Any]) -> None:
-    import mlflow
-
-    mlflow.set_tags({k: redact(str(v)) for k, v in tags.items()})
-
-
-class MetricLogger:
-    """Buffers metrics and sends them in batches (one SQL round trip per ~100 values, not per value)."""
-
-    def __init__(self, flush_every: int = 100) -> None:
-        self.flush_every = flush_every
-        self.pending: list[Any] = []
-
-    def __call__(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if len(self.pending) >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        import mlflow
-
-        if self.pending:
-            run = mlflow.active_run()
-            if run is not None:
-                mlflow.tracking.MlflowClient().log_batch(run.info.run_id, metrics=self.pending)
-            self.pending = []
-
-
-def log_split_inputs(frames: dict[str, Any], name: str, fingerprint: str) -> None:
-    """`mlflow.log_input` for each split (context = split name), tagged with the dataset fingerprint."""
-    import mlflow
-
-    for context, frame in frames.items():
-        with warnings.catch_warnings():  # "integer columns cannot hold NaN": labels never do
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(frame, name=f"{name}-{context}", targets="label")
-            mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
-
-
-def log_artifacts(local_dir: Path, artifact_path: str) -> str:
-    """Upload a folder to the active run; return its artifact URI."""
-    import mlflow
-
-    mlflow.log_artifacts(str(local_dir), artifact_path)
-    return mlflow.get_artifact_uri(artifact_path)
-
-
-def log_text(text: str, name: str) -> None:
-    import mlflow
-
-    mlflow.log_text(redact(text), name)
-
-
-def log_dict(data: dict[str, Any], name: str) -> None:
-    import mlflow
-
-    mlflow.log_text(redact(json.dumps(data, indent=2, default=str)), name)
-
-
-def active_run_id() -> str | None:
-    import mlflow
-
-    run = mlflow.active_run()
-    return run.info.run_id if run else None
-
-
-def log_figure(figure: Any, name: str) -> None:
-    import matplotlib.pyplot as plt
-    import mlflow
-
-    mlflow.log_figure(figure, name)
-    plt.close(figure)
-
-
-def find_runs(experiment: str, tags: dict[str, str], status: str = "FINISHED") -> list[Any]:
-    """Runs of `experiment` carrying all `tags` and ending in `status`, newest first (as mlflow Run objects)."""
-    import mlflow
-
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + [f"attributes.status = '{status}'"]
-    return mlflow.search_runs([found.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"],
-                              output_format="list", max_results=5000)
-
-
-def download_run_artifact(run_id: str, path: str, dst: Path) -> Path:
-    import mlflow
-
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
-
-
-def log_table(frame: Any, name: str) -> None:
-    """A pandas frame as a CSV artifact (floats written so that float32 values read back exactly)."""
-    import mlflow
-
-    mlflow.log_text(frame.to_csv(index=False, float_format="%.9g"), name)
-
-
-def terminate_run(run_id: str, status: str) -> None:
-    """End another process's run (a killed worker's trial) with `status` if it is still RUNNING."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, status)

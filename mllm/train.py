@@ -35,7 +35,7 @@ from mllm.modeling import (
     resolve_device,
     write_source,
 )
-from mllm.prefix import ExampleCache, dropout_free, fingerprint_batches
+from mllm.prefix import ExampleCache, blocks, dropout_free, fingerprint_batches
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -63,11 +63,7 @@ def freeze(model: Any, embeddings: bool, layers: int) -> None:
             if isinstance(module, torch.nn.Embedding):
                 module.requires_grad_(False)
     if layers:
-        n = model.config.num_hidden_layers
-        blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n), None)
-        if blocks is None:
-            raise ValueError(f"cannot find the {n} transformer layers of {type(model).__name__}")
-        for block in list(blocks)[: min(layers, n)]:
+        for block in list(blocks(model))[: min(layers, model.config.num_hidden_layers)]:
             block.requires_grad_(False)
 
 

@@ -9,7 +9,7 @@ the Drugs.com sample, 128 tokens at most. Recipe: TIES, density 0.5, equal weigh
 
 - original: write the mergekit YAML, run the `mergekit-yaml` CLI (merged model written to disk; `--cuda` on a
   GPU), reload it with transformers, `Trainer.evaluate` in fp32 with batch 8 and dynamic padding.
-- mllm: `mllm.search.Scorer` as a search worker runs it: members resident in memory (loaded once, not
+- mllm: `mllm.scorer.Scorer` as a search worker runs it: members resident in memory (loaded once, not
   counted per trial), in-memory merge (`mllm.fastmerge`) into one resident model, pre-tokenised length-sorted
   batches (bf16 on CUDA), all reviews scored (no pruning).
 Each way runs in its own process, so each peak RSS is its own. Prints seconds per trial, the ratio, peak RSS
@@ -135,7 +135,7 @@ def run_way(way: str, root: Path, n: int, trials: int, cuda: bool) -> dict[str, 
     import numpy as np
 
     from mllm.config import ExperimentConfig, MergeConfig
-    from mllm.search import Scorer
+    from mllm.scorer import Scorer
 
     cfg = ExperimentConfig.model_validate({"model": {"name_or_path": str(base), "device": "cuda" if cuda else "cpu"},
                                           "search": {"prune": False},

@@ -12,6 +12,7 @@ from mllm.config import EvaluateConfig
 from mllm.errors import MllmError
 from mllm.evaluate import metric_module, score
 from mllm.metrics import _resampled_scores, bootstrap_ci, classification_summary, paired_test
+from mllm.store import Store
 
 from .test_finetune import tiny_cfg
 
@@ -125,7 +126,7 @@ def merged_experiment(tmp_path_factory: pytest.TempPathFactory):
 def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment) -> None:
     import mlflow
 
-    from mllm import evaluate, registry, report, tracking
+    from mllm import evaluate, report, tracking
 
     cfg, trained, merged = merged_experiment
     result = evaluate.run(cfg, split="validation")
@@ -145,8 +146,8 @@ def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment)
     assert run.data.tags["mllm.parents"] == ",".join(members)
     assert run.data.tags["mlflow.parentRunId"] == result.run_id
     assert {"predictions.csv", "confusion_matrix.png", "metrics.json"} <= {
-        a.path for a in registry.client().list_artifacts(run.info.run_id)}
-    frame = pd.read_csv(tracking.download_run_artifact(run.info.run_id, "predictions.csv",
+        a.path for a in Store(cfg).client.list_artifacts(run.info.run_id)}
+    frame = pd.read_csv(Store(cfg).run_artifact(run.info.run_id, "predictions.csv",
                                                        cfg.output_dir / "check"), keep_default_na=False)
     logits = evaluate.logits_from_frame(frame, LABELS)
     assert (logits == by_uri[merged.model_uri].logits).all()  # float32 values survive the CSV exactly
@@ -170,7 +171,7 @@ def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment)
     assert merged_row.versus_best_member is not None and merged_row.cost == 1.0
     assert next(r for r in rep.rows if r.role == "ensemble").cost == 3.0
     assert "| models:/tiny-merged/1 | merged | ties |" in rep.markdown and "K times" in rep.markdown
-    assert (registry.client().download_artifacts(rep.run_id, "report.md", str(cfg.output_dir)))
+    assert (Store(cfg).client.download_artifacts(rep.run_id, "report.md", str(cfg.output_dir)))
 
 
 @pytest.mark.slow
@@ -180,7 +181,7 @@ def test_evaluate_refusals_leave_no_run(merged_experiment) -> None:
     from mllm import evaluate, report, tracking
 
     cfg, _, merged = merged_experiment
-    tracking.configure(cfg.tracking)
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     experiment = mlflow.get_experiment_by_name(cfg.name).experiment_id
 
     def count() -> int:

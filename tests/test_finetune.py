@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from mllm.config import ExperimentConfig, load_config
 from mllm.data import load_splits
 from mllm.errors import MllmError
+from mllm.store import Store
 
 from .conftest import REPO
 
@@ -42,7 +43,6 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_finetune_registers_base_and_members(in_tmp: Path) -> None:
-    from mllm import registry
     from mllm.finetune import run
     from mllm.modeling import load_classifier
 
@@ -63,26 +63,26 @@ def test_finetune_registers_base_and_members(in_tmp: Path) -> None:
     assert "mllm.git_sha" in member_run.data.tags and "mllm.version.torch" in member_run.data.tags
     inputs = {i.dataset.name for i in member_run.inputs.dataset_inputs}
     assert inputs == {"tiny-shard-1-train", "tiny-shard-1-validation"}
-    history = registry.client().get_metric_history(member_run.info.run_id, "train_loss")
+    history = Store(cfg).client.get_metric_history(member_run.info.run_id, "train_loss")
     assert len(history) == member_run.data.metrics["steps"] > 1  # loss logged per step
     assert "val_macro_f1" in member_run.data.metrics and "learning_rate" in member_run.data.metrics
 
-    version = registry.client().get_model_version("tiny-finetuned", "2")
+    version = Store(cfg).client.get_model_version("tiny-finetuned", "2")
     assert version.tags["member"] == "shard-1" and version.tags["base_version"] == "1"
     assert version.tags["dataset_fingerprint"] == result.fingerprint and version.run_id == member_run.info.run_id
-    local = registry.download("models:/tiny-finetuned/2", in_tmp / "dl")
+    local = Store(cfg).download("models:/tiny-finetuned/2", in_tmp / "dl")
     model, tokenizer = load_classifier(local)
     assert model.config.id2label[0] == "negative" and tokenizer.pad_token_id == model.config.pad_token_id
     # Members moved away from the shared base, and from each other.
     base = load_file(result.base_dir / "model.safetensors")
-    weights = [load_file(registry.download(m.model_uri, in_tmp / m.name) / "model.safetensors") for m in result.members]
+    weights = [load_file(Store(cfg).download(m.model_uri, in_tmp / m.name) / "model.safetensors") for m in result.members]
     key = "score.weight"
     assert not torch.equal(weights[0][key], base[key]) and not torch.equal(weights[0][key], weights[1][key])
     assert not (cfg.output_dir / "members" / "shard-0" / "checkpoints").exists()  # cleaned once registered
 
     again = run(cfg, progress=False)
     assert all(m.reused for m in again.members) and [m.version for m in again.members] == ["1", "2", "3"]
-    assert len(registry.find_versions("tiny-base", {})) == 1
+    assert len(Store(cfg).find_versions("tiny-base", {})) == 1
 
 
 def test_members_by_seed_and_domain(in_tmp: Path, shared_data: Path) -> None:
@@ -202,15 +202,15 @@ def test_killed_member_resumes_from_newest_complete_checkpoint(tmp_path: Path, s
 
 def test_failed_stage_ends_runs_failed(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception inside training ends the member run and its parent FAILED, and registers nothing."""
-    from mllm import finetune, registry
+    from mllm import finetune
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("mllm.train.train_member", boom)
+    monkeypatch.setattr("mllm.finetune.train_member", boom)
     cfg = tiny_cfg(in_tmp)
     with pytest.raises(RuntimeError, match="disk full"):
         finetune.run(cfg, ["shard-0"], progress=False)
     statuses = {r.info.run_name: r.info.status for r in runs(cfg)}
     assert statuses == {"finetune": "FAILED", "base": "FINISHED", "shard-0": "FAILED"}
-    assert registry.find_versions("tiny-finetuned", {}) == []
+    assert Store(cfg).find_versions("tiny-finetuned", {}) == []

@@ -15,6 +15,7 @@ from mllm.errors import MllmError
 from mllm.merge import merge_models
 from mllm.modeling import SOURCE_FILE, load_classifier
 from mllm.tiny import build_tiny_classifier
+from mllm.store import Store
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -174,7 +175,7 @@ def test_merge_stage_registers_with_parents(tmp_path: Path, monkeypatch: pytest.
     """Finetune tiny members, merge the registered ones, and find the merge in the registry with its lineage."""
     import mlflow
 
-    from mllm import finetune, merge, registry
+    from mllm import finetune, merge
     from mllm.config import load_config
 
     from .conftest import REPO
@@ -186,14 +187,14 @@ def test_merge_stage_registers_with_parents(tmp_path: Path, monkeypatch: pytest.
     result = merge.run(cfg)
     assert result.model_uri == "models:/tiny-merged/1" and result.method == "ties"
     assert result.parents == [m.model_uri for m in trained.members] and result.base_uri == trained.base_uri
-    version = registry.client().get_model_version("tiny-merged", "1")
+    version = Store(cfg).client.get_model_version("tiny-merged", "1")
     assert version.tags["parents"] == ",".join(m.model_uri for m in trained.members)
     assert version.tags["method"] == "ties" and version.tags["density"] == "0.5"
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["merge.method"] == "ties"
-    artifacts = {a.path for a in registry.client().list_artifacts(result.run_id)}
+    artifacts = {a.path for a in Store(cfg).client.list_artifacts(result.run_id)}
     assert {"mergekit_config.yml", "model", "config.yaml"} <= artifacts
-    model, _ = load_classifier(registry.download(result.model_uri, tmp_path / "dl"))
+    model, _ = load_classifier(Store(cfg).download(result.model_uri, tmp_path / "dl"))
     assert model.config.num_labels == 3
 
     # Bad input is refused before a run or a version exists.
@@ -202,7 +203,7 @@ def test_merge_stage_registers_with_parents(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(MllmError, match="exactly two members"):
         merge.run(bad)
     assert len(mlflow.search_runs(experiment_names=["tiny"], output_format="list")) == runs_before
-    assert len(registry.find_versions("tiny-merged", {})) == 1
+    assert len(Store(cfg).find_versions("tiny-merged", {})) == 1
     linear = merge.run(cfg.model_copy(update={"merge": MergeConfig(method="linear", weights=[1, 2, 3])}),
                        members=[m.model_uri for m in trained.members[:3]])
     assert linear.version == "2" and linear.base_uri is None

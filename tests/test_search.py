@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mllm.errors import MllmError
+from mllm.store import Store
 
 from .test_finetune import tiny_cfg
 
@@ -38,7 +39,7 @@ def test_search_tracks_every_trial_never_reads_test_and_resumes(trained, monkeyp
     import mlflow
     import optuna
 
-    from mllm import data, registry, search
+    from mllm import data, search
 
     cfg, ft = trained
     real = data.load_splits
@@ -47,7 +48,7 @@ def test_search_tracks_every_trial_never_reads_test_and_resumes(trained, monkeyp
     assert result.trials == 6 and result.best_recipe is not None
     parent = mlflow.get_run(result.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == str(result.best_trial)
-    artifacts = {a.path for a in registry.client().list_artifacts(result.run_id, "figures")}
+    artifacts = {a.path for a in Store(cfg).client.list_artifacts(result.run_id, "figures")}
     assert {"figures/optimization_history.png", "figures/parallel_coordinate.png"} <= artifacts
     assert "figures/param_importances.png" in artifacts or "figures/param_importances.txt" in artifacts
     trials = mlflow.search_runs(experiment_names=[cfg.name], output_format="list",
@@ -83,8 +84,8 @@ def test_stale_trial_of_a_killed_worker_is_retried_with_its_parameters(trained) 
     s = optuna.load_study(study_name="stale", storage=st)
     trial = s.ask({"method": optuna.distributions.CategoricalDistribution(cfg.search.methods)})
     params = dict(trial.params)
-    tracking.configure(cfg.tracking)
-    experiment = tracking.ensure_experiment(cfg.name)
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    experiment = tracking.ensure_experiment(Store(cfg).client, cfg.name)
     dead_run = mlflow.MlflowClient().create_run(experiment, run_name="trial-killed")
     trial.set_user_attr("mlflow_run_id", dead_run.info.run_id)
     trial.set_user_attr("recipe", {"method": params["method"]})
@@ -155,15 +156,15 @@ def test_gate_decisions() -> None:
 
 @pytest.mark.slow
 def test_concurrent_promoters_leave_champion_on_the_better_model(trained, tmp_path) -> None:
-    from mllm import registry, tracking
     from mllm.promote import gate
 
     cfg, ft = trained
-    tracking.configure(cfg.tracking)
-    name = "gate-merged"
-    versions = [registry.register(name, ft.base_uri, "", {"n": i}) for i in range(3)]  # any artifacts do
-    v1, v2, v3 = (str(v.version) for v in versions)
-    registry.set_alias(name, "champion", v1)
+    store = Store(cfg.model_copy(update={"name": "gate"}))
+    name = store.model_name("merged")
+    store.client.create_registered_model(name)
+    versions = [store.client.create_model_version(name, ft.base_uri, tags={"n": str(i)}) for i in range(3)]  # any
+    v1, v2, v3 = (str(v.version) for v in versions)  # artifacts do
+    store.set_alias("merged", "champion", v1)
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 400)
     preds = {v1: np.where(rng.random(400) < 0.4, labels, (labels + 1) % 3),  # champion: poor
@@ -178,14 +179,14 @@ def test_concurrent_promoters_leave_champion_on_the_better_model(trained, tmp_pa
 
     def promoter(version: str) -> None:
         barrier.wait()
-        outcomes[version] = gate(cfg, name, version, labels, preds[version], 3, champion_preds)
+        outcomes[version] = gate(cfg, store, version, labels, preds[version], 3, champion_preds)
 
     threads = [threading.Thread(target=promoter, args=(v,)) for v in (v3, v2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert str(registry.alias_version(name, "champion").version) == v2
+    assert str(store.alias_version("merged", "champion").version) == v2
     assert outcomes[v2][1].promote
     # Whoever went first, the other compared itself with the model that was champion at that moment.
     assert outcomes[v3][0] in (v1, v2) and outcomes[v3][1].promote == (outcomes[v3][0] == v1)

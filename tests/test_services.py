@@ -101,8 +101,9 @@ def test_tiny_pipeline_on_the_stack(stack: dict[str, str], tmp_path: Path) -> No
     import boto3
     import mlflow
 
-    from mllm import registry
+    from mllm.config import load_config
     from mllm.modeling import load_classifier
+    from mllm.store import Store
 
     name = f"svc-pipe-{uuid.uuid4().hex[:8]}"
     out = ok(mllm("pipeline", "-c", str(TINY), *settings(stack, name, tmp_path / "out", **{"search.n_trials": 4}),
@@ -128,9 +129,9 @@ def test_tiny_pipeline_on_the_stack(stack: dict[str, str], tmp_path: Path) -> No
     assert any(k.endswith("report.md") for k in keys)
 
     # The champion loads back through the registry alias and classifies.
-    mlflow.set_tracking_uri(stack["tracking_uri"])
-    mlflow.set_registry_uri(stack["tracking_uri"])
-    folder = registry.download(f"models:/{name}-merged@champion", tmp_path / "champion")
+    cfg = load_config(TINY, [f"name={name}", f"tracking.tracking_uri={stack['tracking_uri']}",
+                              f"output_dir={tmp_path / 'out'}"])
+    folder = Store(cfg).download(f"models:/{name}-merged@champion", tmp_path / "champion")
     model, tokenizer = load_classifier(folder, "champion")
     batch = tokenizer(["Worked well, no side effects.", "Terrible headaches."], return_tensors="pt", padding=True)
     assert model(**batch).logits.shape == (2, 3)
