@@ -1,12 +1,6 @@
-"""MLproject entry point `finetune` (see MLproject and mllm/entry.py)."""
+"""MLproject entry point `finetune`: `mllm finetune` with the entry point's parameters (see mllm/entry.py)."""
 
-import sys
-from pathlib import Path
-
-# Python puts this folder first on sys.path; entrypoints/evaluate.py would then shadow the `evaluate` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from mllm.entry import run_entry  # noqa: E402
+from mllm.entry import run_entry
 
 if __name__ == "__main__":
     run_entry("finetune")

@@ -4,21 +4,27 @@
     mllm data stats --dataset drugscom-sample --format json
 
 User errors (`MllmError`) print one line on stderr and exit with code 2; heavy libraries are imported
-inside commands so that `mllm --help` stays instant.
+inside commands so that `mllm --help` stays instant (`mllm.config`, `mllm.errors`, `mllm.basics` are light).
+
+Options that set a config field (`merge --density 0.4`) are listed once, in `CONFIG_OPTIONS`; their typed values
+reach `load_config(..., values=...)` as they are, never re-written as `--set` strings. MLflow Project entry points
+(`mllm.entry`) derive their parameters from these commands.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
-import click
 import typer
 
-from mllm.errors import MllmError
+from mllm.basics import quiet_libraries, redact
+from mllm.config import load_config
+from mllm.errors import ConfigError, MllmError, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Evaluate merged language models on text classification, tracked in MLflow.")
@@ -32,6 +38,42 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
                                                   "merge.method=ties); repeatable.")]
 
 
+# CLI options that set a config field: the option's parameter name (`n_trials` for `--n-trials`, also its MLflow
+# Project parameter) -> the dotted field. Commands pass their values typed, as `load_config(values=...)`; the tests
+# check that each field exists in ExperimentConfig and that each option's help names its field.
+CONFIG_OPTIONS: dict[str, str] = {
+    "method": "merge.method",
+    "weights": "merge.weights",
+    "density": "merge.density",
+    "n_trials": "search.n_trials",
+    "workers": "search.workers",
+    "storage": "search.storage",
+    "study_name": "search.study_name",
+    "sampler": "search.sampler",
+}
+
+
+def field_option(name: str, help: str) -> Any:
+    """The typer option for parameter `name` of CONFIG_OPTIONS; its help ends with the field it sets."""
+    return typer.Option(help=f"{help} Sets {CONFIG_OPTIONS[name]}.")
+
+
+def config_values(**options: Any) -> dict[str, Any]:
+    """Typed `load_config` values of config-field options, by dotted field (None: not given, skipped)."""
+    return {CONFIG_OPTIONS[name]: value for name, value in options.items()}
+
+
+def parse_floats(option: str, text: str | None) -> list[float] | None:
+    """`"0.5,0.3,0.2"` -> `[0.5, 0.3, 0.2]` (None or "" -> None); anything else is a ConfigError."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return [float(item) for item in text.strip().strip("[]").split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: not comma-separated numbers",
+                          f"write e.g. {option} 0.5,0.3,0.2") from None
+
+
 class OutputFormat(str, Enum):
     table = "table"
     json = "json"
@@ -40,8 +82,6 @@ class OutputFormat(str, Enum):
 @app.command()
 def validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Check a config (and overrides) without running anything."""
-    from mllm.config import load_config
-
     cfg = load_config(config, set_ or [])
     names = ", ".join(d.name for d in cfg.data.datasets)
     typer.echo(f"{config}: ok (experiment {cfg.name}; data {names}; label scheme {cfg.data.label_scheme}; "
@@ -59,7 +99,6 @@ def data_stats(
     output: Annotated[OutputFormat, typer.Option("--format", "-f", help="table or json.")] = OutputFormat.table,
 ) -> None:
     """Rows, label distribution and words per review (mean / median / std) of each dataset, plus split sizes."""
-    from mllm.config import load_config
     from mllm.stats import collect_stats, render_table
 
     cfg = load_config(config, set_ or [])
@@ -82,7 +121,6 @@ def finetune(
     force: Annotated[bool, typer.Option(help="Retrain members even if the same one is registered.")] = False,
 ) -> None:
     """Build the shared base classifier and fine-tune the members from it; register each in MLflow."""
-    from mllm.config import load_config
     from mllm.finetune import run
 
     cfg = load_config(config, set_ or [])
@@ -100,9 +138,9 @@ def finetune(
 def merge(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    method: Annotated[str | None, typer.Option(help="mergekit method (sets merge.method).")] = None,
-    weights: Annotated[str | None, typer.Option(help="Comma-separated member weights (sets merge.weights).")] = None,
-    density: Annotated[float | None, typer.Option(help="Density (sets merge.density).")] = None,
+    method: Annotated[str | None, field_option("method", "mergekit method.")] = None,
+    weights: Annotated[str | None, field_option("weights", "Comma-separated member weights, e.g. 0.5,0.3,0.2.")] = None,
+    density: Annotated[float | None, field_option("density", "Share of task-vector entries kept.")] = None,
     member: Annotated[list[str] | None, typer.Option(
         "--member", "-m", help="Member model URI (models:/..., runs:/..., folder); repeatable. Default: the "
         "experiment's newest registered members.")] = None,
@@ -110,17 +148,10 @@ def merge(
     force: Annotated[bool, typer.Option(help="Merge again even if the same merge is registered.")] = False,
 ) -> None:
     """Merge fine-tuned members with mergekit; log the recipe and register the merged classifier."""
-    from mllm.config import load_config
     from mllm.merge import run
 
-    sets = list(set_ or [])
-    if method:
-        sets.append(f"merge.method={method}")
-    if weights:
-        sets.append(f"merge.weights=[{weights}]")
-    if density is not None:
-        sets.append(f"merge.density={density}")
-    cfg = load_config(config, sets)
+    cfg = load_config(config, set_ or [], values=config_values(
+        method=method or None, weights=parse_floats("--weights", weights), density=density))
     result = run(cfg, member or None, base, force=force)
     typer.echo(f"{result.method} merge of {', '.join(result.parents)} -> {result.model_uri} (run {result.run_id})")
 
@@ -144,7 +175,6 @@ def evaluate(
         show_default=False)] = None,
 ) -> None:
     """Score models on a split (accuracy, macro-F1 with CIs, per-class P/R/F1, NLL, ECE) with baselines."""
-    from mllm.config import load_config
     from mllm.evaluate import run
 
     cfg = load_config(config, set_ or [])
@@ -165,7 +195,6 @@ def report(
 ) -> None:
     """Print (and log as report.md) the comparison table: each model's accuracy and macro-F1 with CIs, cost,
     and the paired test against the best member."""
-    from mllm.config import load_config
     from mllm.report import run, to_json
 
     cfg = load_config(config, set_ or [])
@@ -177,13 +206,12 @@ def report(
 def search(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    n_trials: Annotated[int | None, typer.Option(help="Finished trials the study should have (search.n_trials); "
-                                                 "a rerun continues the study up to it.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Local worker processes (search.workers).")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL shared by all workers "
-                                                "(search.storage).")] = None,
-    study_name: Annotated[str | None, typer.Option(help="Study name (default <experiment>-search).")] = None,
-    sampler: Annotated[str | None, typer.Option(help="tpe, cmaes, random or nsgaii (search.sampler).")] = None,
+    n_trials: Annotated[int | None, field_option("n_trials", "Finished trials the study should have; a rerun "
+                                                 "continues the study up to it.")] = None,
+    workers: Annotated[int | None, field_option("workers", "Local worker processes.")] = None,
+    storage: Annotated[str | None, field_option("storage", "Optuna storage URL shared by all workers.")] = None,
+    study_name: Annotated[str | None, field_option("study_name", "Study name (default <experiment>-search).")] = None,
+    sampler: Annotated[str | None, field_option("sampler", "tpe, cmaes, random or nsgaii.")] = None,
     member: Annotated[list[str] | None, typer.Option(
         "--member", "-m", help="Member URI; repeatable (default: the experiment's registered members).")] = None,
     base: Annotated[str | None, typer.Option(help="Base URI (with --member).")] = None,
@@ -197,15 +225,10 @@ def search(
     """Search merge recipes with Optuna: in-memory merges scored on the validation split."""
     import os
 
-    from mllm.config import load_config
     from mllm.search import run
 
-    sets = list(set_ or [])
-    for key, value in (("n_trials", n_trials), ("workers", workers), ("storage", storage),
-                       ("study_name", study_name), ("sampler", sampler)):
-        if value is not None:
-            sets.append(f"search.{key}={value}")
-    cfg = load_config(config, sets)
+    cfg = load_config(config, set_ or [], values=config_values(
+        n_trials=n_trials, workers=workers, storage=storage, study_name=study_name, sampler=sampler))
     if worker_index is None:
         worker_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
     result = run(cfg, member or None, base, parent_run_id=parent_run_id, create_only=create_only,
@@ -218,24 +241,19 @@ def search(
 def promote(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna storage URL (search.storage).")] = None,
-    study_name: Annotated[str | None, typer.Option(help="Study name (default <experiment>-search).")] = None,
+    storage: Annotated[str | None, field_option("storage", "Optuna storage URL.")] = None,
+    study_name: Annotated[str | None, field_option("study_name", "Study name (default <experiment>-search).")] = None,
 ) -> None:
     """Merge the search's best recipe with mergekit, evaluate it on test, set `challenger`, gate `champion`."""
-    from mllm.config import load_config
     from mllm.promote import run
 
-    sets = list(set_ or [])
-    sets += [f"search.storage={storage}"] if storage else []
-    sets += [f"search.study_name={study_name}"] if study_name else []
-    run(load_config(config, sets))
+    run(load_config(config, set_ or [], values=config_values(storage=storage or None, study_name=study_name or None)))
 
 
 @app.command()
 def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """The whole flow: fine-tune, merge (linear, ties, dare_ties, dare_linear), evaluate, search, promote,
     report; finished stages are reused."""
-    from mllm.config import load_config
     from mllm.pipeline import run
 
     cfg = load_config(config, set_ or [])
@@ -244,66 +262,55 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(result.report_markdown)
     typer.echo(f"champion: {result.champion or 'none'}; stages: " +
                ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_seconds.items()))
-    uri = _redacted(cfg.tracking.tracking_uri)
+    uri = redact(cfg.tracking.tracking_uri)
     typer.echo(f"Open the runs: {uri} in a browser" if uri.startswith(("http://", "https://"))
                else f"Open the runs: mlflow ui --backend-store-uri {uri}")
 
 
-def _redacted(uri: str) -> str:
-    from mllm.tracking import redact
-
-    return redact(uri)
+# typer >= 0.24 bundles its own click: its exceptions are not the `click` package's, so take them from typer.
+_CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-def quiet_libraries() -> None:
-    """Keep the console for mllm's own progress: libraries log warnings and errors only."""
-    import logging
-    import os
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines: no usage pings
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # two lines per run on a server
-    for name in ("alembic", "optuna"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry: run the app, turning user errors into one line and exit code 2."""
+def run_guarded(call: Callable[[], object]) -> NoReturn:
+    """Run `call` (a click command's `main`) with the CLI's error behaviour and exit with its code: a user error
+    (`MllmError`, a storage failure from inside a library) is one line `mllm: error: ...` and exit 2; a usage
+    error is click's message and exit 2; SIGTERM exits 143. Anything else is a bug and keeps its traceback."""
     quiet_libraries()
-    command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="mllm", standalone_mode=False)
+        code = call()
     except MllmError as e:
         print(f"mllm: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except _CLICK_ERROR as e:
+        e.show()  # type: ignore[attr-defined]
+        sys.exit(e.exit_code)  # type: ignore[attr-defined]
+    except (typer.Abort, KeyboardInterrupt):
         print("mllm: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # a storage failure from inside a library (an S3 upload) is the user's to fix
-        from mllm.stores import storage_error
+        from mllm.preflight import storage_error
 
         problem = storage_error(e)
         if problem is None:
             raise
         print(f"mllm: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    except BaseException as e:
-        from mllm.tracking import Terminated
-
-        if isinstance(e, Terminated):
-            print("mllm: terminated (SIGTERM); runs ended KILLED, rerun to resume", file=sys.stderr)
-            sys.exit(143)
-        raise
+    except Terminated:
+        print("mllm: terminated (SIGTERM); runs ended KILLED, rerun to resume", file=sys.stderr)
+        sys.exit(143)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def run_command(argv: list[str] | None = None) -> object:
+    """Run the `mllm` click command on `argv` (default: sys.argv[1:]), raising errors instead of exiting."""
+    return typer.main.get_command(app).main(args=argv, prog_name="mllm", standalone_mode=False)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Console-script entry: run the app, turning user errors into one line and exit code 2."""
+    run_guarded(lambda: run_command(argv))
 
 
 if __name__ == "__main__":

@@ -1,62 +1,99 @@
-"""MLflow Project entry points: each `entrypoints/<name>.py` is `run_entry("<name>")`, which calls the CLI.
+"""MLflow Project entry points: `python -m entrypoints.<name>` is `run_entry("<name>")`, which runs the CLI command.
 
-MLproject passes every entry point `--config PATH` and `--overrides "a.b=1 c.d=x"` (MLflow params are
-strings), plus the entry point's own options; they become `mllm <command> ... --set a.b=1 --set c.d=x`, so
-entry points, CLI and tests share one code path and one error behaviour (one line, exit 2).
+An entry point's parameters are its command's, named as its options are (MLproject `n_trials` <-> `--n-trials`;
+positional arguments by their name, e.g. report's `experiment`), plus two common to all: `config` (the
+config file) and `overrides` (space-separated `KEY=VALUE` items, each a `--set`). Nothing here lists them:
+`entry_parameters` reads them from the click command, and the tests check MLproject against it.
+
+MLflow parameters are strings: "" means not given; a repeatable option (`--member`, `--model`) takes a
+comma-separated list; a flag takes true/false. The values then go through click's own typing and mllm's error
+handling, as on the command line (one line `mllm: error: ...`, exit 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
-from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import typer
+
+from mllm.cli import app, run_command, run_guarded
+from mllm.errors import ConfigError
+
+# Entry points named differently from their CLI command (all others share the name).
+COMMANDS: dict[str, str] = {"main": "pipeline"}
+OVERRIDES = "overrides"  # the entry-point parameter of the `--set` option (shell-split, not comma-split)
+FALSE, TRUE = {"false", "0", "no", "off", "n"}, {"true", "1", "yes", "on", "y"}
 
 
-@dataclass(frozen=True)
-class EntryPoint:
-    command: list[str]  # the mllm command it runs
-    config_option: bool = True  # `--config PATH` (False: positional, as for validate)
-    # MLproject parameter -> CLI option ("": a positional argument); parameters in `repeat` are comma-separated lists
-    # that repeat the option once per item.
-    options: dict[str, str] = field(default_factory=dict)
-    repeat: frozenset[str] = frozenset({"members"})
+def cli_command(name: str) -> Any:
+    """The click command behind entry point `name`."""
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    return commands[COMMANDS.get(name, name)]
 
 
-ENTRY_POINTS: dict[str, EntryPoint] = {
-    "main": EntryPoint(["pipeline"]),
-    "validate": EntryPoint(["validate"], config_option=False),
-    "finetune": EntryPoint(["finetune"], options={"members": "--member", "parent_run_id": "--parent-run-id"}),
-    "merge": EntryPoint(["merge"], options={"method": "--method", "weights": "--weights", "density": "--density",
-                                            "members": "--member"}),
-    "evaluate": EntryPoint(["evaluate"], options={"model": "--model", "split": "--split"},
-                           repeat=frozenset({"model"})),
-    "search": EntryPoint(["search"], options={"n_trials": "--n-trials", "workers": "--workers",
-                                              "storage": "--storage", "study_name": "--study-name",
-                                              "parent_run_id": "--parent-run-id", "worker_index": "--worker-index"}),
-    "promote": EntryPoint(["promote"], options={"storage": "--storage", "study_name": "--study-name"}),
-    "report": EntryPoint(["report"], options={"experiment": "", "split": "--split"}),
-}
+def param_name(param: Any) -> str:
+    """An entry point's name for a click parameter: its long option without dashes (`--n-trials` -> `n_trials`),
+    a positional argument's name, `overrides` for `--set`."""
+    if param.param_type_name == "argument":
+        return param.name
+    if "--set" in param.opts:
+        return OVERRIDES
+    long = next(o for o in param.opts if o.startswith("--"))
+    return long[2:].replace("-", "_")
 
 
-def entry_argv(name: str, argv: list[str]) -> list[str]:
+def entry_parameters(name: str) -> dict[str, Any]:
+    """Entry point `name`'s parameters (in the command's order) -> the click parameters they set."""
+    return {param_name(p): p for p in cli_command(name).params}
+
+
+def parse_entry_args(name: str, argv: list[str]) -> dict[str, str]:
+    """`--config c.yaml --n_trials 5 --workers ''` -> {"config": "c.yaml", "n_trials": "5", "workers": ""}."""
+    known = entry_parameters(name)
+    found: dict[str, str] = {}
+    rest = iter(argv)
+    for arg in rest:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in known:
+            raise ConfigError(f"entry point {name}: unexpected argument {arg!r}",
+                              f"pass -P NAME=VALUE with NAME one of {', '.join(known)}")
+        if not eq:
+            value = next(rest, None)  # type: ignore[assignment]
+            if value is None:
+                raise ConfigError(f"entry point {name}: {arg} has no value", f"pass {arg} VALUE")
+        found[key] = value
+    return found
+
+
+def cli_argv(name: str, argv: list[str]) -> list[str]:
     """Translate an entry point's MLproject arguments into `mllm` CLI arguments."""
-    entry = ENTRY_POINTS[name]
-    parser = argparse.ArgumentParser(prog=f"entrypoints/{name}.py")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--overrides", default="")
-    for param in entry.options:
-        parser.add_argument(f"--{param}", default="")
-    args = parser.parse_args(argv)
-    out = [*entry.command, *(["--config"] if entry.config_option else []), args.config]
-    for param, option in entry.options.items():
-        value = getattr(args, param).strip()
-        values = value.split(",") if param in entry.repeat else [value]
-        out += [a for v in values if v.strip() for a in ((option, v.strip()) if option else (v.strip(),))]
-    return out + [a for o in shlex.split(args.overrides) for a in ("--set", o)]
+    params = entry_parameters(name)
+    options: list[str] = []
+    positional: list[str] = []
+    for key, text in parse_entry_args(name, argv).items():
+        param, text = params[key], text.strip()
+        if not text:  # "" (every MLproject default): not given
+            continue
+        if param.param_type_name == "argument":
+            positional.append(text)
+        elif key == OVERRIDES:
+            options += [a for item in shlex.split(text) for a in (param.opts[0], item)]
+        elif param.is_bool_flag:
+            flag = text.lower()
+            if flag not in TRUE | FALSE:
+                raise ConfigError(f"entry point {name}: {key}={text!r} is not true or false", f"pass {key}=true")
+            chosen = param.opts[0] if flag in TRUE else (param.secondary_opts or [None])[0]
+            options += [chosen] if chosen else []
+        elif param.multiple:
+            options += [a for item in text.split(",") if item.strip() for a in (param.opts[0], item.strip())]
+        else:
+            options += [param.opts[0], text]
+    return [cli_command(name).name, *options, *(["--", *positional] if positional else [])]
 
 
-def run_entry(name: str, argv: list[str] | None = None) -> None:
-    from mllm.cli import main
-
-    main(entry_argv(name, sys.argv[1:] if argv is None else argv))
+def run_entry(name: str, argv: list[str] | None = None) -> NoReturn:
+    """Run entry point `name` with its MLproject arguments (default: sys.argv[1:]), as `mllm` would."""
+    args = sys.argv[1:] if argv is None else argv
+    run_guarded(lambda: run_command(cli_argv(name, args)))

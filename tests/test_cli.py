@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,34 @@ def test_help_is_instant_and_lists_commands(capsys: pytest.CaptureFixture[str]) 
     proc = subprocess.run([sys.executable, "-c", "import sys, mllm.cli; print('torch' in sys.modules)"],
                           capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"  # heavy libraries load inside commands only
+
+
+def fake_stage(monkeypatch: pytest.MonkeyPatch, stage: str, result: object) -> list:
+    """Replace `mllm.<stage>` (its `run(cfg, ...)`) by a stand-in that records the config it gets."""
+    seen: list = []
+    module = types.ModuleType(f"mllm.{stage}")
+    module.run = lambda cfg, *args, **kwargs: seen.append(cfg) or result  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, f"mllm.{stage}", module)
+    return seen
+
+
+def test_config_options_reach_load_config_typed(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`--density 0.4 --weights 1,2,3` arrive as a float and a list of floats (no --set strings in between)."""
+    merged = types.SimpleNamespace(method="ties", parents=["a"], model_uri="models:/m/1", run_id="r")
+    seen = fake_stage(monkeypatch, "merge", merged)
+    code, out, _ = run_cli(["merge", "--density", "0.4", "--weights", "1,2,3", "--method", "linear"], capsys)
+    assert code == 0 and "models:/m/1" in out
+    [cfg] = seen
+    assert cfg.merge.density == 0.4 and cfg.merge.weights == [1.0, 2.0, 3.0] and cfg.merge.method == "linear"
+
+    seen = fake_stage(monkeypatch, "search", types.SimpleNamespace())
+    code, _, _ = run_cli(["search", "--set", "search.n_trials=3", "--n-trials", "7", "--sampler", "random",
+                          "--study-name", "s: x", "--storage", "sqlite:///o.db"], capsys)
+    assert code == 0
+    [cfg] = seen
+    assert (cfg.search.n_trials, cfg.search.sampler, cfg.search.study_name, cfg.search.storage) == \
+        (7, "random", "s: x", "sqlite:///o.db")  # the option wins over --set; no YAML parsing of "s: x"
+
+    code, _, err = run_cli(["merge", "--weights", "1,x"], capsys)
+    assert code == 2 and err.startswith("mllm: error: --weights '1,x'") and err.count("\n") == 1

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import typer
 import yaml
+from pydantic import BaseModel
 
-from mllm.cli import app
-from mllm.entry import ENTRY_POINTS, entry_argv
+from mllm.cli import CONFIG_OPTIONS, app
+from mllm.config import ExperimentConfig
+from mllm.entry import COMMANDS, cli_argv, entry_parameters, run_entry
 
 from .conftest import REPO
 
@@ -37,33 +40,141 @@ def cli_commands() -> dict[str, object]:
     return found
 
 
+def entry_command(name: str):
+    command = cli_commands().get(COMMANDS.get(name, name))
+    assert command is not None, f"entry point {name} -> mllm {COMMANDS.get(name, name)} is not a CLI command"
+    return command
+
+
+def option_names(command) -> set[str]:
+    """The command's options and arguments as MLproject names them: `--n-trials` -> n_trials, `--set` -> overrides."""
+    names = set()
+    for p in command.params:
+        if p.param_type_name == "argument":
+            names.add(p.name)
+        else:
+            long = next(o for o in p.opts if o.startswith("--"))
+            names.add("overrides" if long == "--set" else long[2:].replace("-", "_"))
+    return names
+
+
 def test_entry_points_match_files_and_cli() -> None:
     project = mlproject()["entry_points"]
     files = {p.stem for p in (REPO / "entrypoints").glob("*.py") if not p.stem.startswith("_")}
-    assert set(project) == set(ENTRY_POINTS) == files
-    commands = cli_commands()
+    assert set(project) == files
     for name, spec in project.items():
-        entry = ENTRY_POINTS[name]
-        assert set(spec["parameters"]) == {"config", "overrides", *entry.options}
-        for param in spec["parameters"]:
+        command = entry_command(name)
+        params = set(spec["parameters"])
+        assert params == option_names(command) == set(entry_parameters(name))
+        assert {"config", "overrides"} <= params
+        assert spec["command"].startswith(f"python -m entrypoints.{name} ")
+        for param in params:
             assert f"--{param} {{{param}}}" in spec["command"], f"{name}: {param} is not passed on"
-        assert f"entrypoints/{name}.py" in spec["command"]
-        command = commands.get(" ".join(entry.command))
-        assert command is not None, f"{name} -> mllm {' '.join(entry.command)} is not a CLI command"
-        options = {o for p in command.params for o in p.opts}
-        arguments = {p.name for p in command.params if not p.opts[0].startswith("-")}
-        assert {o for o in entry.options.values() if o} <= options and "--set" in options
-        assert {p for p, o in entry.options.items() if not o} <= arguments
-        assert ("--config" in options) == entry.config_option
-        extra = [a for p in entry.options for a in (f"--{p}", "x,y")]
-        argv = entry_argv(name, ["--config", "c.yaml", "--overrides", "a.b=1 c.d='x y'", *extra])
-        assert argv[-4:] == ["--set", "a.b=1", "--set", "c.d=x y"]
-        for param, option in entry.options.items():
-            if option:
-                assert argv.count(option) == (2 if param in entry.repeat else 1)
-            else:  # positional: the value follows no option
-                only = entry_argv(name, ["--config", "c.yaml", f"--{param}", "v"])
-                assert only.count("v") == 1 and not only[only.index("v") - 1].startswith("-")
+            assert spec["parameters"][param]["default"] == ("configs/default.yaml" if param == "config" else "")
+        source = (REPO / "entrypoints" / f"{name}.py").read_text()
+        assert "sys.path" not in source and f'run_entry("{name}")' in source
+
+
+# A value MLflow may pass for a parameter, and what the click command makes of it (default: the string itself).
+SAMPLES: dict[str, tuple[str, object]] = {
+    "config": ("c.yaml", Path("c.yaml")), "overrides": ("a.b=1 c.d='x y'", ["a.b=1", "c.d=x y"]),
+    "density": ("0.4", 0.4), "n_trials": ("5", 5), "workers": ("2", 2), "worker_index": ("1", 1),
+    "split": ("validation", "validation"), "format": ("json", "json"), "sampler": ("random", "random"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(mlproject()["entry_points"]))
+def test_entry_arguments_reach_the_command(name: str) -> None:
+    """Each entry point's MLflow parameters become the CLI arguments they name: typed by click, lists split,
+    flags on or off, "" left out."""
+    command = entry_command(name)
+    params = entry_parameters(name)
+    for flag in (True, False):
+        argv = []
+        for param, click_param in params.items():
+            text = ("true" if flag else "false") if getattr(click_param, "is_bool_flag", False) else \
+                "a, b" if click_param.multiple and param != "overrides" else SAMPLES.get(param, ("x y", None))[0]
+            argv += [f"--{param}", text]
+        args = cli_argv(name, argv)
+        assert args[0] == command.name
+        ctx = command.make_context(f"mllm {command.name}", args[1:])
+        for param, click_param in params.items():
+            value = ctx.params[click_param.name]
+            if getattr(click_param, "is_bool_flag", False):
+                assert value is flag, param
+            elif click_param.multiple and param != "overrides":
+                assert list(value) == ["a", "b"], param
+            else:
+                expected = SAMPLES.get(param, (None, "x y"))[1]
+                assert (list(value) if isinstance(value, tuple) else value) == expected, param
+    assert cli_argv(name, [a for p in params for a in (f"--{p}", "")]) == [command.name]  # "": not given
+
+
+def test_entry_point_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    for argv, code, expected in (
+        (["--config", tiny, "--overrides", "merge.method=linear"], 0, "merge linear"),
+        (["--config", tiny, "--overrides", "merge.colour=red"], 2, "unknown key 'merge.colour'"),
+        (["--config", tiny, "--colour", "red"], 2, "unexpected argument '--colour'"),
+        (["--config", tiny, "--overrides"], 2, "--overrides has no value"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            run_entry("validate", argv)
+        out, err = capsys.readouterr()
+        assert (info.value.code or 0) == code
+        if code:
+            assert err.count("\n") == 1 and err.startswith("mllm: error: ") and expected in err
+        else:
+            assert expected in out
+    with pytest.raises(SystemExit) as info:
+        run_entry("evaluate", ["--config", tiny, "--baselines", "maybe"])
+    assert info.value.code == 2 and "baselines='maybe' is not true or false" in capsys.readouterr().err
+
+
+def test_python_m_entrypoints_from_the_project_root() -> None:
+    """MLflow runs `python -m entrypoints.<name>` in the project folder: entrypoints/evaluate.py must not shadow
+    the `evaluate` package (no sys.path workaround needed)."""
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.validate", "--config", "configs/tiny.yaml",
+                           "--overrides", "merge.method=linear"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "merge linear" in proc.stdout
+    found = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('evaluate').origin); "
+                            "print(u.find_spec('entrypoints.evaluate').origin)"],
+                           capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    assert Path(found[0]).parent != REPO / "entrypoints" and Path(found[1]) == REPO / "entrypoints" / "evaluate.py"
+
+
+def config_field(dotted: str):
+    """The pydantic field of ExperimentConfig at `dotted` (e.g. merge.density)."""
+    model: object = ExperimentConfig
+    field = None
+    for part in dotted.split("."):
+        assert isinstance(model, type) and issubclass(model, BaseModel), f"{dotted}: {part} is inside a value"
+        assert part in model.model_fields, f"{dotted}: no field {part!r}"
+        field = model.model_fields[part]
+        ann = field.annotation
+        model = next((c for c in (ann, *typing.get_args(ann)) if isinstance(c, type) and issubclass(c, BaseModel)),
+                     None)
+    return field
+
+
+def test_config_options_set_real_fields() -> None:
+    """CLI options that set config fields (passed typed to load_config) name real fields and say which."""
+    used = set()
+    for name, field in CONFIG_OPTIONS.items():
+        assert config_field(field) is not None
+        assert model_is_leaf(field), f"{name} -> {field} is a section, not a value"
+    for path, command in cli_commands().items():
+        for p in command.params:
+            if p.name in CONFIG_OPTIONS:
+                used.add(p.name)
+                assert CONFIG_OPTIONS[p.name] in (p.help or ""), f"mllm {path} --{p.name}: help does not name its field"
+    assert used == set(CONFIG_OPTIONS)
+
+
+def model_is_leaf(dotted: str) -> bool:
+    ann = config_field(dotted).annotation
+    return not any(isinstance(c, type) and issubclass(c, BaseModel) for c in (ann, *typing.get_args(ann)))
 
 
 def test_conda_env_installs_this_package() -> None:
