@@ -263,8 +263,13 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(f"champion: {result.champion or 'none'}; stages: " +
                ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_seconds.items()))
     uri = redact(cfg.tracking.tracking_uri)
+    server = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"{server.rstrip('/')}/#/experiments/{result.experiment_id}/models?workflowType=machine_learning"
     typer.echo(f"Open the runs: {uri} in a browser" if uri.startswith(("http://", "https://"))
                else f"Open the runs: mlflow ui --backend-store-uri {uri}")
+    typer.echo(f"Compare the models (Models tab): {page}")
+    typer.echo(f"Use the champion: mlflow.pyfunc.load_model('{result.champion}'), or mlflow models serve -m "
+               f"{result.champion} --env-manager local" if result.champion else "No champion was promoted.")
 
 
 # typer >= 0.24 bundles its own click: its exceptions are not the `click` package's, so take them from typer.

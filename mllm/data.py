@@ -203,6 +203,10 @@ class SplitData:
     def sizes(self) -> dict[str, int]:
         return {s: len(self.split(s)) for s in SPLITS}
 
+    def examples(self, n: int = 2) -> list[str]:
+        """A few real reviews (from training data): the input example logged with every model."""
+        return self.train["text"].head(n).tolist()
+
 
 def split_dataset(rows: pd.DataFrame, cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], int]:
     """Dedupe, subsample (data.max_rows) and split one dataset's rows; also return how many were duplicates."""

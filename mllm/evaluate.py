@@ -18,6 +18,7 @@ logits are read back from predictions.csv. That is also why the ensemble costs n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class Candidate:
     val_macro_f1: float | None = None  # recorded at registration (members): how the best member is chosen
     parents: tuple[str, ...] = ()
     base: str | None = None
+    model_id: str | None = None  # the MLflow LoggedModel behind a registered version (its metrics go there too)
+    label: str = ""  # how run names call it: "merged v5 dare_linear", "member v2 shard-1"
 
 
 @dataclass(frozen=True)
@@ -143,10 +146,15 @@ def describe(uri: str, store: Store, role: str | None = None) -> Candidate:
     """A candidate for a URI: registered versions carry their role, method, recipe and lineage in tags."""
     canonical, version = store.resolve(uri)
     if version is None:
-        return Candidate(uri, role or "model", reusable=not Path(uri).exists())  # runs:/ URIs are immutable
+        return Candidate(uri, role or "model", reusable=not Path(uri).exists(),  # runs:/ URIs are immutable
+                         label=f"{role or 'model'} {Path(uri).name or uri}")
     tags = version.tags
     found = store.role_of(version.name)
     role = role or found
+    if found == "ensemble":  # scored from its members' logits, like the ensemble the report always has
+        parts = tuple(p for p in tags.get("members", "").split(",") if p)
+        return Candidate(canonical, "ensemble", "logit average", f"{len(parts)} members", parts=parts,
+                         model_id=store.model_id(version), label=f"ensemble v{version.version}")
     recipe = ""
     if found == "merged":
         weights = json.loads(tags.get("weights") or "null")
@@ -159,10 +167,11 @@ def describe(uri: str, store: Store, role: str | None = None) -> Candidate:
     elif found == "member":
         recipe = tags.get("member", "")
     val = tags.get("val_macro_f1")
-    return Candidate(canonical, role, tags.get("method", {"member": "fine-tuned"}.get(found, "")), recipe,
-                     val_macro_f1=float(val) if val else None,
+    method = tags.get("method", {"member": "fine-tuned"}.get(found, ""))
+    return Candidate(canonical, role, method, recipe, val_macro_f1=float(val) if val else None,
                      parents=tuple(p for p in tags.get("parents", "").split(",") if p),
-                     base=tags.get("base") or None)
+                     base=tags.get("base") or None, model_id=store.model_id(version),
+                     label=f"{role} v{version.version} {tags.get('member') or method}".strip())
 
 
 def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool, store: Store) -> list[Candidate]:
@@ -184,13 +193,14 @@ def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool, store
         if not chosen:
             raise MllmError(f"no merged models of experiment {cfg.name} to evaluate",
                             "run mllm merge first, or pass --model URI")
-    out: list[Candidate] = []
+    out: list[Candidate] = [describe(p, store, "member") for c in chosen for p in c.parts]  # before an ensemble
     if baselines:
         for c in [c for c in chosen if c.role == "merged"]:
             out += [describe(p, store, "member") for p in c.parents]
             if len(c.parents) > 1:
                 out.append(Candidate("ensemble:" + ",".join(c.parents), "ensemble", "logit average",
-                                     f"{len(c.parents)} members", parts=c.parents))
+                                     f"{len(c.parents)} members", parts=c.parents,
+                                     label=f"ensemble of {len(c.parents)}"))
             if c.base:
                 out.append(describe(c.base, store, "base"))
     out += chosen
@@ -273,6 +283,25 @@ def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | Non
     return EvaluateResult(split, data.fingerprint, list(done.values()), parent.id)
 
 
+MODEL_METRICS = {"accuracy", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "accuracy_ci_low", "accuracy_ci_high",
+                 "nll", "ece"}
+
+
+def register_ensemble(members: list[str], data: SplitData, store: Store) -> Any:
+    """The `<experiment>-ensemble` version averaging these members' logits (registered once per member set)."""
+    def make() -> Any:
+        with store.run(f"ensemble of {len(members)}", stage="ensemble", tags={"mllm.parents": ",".join(members)},
+                       log_config=False) as run_:
+            return store.register("ensemble", run_, None, {"members": ",".join(members), "ensemble_key": key,
+                                                           **{f"member_{i}": m for i, m in enumerate(members)}},
+                                  description=f"**Logit-average ensemble** of {len(members)} members (K forward "
+                                  "passes per review): " + ", ".join(f"`{m}`" for m in members),
+                                  examples=data.examples(), members=members, labels=data.label_names)
+
+    key = short_hash(members)
+    return store.find_or_run("ensemble", key, make)[0]
+
+
 def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitData, frame: pd.DataFrame,
                  done: dict[str, Evaluation], prefix: PrefixCache, store: Store) -> Evaluation:
     """One candidate's evaluation run, or the finished run with the same key (its logits read back)."""
@@ -280,13 +309,17 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
     dtype = str(resolve_device(cfg.model)[1] or "float32")
     key = eval_key(c, split, data.fingerprint, cfg, dtype)
     fresh: dict[str, Evaluation] = {}
+    if c.parts and c.model_id is None:  # the ensemble of these members, served and compared like the others
+        version = register_ensemble(list(c.parts), data, store)
+        c = dataclasses.replace(c, model_id=store.model_id(version), label=f"ensemble v{version.version}")
 
     def make() -> Any:
         tags = {"mllm.eval_key": key, "mllm.model_uri": c.uri, "mllm.role": c.role, "mllm.method": c.method,
                 "mllm.recipe": c.recipe, "mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint,
                 "mllm.parents": ",".join(c.parts or c.parents),
                 **({"mllm.val_macro_f1": str(c.val_macro_f1)} if c.val_macro_f1 is not None else {})}
-        with store.run(f"eval-{c.role}-{slug(c.uri)}"[:250], stage="evaluation", tags=tags, log_config=False) as run_:
+        with store.run(f"eval {c.label or slug(c.uri)} on {split}"[:250], stage="evaluation", tags=tags,
+                       log_config=False) as run_:
             start = time.perf_counter()
             if c.parts:  # the ensemble: average of its members' logits, K forward passes per review
                 missing = [p for p in c.parts if p not in done]
@@ -306,6 +339,9 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
             run_.params({"model_uri": c.uri, "split": split, "role": c.role, "batch_size": cfg.evaluate.batch_size,
                          "max_length": cfg.model.max_length, "dtype": dtype})
             run_.metrics(metrics)
+            if c.model_id:  # the Models tab: the model's own metrics on this dataset
+                run_.model_metrics({f"{split}_{k}": v for k, v in metrics.items() if k in MODEL_METRICS
+                                    or k.startswith("f1_")}, c.model_id, frame, f"{cfg.name}-{split}")
             run_.json({"model": c.uri, "split": split, "metrics": metrics}, "metrics.json")
             run_.table(predictions_frame(frame, logits, data.label_names), "predictions.csv")
             run_.figure(confusion_figure(labels, logits.argmax(1), data.label_names, f"{c.uri} on {split}"),
@@ -313,6 +349,10 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
             fresh["ev"] = Evaluation(c, split, metrics, logits, labels, run_.id, False)
         print(f"evaluate {c.role} {c.uri}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
               f" ({wall:.1f} s)")
+        if c.uri.startswith("models:/"):  # where people look: the version's tags and description
+            store.note_version(c.uri, f"{split} macro-F1", f"{metrics['macro_f1']:.4f} (CI "
+                               f"{metrics['macro_f1_ci_low']:.3f}-{metrics['macro_f1_ci_high']:.3f}), accuracy "
+                               f"{metrics['accuracy']:.4f}, {len(labels)} reviews")
         return fresh["ev"]
 
     found, reused = store.find_or_run("evaluation", key, make, force=not c.reusable)

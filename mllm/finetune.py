@@ -106,7 +106,8 @@ def select(specs: list[MemberSpec], names: list[str] | None) -> list[MemberSpec]
     """The members named (all when None), refusing unknown names in one line."""
     unknown = sorted(set(names or []) - {s.name for s in specs})
     if unknown:
-        raise MllmError(f"--member {', '.join(unknown)}: no such member", f"choose from {', '.join(s.name for s in specs)}")
+        raise MllmError(f"--member {', '.join(unknown)}: no such member",
+                        f"choose from {', '.join(s.name for s in specs)}")
     return [s for s in specs if not names or s.name in names]
 
 
@@ -148,7 +149,10 @@ def ensure_base(cfg: ExperimentConfig, splits: SplitData, store: Store) -> tuple
             return store.register("base", run_, local, {"base_key": key, "pretrained": cfg.model.name_or_path,
                                                         "labels": ",".join(splits.label_names),
                                                         "seed": cfg.finetune.seed},
-                                  description="Shared base classifier: pretrained body + seeded head.")
+                                  description=f"**Shared base classifier**: `{cfg.model.name_or_path}` with one "
+                                  f"seeded head (seed {cfg.finetune.seed}) for {', '.join(splits.label_names)}; "
+                                  "every member is fine-tuned from it and task vectors are taken against it.",
+                                  examples=splits.examples())
 
     version, reused = store.find_or_run("base", key, make)
     if reused and read_source(local).get("base_key") != key:
@@ -177,7 +181,8 @@ def member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir:
                 "seed": spec.seed, "learning_rate": spec.learning_rate, "base_version": base_version,
                 "dataset_fingerprint": splits.fingerprint, "member_key": key,
                 **{f"val_{k}": round(v, 6) for k, v in result.best.items() if k != "step"},
-            }, description=f"Member {spec.name} fine-tuned from {cfg.name}-base version {base_version}.")
+            }, description=member_description(cfg, spec, base_version, result.best), examples=splits.examples(),
+                title=spec.name)
 
     version, reused = store.find_or_run("member", key, make, force=force)
     uri = store.model_uri("member", version.version)
@@ -194,6 +199,15 @@ def member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir:
           f"{result.wall_s:.1f} s -> {uri}")
     return MemberOutcome(spec.name, uri, str(version.version), trained["run_id"],
                          {k: v for k, v in result.best.items() if k != "step"}, result.wall_s, False)
+
+
+def member_description(cfg: ExperimentConfig, spec: MemberSpec, base_version: str, best: dict[str, float]) -> str:
+    what = {"shards": f"shard {spec.shard}", "seeds": f"seed {spec.seed}", "domains": f"domain {spec.domain}",
+            "full": "all training rows"}[spec.strategy]
+    return (f"**Member {spec.name}** ({what}, {len(spec.rows)} training reviews, learning rate {spec.learning_rate:g}),"
+            f" fine-tuned from `{cfg.name}-base` version {base_version}.\n\n"
+            f"- validation macro-F1 {best.get('macro_f1', float('nan')):.4f}, accuracy "
+            f"{best.get('accuracy', float('nan')):.4f} (best evaluation, step {int(best.get('step', 0))})")
 
 
 def _train(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir: Path, key: str, run_: Any,

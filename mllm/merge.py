@@ -20,6 +20,7 @@ from typing import Any
 
 from mllm.basics import short_hash
 from mllm.config import ExperimentConfig, MergeConfig, MergeMethod
+from mllm.data import load_splits
 from mllm.errors import MllmError, ModelError
 from mllm.methods import info
 from mllm.modeling import atomic_dir, check_classifier, publish_dir, read_source, resolve_device, write_source
@@ -170,6 +171,20 @@ def registered_members(store: Store) -> tuple[str, list[str]]:
     return store.model_uri("base", base.version), members
 
 
+def merge_description(recipe: MergeConfig, members: Sequence[str], base: str | None,
+                      tags: dict[str, Any] | None) -> str:
+    how = info(recipe.method)
+    weights = [round(w, 3) for w in recipe.weights] if recipe.weights else "equal"
+    parts = [f"weights {weights}"] + [f"{k} {v:.3g}" for k, v in (
+        ("density", recipe.density), ("lambda", recipe.lambda_)) if how.uses(k)]
+    lines = [f"**{recipe.method} merge** ({', '.join(parts)}; mergekit)", "",
+             f"- parents: {', '.join(f'`{m}`' for m in members)}", f"- base: `{base}`" if base else ""]
+    if tags and "trial" in tags:
+        lines.append(f"- search: study `{tags.get('study')}` trial {tags['trial']}, validation macro-F1 "
+                     f"{tags.get('val_macro_f1')}")
+    return "\n".join(line for line in lines if line is not None)
+
+
 def merge_key(recipe: MergeConfig, members: Sequence[str], base: str | None, code: str) -> str:
     """Identifies a merge: recipe, parents, base and code version (an equal key is an equal merge)."""
     spec = {"recipe": recipe.model_dump(mode="json", by_alias=True), "members": list(members), "base": base,
@@ -195,6 +210,7 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     check_weights(recipe, len(member_dirs))
     key = merge_key(recipe, members, base_uri, git_sha())
     made: dict[str, Any] = {}
+    examples = load_splits(cfg.data).examples()  # the input example logged with the model
 
     def make() -> Any:
         run_tags = {"mllm.merge_method": recipe.method, "mllm.parents": ",".join(members), "mllm.base": base_uri or "",
@@ -207,7 +223,8 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
                 "method": recipe.method, "parents": ",".join(members), "base": base_uri or "",
                 "weights": json.dumps(recipe.weights), "density": recipe.density, "lambda": recipe.lambda_,
                 "normalize": recipe.normalize, "seed": recipe.seed, "merge_key": key, **(tags or {}),
-            }, description=f"{recipe.method} merge of {', '.join(members)}")
+            }, description=merge_description(recipe, members, base_uri, tags), examples=examples,
+                title=recipe.method + (f" trial {tags['trial']}" if tags and "trial" in tags else ""))
 
     version, reused = store.find_or_run("merged", key, make, force=force)
     if reused:

@@ -31,6 +31,7 @@ class PipelineResult:
     report_markdown: str
     champion: str | None
     stage_seconds: dict[str, float]
+    experiment_id: str
 
 
 def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METHODS) -> PipelineResult:
@@ -60,5 +61,5 @@ def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METH
         parent.metrics({f"{k}_s": v for k, v in seconds.items()})
         champion = store.model_uri("merged", promoted.champion_after) if promoted.champion_after else ""
         parent.tags({"mllm.champion": champion})
-    return PipelineResult(parent.id, rep.markdown,
-                          f"models:/{store.model_name('merged')}@champion" if champion else None, seconds)
+    return PipelineResult(parent.id, rep.markdown, f"models:/{store.model_name('merged')}@champion" if champion
+                          else None, seconds, store.client.get_run(parent.id).info.experiment_id)

@@ -86,6 +86,35 @@ def gate(cfg: ExperimentConfig, store: Store, version: str, labels: np.ndarray, 
     return before, decision
 
 
+def paragraph(uri: str, trial: int, method: str, test_macro_f1: float, before: str | None, decision: Decision,
+              store: Store) -> str:
+    """What promote did, in one paragraph (printed, and the gist of it in the version's description)."""
+    name = store.model_name("merged")
+    if before is None:
+        replaced = "there was no champion before, so it became the first"
+    elif decision.promote:
+        replaced = f"it replaced {name} version {before} as champion"
+    elif before == uri.rsplit("/", 1)[-1]:
+        replaced = "it already was the champion"
+    else:
+        replaced = f"version {before} stays champion"
+    return (f"promote: {uri} (search trial {trial}, {method}, test macro-F1 {test_macro_f1:.4f}) is "
+            f"{name}@challenger; {'it is now @champion' if decision.promote else 'it did not take @champion'}: "
+            f"{replaced}. Gate: {decision.reason}.")
+
+
+def record(store: Store, uri: str, version: str, before: str | None, decision: Decision,
+           cfg: ExperimentConfig) -> None:
+    """The promotion decision where people look: the version's description and tags."""
+    replaced = f"version {before}" if before else "none (first champion)"
+    outcome = "became champion" if decision.promote else "stays challenger"
+    store.note_version(uri, "promotion", f"{outcome}; champion before: {replaced}; {decision.reason}")
+    store.set_version_tags("merged", version, {
+        "promotion_replaced": replaced, "promotion_test": cfg.promote.test,
+        "promotion_macro_f1_diff": "" if decision.macro_f1_diff is None else f"{decision.macro_f1_diff:+.4f}",
+        "promotion_p_value": "" if decision.p_value is None else f"{decision.p_value:.4g}"})
+
+
 def best_recipe(cfg: ExperimentConfig) -> tuple[Any, MergeConfig, list[str], str]:
     """(best trial, its recipe, member URIs, base URI) of the configured study."""
     import optuna
@@ -124,13 +153,12 @@ def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = N
                                 scored.logits.shape[1],
                                 lambda v: test_logits(store.model_uri("merged", v)).logits.argmax(1))
         after = store.alias_version("merged", "champion")
-        store.set_version_tags("merged", merged.version, {"promotion": decision.reason})
+        record(store, merged.model_uri, merged.version, before, decision, cfg)
         run_.tags({"mllm.promoted": decision.promote, "mllm.promotion": decision.reason,
                    "mllm.model_uri": merged.model_uri})
         run_.metrics({"test_macro_f1": scored.metrics["macro_f1"], "test_accuracy": scored.metrics["accuracy"],
                       **({"p_value": decision.p_value} if decision.p_value is not None else {})})
-    verdict = "champion" if decision.promote else "challenger only"
-    print(f"promote: {merged.model_uri} (trial {top.number}, {recipe.method}) test macro-F1 "
-          f"{scored.metrics['macro_f1']:.4f} -> {verdict}: {decision.reason}")
+    print(paragraph(merged.model_uri, top.number, recipe.method, scored.metrics["macro_f1"], before, decision,
+                    store))
     return PromoteResult(merged.model_uri, merged.version, scored.metrics["macro_f1"], before,
                          str(after.version) if after is not None else None, decision, run_.id, scored.run_id)

@@ -143,9 +143,24 @@ def run(cfg: ExperimentConfig, experiment: str | None = None, split: str | None 
     if log:
         with store.run(f"report-{split}", stage="report", tags={"mllm.split": split}, experiment=experiment) as r:
             r.text(markdown, "report.md")
+            r.mlflow_table(table_frame(rows, best), "report_table.json")
             r.json({"split": split, "best_member": best, "rows": [asdict(x) for x in rows]}, "report.json")
             run_id = r.id
     return ReportResult(experiment, split, rows, best, markdown, run_id)
+
+
+def table_frame(rows: list[Row], best: str | None) -> pd.DataFrame:
+    """The comparison table as a frame (the MLflow table logged with the report)."""
+    out = []
+    for r in rows:
+        v = r.versus_best_member
+        out.append({"model": r.model, "role": r.role, "method": r.method, "recipe": r.recipe,
+                    **{k: r.metrics.get(k) for k in ("accuracy", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high",
+                                                     "nll", "ece")},
+                    "cost": r.cost, "best_member": r.model == best,
+                    "diff_vs_best_member": v.macro_f1_diff if v else None, "p_bootstrap": v.bootstrap_p if v else None,
+                    "evaluation_run": r.run_id})
+    return pd.DataFrame(out)
 
 
 def to_json(result: ReportResult) -> str:

@@ -113,7 +113,7 @@ def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, single:
     run.params({"method": recipe.method, "weights": json.dumps([round(w, 4) for w in recipe.weights or []]),
                 "density": recipe.density, "lambda": recipe.lambda_, "seed": recipe.seed, "trial": trial.number})
     start, pruned, merge_s = time.perf_counter(), False, 0.0
-    for step, (score, merge_s) in enumerate(scorer.stages(recipe)):
+    for step, (score, merge_s) in enumerate(scorer.stages(recipe)):  # noqa: B007 (merge_s is read after the loop)
         run.metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
                      "val_accuracy": score.accuracy, "val_rows": score.rows}, step=step)
         if single and step < len(scorer.data.stages) - 1:

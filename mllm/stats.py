@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from mllm.config import DataConfig, DatasetConfig
-from mllm.presets import PRESETS
 from mllm.data import LABEL_NAMES, dataset_stats, load_dataset_rows, split_dataset
 from mllm.errors import DataError
+from mllm.presets import PRESETS
 
 
 def select_datasets(cfg: DataConfig, selectors: list[str]) -> list[tuple[int, DatasetConfig]]:

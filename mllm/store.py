@@ -31,9 +31,16 @@ from mllm.errors import MllmError
 from mllm.modeling import check_classifier
 from mllm.preflight import preflight
 
-Role = Literal["base", "member", "merged"]
-SUFFIX: dict[str, str] = {"base": "base", "member": "finetuned", "merged": "merged"}
-KEY_TAG: dict[str, str] = {"base": "base_key", "member": "member_key", "merged": "merge_key"}
+Role = Literal["base", "member", "merged", "ensemble"]
+SUFFIX: dict[str, str] = {"base": "base", "member": "finetuned", "merged": "merged", "ensemble": "ensemble"}
+KEY_TAG: dict[str, str] = {"base": "base_key", "member": "member_key", "merged": "merge_key",
+                           "ensemble": "ensemble_key"}
+ROLE_DESCRIPTION = {
+    "base": "The shared base classifier of experiment `{e}`: pretrained body + one seeded head (mllm).",
+    "member": "Members of experiment `{e}`, each fine-tuned from `{e}-base` (mllm finetune).",
+    "merged": "Merges of `{e}-finetuned` members (mllm merge, search, promote); `@champion` is the promoted one.",
+    "ensemble": "Logit-average ensembles of `{e}-finetuned` members: the cost-free baseline a merge must beat.",
+}
 # Artifact stores `download` also accepts (checked when downloaded, inside the run that needs them).
 ARTIFACT_SCHEMES = ("file://", "s3://", "gs://", "wasbs://", "abfss://", "hdfs://", "mlflow-artifacts:/", "dbfs:/",
                     "http://", "https://")
@@ -59,6 +66,15 @@ class Store:
 
     def model_uri(self, role: Role, version: str | int) -> str:
         return f"models:/{self.model_name(role)}/{version}"
+
+    @staticmethod
+    def model_id(version: Any) -> str | None:
+        """The LoggedModel behind a version (`m-...`; the registry may not fill `model_id`, the source names it),
+        None for versions registered as plain folders."""
+        source = str(version.source or "")
+        found = getattr(version, "model_id", None) or (source.removeprefix("models:/") if source.startswith(
+            "models:/m-") else None)
+        return found or None
 
     def role_of(self, name: str) -> str:
         """`member` for `<anything>-finetuned`, ... (`model` for names mllm did not make)."""
@@ -101,7 +117,8 @@ class Store:
             self.client.set_terminated(run_id, status)
 
     # --- reuse -------------------------------------------------------------------------------------------------
-    def find_or_run(self, kind: Literal["base", "member", "merged", "evaluation"], key: str, fn: Callable[[], Any],
+    def find_or_run(self, kind: Literal["base", "member", "merged", "ensemble", "evaluation"], key: str,
+                    fn: Callable[[], Any],
                     force: bool = False) -> tuple[Any, bool]:
         """(what carries `key`, True) when it exists: the newest registered version of that role tagged with the
         key, or for `evaluation` the newest finished run tagged `mllm.eval_key`. Otherwise (fn(), False): fn makes
@@ -116,23 +133,38 @@ class Store:
         return fn(), False
 
     # --- registry ----------------------------------------------------------------------------------------------
-    def register(self, role: Role, run: tracking.RunLog, folder: Path, tags: dict[str, Any],
-                 description: str = "") -> Any:
-        """Upload `folder` as the run's `model` artifact, then create a version of the role's model from it and
-        wait until it is READY."""
+    def register(self, role: Role, run: tracking.RunLog, folder: Path | None, tags: dict[str, Any],
+                 description: str = "", *, examples: list[str], members: list[str] | None = None,
+                 labels: tuple[str, ...] | None = None, title: str = "") -> Any:
+        """Log `folder` (a Hugging Face classifier) as the run's MLflow model, or with `members` the logit-average
+        ensemble of those registered versions, then create a version of the role's model from it and wait until
+        it is READY (a crash before that leaves no version). `title` tells logged models of one role apart in the
+        UI (`tiny-merged ties`, `tiny-finetuned shard-0`); the version's tags, less its reuse key, are the logged
+        model's parameters."""
         from mlflow.exceptions import MlflowException
 
-        uri = run.folder(folder, "model")
+        config = {"max_length": self.cfg.model.max_length, "batch_size": self.cfg.evaluate.batch_size,
+                  **({"members": members} if members else {})}
+        if labels is None and folder is not None:  # the classifier's own label names, in id order
+            id2label = json.loads((folder / "config.json").read_text())["id2label"]
+            labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
         name = self.model_name(role)
+        params = {k: v for k, v in tags.items() if k != KEY_TAG[role] and v is not None}
+        model_uri, model_id = run.model(f"{name} {title}".strip().replace(" ", "-"), folder, labels or (), examples,
+                                        config, params)
         try:
             self.client.get_registered_model(name)
         except MlflowException:
             try:
-                self.client.create_registered_model(name)
+                self.client.create_registered_model(name, description=ROLE_DESCRIPTION[role].format(e=self.experiment))
             except MlflowException:
                 self.client.get_registered_model(name)  # created concurrently by another process: fine
-        version = self.client.create_model_version(name, source=uri, run_id=run.id, description=description,
+        version = self.client.create_model_version(name, source=model_uri, run_id=run.id, model_id=model_id,
+                                                   description=description,
                                                    tags={k: redact(str(v)) for k, v in tags.items()})
+        # The link the UI shows from the logged model to its registered version (as mlflow.register_model sets it).
+        self.client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(
+            [{"name": name, "version": str(version.version)}])})
         for _ in range(600):
             version = self.client.get_model_version(name, version.version)
             if version.status == "READY":
@@ -237,7 +269,7 @@ class Store:
         if marker.is_file():  # a complete earlier download of the same thing
             saved = json.loads(marker.read_text())
             if saved.get("identity") == identity and (dst / saved["path"]).exists():
-                return dst / saved["path"]
+                return checkpoint_of(dst / saved["path"], uri)
         marker.unlink(missing_ok=True)
         shutil.rmtree(dst, ignore_errors=True)  # a partial or different download
         dst.mkdir(parents=True, exist_ok=True)
@@ -249,8 +281,9 @@ class Store:
             raise MllmError(f"cannot download {uri} ({first_line(e)})",
                             "check the model name, version or alias (mlflow models UI) or the run id") from None
         # Written last: only a complete download is reused.
+        folder = checkpoint_of(path, uri)  # before the marker: an incomplete model is never taken for complete
         marker.write_text(json.dumps({"identity": identity, "path": str(path.resolve().relative_to(dst.resolve()))}))
-        return path
+        return folder
 
     def alias_version(self, role: Role, alias: str) -> Any | None:
         """The version `<role's model>@alias` points at, or None (no such alias or model)."""
@@ -264,6 +297,38 @@ class Store:
     def set_alias(self, role: Role, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.model_name(role), alias, version)
 
+    def note_version(self, uri: str, what: str, text: str) -> None:
+        """Put `- what: text` into a registered version's description (replacing an older line about `what`) and
+        tag it (`what` as a tag key with underscores)."""
+        _, version = self.resolve(uri)
+        if version is None:
+            return
+        lines = [ln for ln in (version.description or "").splitlines() if not ln.startswith(f"- {what}:")]
+        self.client.update_model_version(version.name, version.version, "\n".join([*lines, f"- {what}: {text}"]))
+        self.client.set_model_version_tag(version.name, version.version,
+                                          what.replace(" ", "_").replace("-", "_").lower(), redact(text))
+
     def set_version_tags(self, role: Role, version: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.model_name(role), version, k, redact(str(v)))
+
+
+def checkpoint_of(path: Path, uri: str) -> Path:
+    """The Hugging Face folder of a downloaded model: the `checkpoint` artifact of an mllm MLflow model, or the
+    folder itself for versions registered as plain folders (mllm before MLflow models). Refuses, in one line
+    naming the URI, a model whose files are missing or half-uploaded, and an ensemble (it has no weights)."""
+    import yaml
+
+    mlmodel = path / "MLmodel"
+    if mlmodel.is_file():
+        artifacts = (yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+                     .get("artifacts") or {})
+        if "checkpoint" not in artifacts:
+            raise MllmError(f"{uri} is an ensemble or not an mllm classifier: it holds no checkpoint to load",
+                            "evaluate an ensemble through its members (mllm evaluate scores ensembles), or pass "
+                            "a classifier")
+        path = path / artifacts["checkpoint"]["path"]
+    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+        raise MllmError(f"{uri}: the model's files are missing or incomplete (no config.json or safetensors in "
+                        f"{path.name})", "re-register it: rerun the stage that made it with --force")
+    return path

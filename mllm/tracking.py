@@ -34,19 +34,28 @@ from mllm.errors import MllmError, Terminated
 PACKAGES = ("mllm", "torch", "transformers", "mergekit", "mlflow", "optuna", "datasets", "evaluate", "accelerate")
 
 
+# The MLflow 3 UI opens an experiment in its GenAI view (traces, tokens) unless it is marked as model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # logged as "model from code", never imported here
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml")
+
+
 def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
-    """Experiment id of `name`, creating it (tolerating a concurrent creator)."""
+    """Experiment id of `name`, creating it (tolerating a concurrent creator), marked as model training."""
     from mlflow.exceptions import MlflowException
 
+    key, kind = EXPERIMENT_KIND
     try:
         found = client.get_experiment_by_name(name)
         if found is None:
             try:
-                return client.create_experiment(name, artifact_location=artifact_location)
+                return client.create_experiment(name, artifact_location=artifact_location, tags={key: kind})
             except MlflowException:
                 found = client.get_experiment_by_name(name)  # another process created it first
                 if found is None:
                     raise
+        if found.tags.get(key) != kind:
+            client.set_experiment_tag(found.experiment_id, key, kind)
         return found.experiment_id
     except MlflowException as e:
         raise MllmError(f"tracking.tracking_uri: cannot use the tracking store ({redact(str(e)).splitlines()[0]})",
@@ -122,6 +131,10 @@ class RunLog:
         """A pandas frame as a CSV artifact (floats written so that float32 values read back exactly)."""
         self.client.log_text(self.id, frame.to_csv(index=False, float_format="%.9g"), name)
 
+    def mlflow_table(self, frame: Any, name: str) -> None:
+        """A pandas frame as an MLflow table (`<name>.json`, shown in the UI's artifact view as a table)."""
+        self.client.log_table(self.id, frame, name)
+
     def figure(self, figure: Any, name: str) -> None:
         import matplotlib.pyplot as plt
 
@@ -144,6 +157,36 @@ class RunLog:
             # (mlflow.log_input is the public way to turn a dataset into an input; it logs to the active run,
             # which tracked_run made this one.)
             mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
+
+    def model(self, name: str, checkpoint: Path | None, labels: tuple[str, ...], examples: list[str],
+              config: dict[str, Any], params: dict[str, Any]) -> tuple[str, str]:
+        """Log an MLflow model (pyfunc, `mllm/pyfunc_model.py`) in this run: a classifier whose Hugging Face
+        folder `checkpoint` becomes its one copy of the weights, or (checkpoint None) the ensemble that
+        `config["members"]` lists. `name` is how the UI's Models tab lists it, `params` what it shows beside it
+        (method, weights, parents, ...). Returns (model URI `models:/m-...`, model id)."""
+        import mlflow
+
+        # The signature comes from predict's type hints (list of review strings -> label + probabilities).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=str(MODEL_CODE), model_config={**config, "labels": list(labels)},
+                params={k: redact(str(v))[:6000] for k, v in params.items()},
+                artifacts={"checkpoint": str(checkpoint)} if checkpoint is not None else None,
+                input_example=examples, pip_requirements=requirements())
+        return info.model_uri, info.model_id
+
+    def model_metrics(self, metrics: dict[str, float], model_id: str, frame: Any, dataset: str) -> None:
+        """Metrics of an evaluation, logged against the evaluated model and dataset too (the Models tab)."""
+        import mlflow
+        from mlflow.entities import Metric
+
+        with warnings.catch_warnings():  # "integer columns cannot hold NaN": labels never do
+            warnings.simplefilter("ignore", UserWarning)
+            data = mlflow.data.from_pandas(frame, name=dataset, targets="label")
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.id, metrics=[Metric(k, float(v), now, 0, model_id=model_id, dataset_name=data.name,
+                                                       dataset_digest=data.digest) for k, v in metrics.items()])
 
     def metric_logger(self, flush_every: int = 100) -> MetricLogger:
         return MetricLogger(self, flush_every)
@@ -168,6 +211,11 @@ class MetricLogger:
         if self.pending:
             self.run.client.log_batch(self.run.id, metrics=self.pending)
             self.pending = []
+
+
+def requirements() -> list[str]:
+    """The exact versions in use of what the served model imports (no torchvision, no mllm)."""
+    return [f"{p}=={metadata.version(p)}" for p in MODEL_REQUIREMENTS]
 
 
 @contextmanager

@@ -126,7 +126,7 @@ def merged_experiment(tmp_path_factory: pytest.TempPathFactory):
 def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment) -> None:
     import mlflow
 
-    from mllm import evaluate, report, tracking
+    from mllm import evaluate, report
 
     cfg, trained, merged = merged_experiment
     result = evaluate.run(cfg, split="validation")
@@ -178,7 +178,7 @@ def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment)
 def test_evaluate_refusals_leave_no_run(merged_experiment) -> None:
     import mlflow
 
-    from mllm import evaluate, report, tracking
+    from mllm import evaluate, report
 
     cfg, _, merged = merged_experiment
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)

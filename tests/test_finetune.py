@@ -75,7 +75,8 @@ def test_finetune_registers_base_and_members(in_tmp: Path) -> None:
     assert model.config.id2label[0] == "negative" and tokenizer.pad_token_id == model.config.pad_token_id
     # Members moved away from the shared base, and from each other.
     base = load_file(result.base_dir / "model.safetensors")
-    weights = [load_file(Store(cfg).download(m.model_uri, in_tmp / m.name) / "model.safetensors") for m in result.members]
+    store = Store(cfg)
+    weights = [load_file(store.download(m.model_uri, in_tmp / m.name) / "model.safetensors") for m in result.members]
     key = "score.weight"
     assert not torch.equal(weights[0][key], base[key]) and not torch.equal(weights[0][key], weights[1][key])
     assert not (cfg.output_dir / "members" / "shard-0" / "checkpoints").exists()  # cleaned once registered

@@ -14,8 +14,8 @@ from mllm.config import MergeConfig
 from mllm.errors import MllmError
 from mllm.merge import merge_models
 from mllm.modeling import SOURCE_FILE, load_classifier
-from mllm.tiny import build_tiny_classifier
 from mllm.store import Store
+from mllm.tiny import build_tiny_classifier
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -193,9 +193,16 @@ def test_merge_stage_registers_with_parents(tmp_path: Path, monkeypatch: pytest.
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.params["merge.method"] == "ties"
     artifacts = {a.path for a in Store(cfg).client.list_artifacts(result.run_id)}
-    assert {"mergekit_config.yml", "model", "config.yaml"} <= artifacts
+    assert {"mergekit_config.yml", "config.yaml"} <= artifacts
+    # The version is an MLflow model (a LoggedModel of the merge run): MLflow loads it, mllm reads its checkpoint.
+    model_id = version.source.removeprefix("models:/")
+    assert model_id.startswith("m-") and Store.model_id(version) == model_id
+    assert Store(cfg).client.get_logged_model(model_id).source_run_id == result.run_id
+    assert "**ties merge**" in version.description and trained.members[0].model_uri in version.description
     model, _ = load_classifier(Store(cfg).download(result.model_uri, tmp_path / "dl"))
     assert model.config.num_labels == 3
+    served = mlflow.pyfunc.load_model(result.model_uri).predict(["Worked well.", "Terrible headaches."])
+    assert len(served) == 2 and set(served[0].probabilities) == {"negative", "neutral", "positive"}
 
     # Bad input is refused before a run or a version exists.
     runs_before = len(mlflow.search_runs(experiment_names=["tiny"], output_format="list"))

@@ -124,7 +124,7 @@ def test_tiny_pipeline_on_the_stack(stack: dict[str, str], tmp_path: Path) -> No
         for obj in page.get("Contents", []):
             keys.append(obj["Key"])
             objects[obj["Key"]] = s3.get_object(Bucket=stack["bucket"], Key=obj["Key"])["Body"].read()
-    assert any(k.endswith("model/model.safetensors") for k in keys), keys[:20]
+    assert any(k.endswith("model.safetensors") and "/models/m-" in k for k in keys), keys[:20]  # logged models
     assert any(k.endswith("confusion_matrix.png") for k in keys)
     assert any(k.endswith("report.md") for k in keys)
 
@@ -135,6 +135,14 @@ def test_tiny_pipeline_on_the_stack(stack: dict[str, str], tmp_path: Path) -> No
     model, tokenizer = load_classifier(folder, "champion")
     batch = tokenizer(["Worked well, no side effects.", "Terrible headaches."], return_tensors="pt", padding=True)
     assert model(**batch).logits.shape == (2, 3)
+    # ... and as an MLflow model, through the server and the bucket, the way a user loads it.
+    mlflow.set_tracking_uri(stack["tracking_uri"])
+    mlflow.set_registry_uri(stack["tracking_uri"])
+    served = mlflow.pyfunc.load_model(f"models:/{name}-merged@champion").predict(["Worked well.", "Awful."])
+    assert [set(p.probabilities) for p in served] == [{"negative", "neutral", "positive"}] * 2
+    logged = client(stack).search_logged_models([experiment_id])
+    with_test = {m.name for m in logged if any(x.key == "test_macro_f1" for x in m.metrics or [])}
+    assert {f"{name}-base", f"{name}-finetuned-shard-0", f"{name}-merged-ties", f"{name}-ensemble"} <= with_test
     champion = client(stack).get_model_version_by_alias(f"{name}-merged", "champion")
     assert champion.tags.get("study") and len(champion.tags["parents"].split(",")) == 3
 

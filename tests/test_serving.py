@@ -1,0 +1,194 @@
+"""Registered versions are MLflow models: the tiny pipeline's champion loads with `mlflow.pyfunc`, agrees with
+`mllm evaluate` review by review, is served by `mlflow models serve`, and the Models tab's logged models carry
+their test metrics; the ensemble is registered and served the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mllm.config import load_config
+from mllm.errors import MllmError
+from mllm.store import Store
+
+from .conftest import REPO
+
+REVIEWS = ["This medicine worked within a week and I have no side effects at all.",
+           "Terrible headaches and nausea, I stopped after three days.",
+           "It helped a little with the pain but I gained weight."]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The tiny pipeline, run once for this module in its own stores."""
+    from mllm.pipeline import run
+
+    tmp = tmp_path_factory.mktemp("serving")
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        cfg = load_config(REPO / "configs" / "tiny.yaml", [
+            f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", f"output_dir={tmp}/out",
+            f"search.storage=sqlite:///{tmp}/optuna.db", "search.n_trials=4", "evaluate.bootstrap_samples=200"])
+        result = run(cfg)
+    finally:
+        os.chdir(cwd)
+    return cfg, result, tmp
+
+
+@pytest.fixture
+def pipeline(built: tuple) -> tuple:
+    """The built pipeline, with mlflow pointed at its stores (conftest resets them before every test)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(built[0].tracking.tracking_uri)
+    mlflow.set_registry_uri(built[0].tracking.tracking_uri)
+    return built
+
+
+@pytest.mark.slow
+def test_champion_loads_with_pyfunc_and_agrees_with_evaluate(pipeline) -> None:
+    import mlflow
+
+    cfg, result, tmp = pipeline
+    assert result.champion == "models:/tiny-merged@champion"
+    store = Store(cfg)
+    champion = store.alias_version("merged", "champion")
+    runs = store.find_runs({"mllm.model_uri": f"models:/tiny-merged/{champion.version}", "mllm.split": "test"})
+    assert runs, "the champion was evaluated on test"
+    frame = pd.read_csv(store.run_artifact(runs[0].info.run_id, "predictions.csv", tmp / "pred"), keep_default_na=False)
+
+    model = mlflow.pyfunc.load_model("models:/tiny-merged@champion")
+    served = model.predict(frame["text"].tolist())
+    assert [p.label for p in served] == frame["predicted"].tolist()  # every review of the tiny test split
+    probs = np.array([[p.probabilities[n] for n in ("negative", "neutral", "positive")] for p in served])
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert (probs.argmax(1) == [("negative", "neutral", "positive").index(p.label) for p in served]).all()
+    # A one-column DataFrame works like the list; an empty list gives an empty answer; a non-string is refused.
+    two = frame["text"].head(2).tolist()
+    assert [p.label for p in model.predict(pd.DataFrame({"text": two}))] == [p.label for p in served[:2]]
+    assert model.predict([]) == []
+    with pytest.raises(Exception, match="Expected type str, but got int"):
+        model.predict(["fine", 3])
+
+    # The version says what it is, in tags and a markdown description.
+    assert "test macro-F1" in champion.description and "promotion" in champion.description
+    assert champion.tags["promotion_replaced"] == "none (first champion)"
+    meta = store.client.get_model_version("tiny-merged", champion.version)
+    assert meta.source.startswith("models:/m-")
+
+
+@pytest.mark.slow
+def test_logged_models_carry_their_test_metrics(pipeline) -> None:
+    cfg, _, _ = pipeline
+    store = Store(cfg)
+    experiment = store.client.get_experiment_by_name(cfg.name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    models = store.client.search_logged_models([experiment.experiment_id])
+    by_version = {}
+    for name in ("tiny-base", "tiny-finetuned", "tiny-merged", "tiny-ensemble"):
+        for v in store.find_versions(name, {}):
+            by_version[(name, v.version)] = Store.model_id(v)
+    assert {n for n, _ in by_version} == {"tiny-base", "tiny-finetuned", "tiny-merged", "tiny-ensemble"}
+    logged = {m.model_id: m for m in models}
+    assert set(by_version.values()) <= set(logged)
+    for (name, version), model_id in by_version.items():
+        metrics = {m.key: m for m in logged[model_id].metrics or []}
+        assert "test_macro_f1" in metrics, (name, version, sorted(metrics))
+        assert metrics["test_macro_f1"].dataset_name == "tiny-test"
+        assert {"test_accuracy", "test_nll", "test_ece", "test_macro_f1_ci_low"} <= set(metrics)
+    ensemble = store.newest("ensemble")
+    assert len(ensemble.tags["members"].split(",")) == 3 and ensemble.tags["member_0"].startswith("models:/")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, payload: object) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("uri", ["models:/tiny-merged@champion", "models:/tiny-ensemble/1"])
+def test_mlflow_models_serve_answers_invocations(pipeline, uri: str) -> None:
+    import mlflow
+
+    cfg, _, tmp = pipeline
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.tracking_uri, "MLFLOW_REGISTRY_URI":
+           cfg.tracking.tracking_uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent))
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
+                               "-p", str(port)], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        for _ in range(120):  # the server imports the model's libraries first: seconds
+            if server.poll() is not None:
+                raise AssertionError(server.stdout.read().decode()[-3000:])
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                break
+            time.sleep(1)
+        status, answer = _post(port, {"inputs": REVIEWS})
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert len(rows) == 3 and all(r["label"] in ("negative", "neutral", "positive") for r in rows)
+        assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+        local = mlflow.pyfunc.load_model(uri).predict(REVIEWS)
+        assert [r["label"] for r in rows] == [p.label for p in local]
+        assert _post(port, {"inputs": []}) == (200, {"predictions": []})
+        status, answer = _post(port, {"inputs": [1, 2]})
+        assert status == 400 and "Expected type str" in answer["message"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_plain_folder_versions_still_load_and_broken_models_are_refused(pipeline, tmp_path: Path) -> None:
+    """Versions registered before mllm logged MLflow models (plain folders) still load in mllm's stages; a model
+    whose files are missing is refused in one line naming its URI."""
+    from mllm import evaluate
+
+    cfg, result, _ = pipeline
+    store = Store(cfg)
+    member = store.download("models:/tiny-finetuned/1")  # the Hugging Face folder inside the MLflow model
+    old = tmp_path / "old"
+    shutil.copytree(member, old)
+    name = "legacy-merged"
+    store.client.create_registered_model(name)
+    version = store.client.create_model_version(name, str(old))
+    folder = store.download(f"models:/{name}/{version.version}", tmp_path / "dl")
+    assert (folder / "config.json").is_file()
+    scored = evaluate.run(cfg, [f"models:/{name}/{version.version}"], split="validation", baselines=False)
+    assert scored.evaluations[0].metrics["rows"] > 0
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    version = store.client.create_model_version(name, str(broken))
+    with pytest.raises(MllmError, match=f"models:/{name}/{version.version}: the model's files are missing"):
+        store.download(f"models:/{name}/{version.version}", tmp_path / "dl2")
