@@ -151,12 +151,13 @@ class RunLog:
         import mlflow
 
         for context, frame in frames.items():
-            with warnings.catch_warnings():  # "integer columns cannot hold NaN": labels never do
+            # (mlflow.log_input is the public way to turn a dataset into an input; it logs to the active run,
+            # which tracked_run made this one.) Its schema inference warns that integer columns cannot hold NaN:
+            # labels never do.
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 dataset = mlflow.data.from_pandas(frame, name=f"{name}-{context}", targets="label")
-            # (mlflow.log_input is the public way to turn a dataset into an input; it logs to the active run,
-            # which tracked_run made this one.)
-            mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
+                mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
 
     def model(self, name: str, checkpoint: Path | None, labels: tuple[str, ...], examples: list[str],
               config: dict[str, Any], params: dict[str, Any]) -> tuple[str, str]:
@@ -184,9 +185,10 @@ class RunLog:
         with warnings.catch_warnings():  # "integer columns cannot hold NaN": labels never do
             warnings.simplefilter("ignore", UserWarning)
             data = mlflow.data.from_pandas(frame, name=dataset, targets="label")
+            digest = data.digest
         now = int(time.time() * 1000)
         self.client.log_batch(self.id, metrics=[Metric(k, float(v), now, 0, model_id=model_id, dataset_name=data.name,
-                                                       dataset_digest=data.digest) for k, v in metrics.items()])
+                                                       dataset_digest=digest) for k, v in metrics.items()])
 
     def metric_logger(self, flush_every: int = 100) -> MetricLogger:
         return MetricLogger(self, flush_every)
