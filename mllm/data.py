@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from mllm.config import DataConfig, DatasetConfig, LabelScheme
+from mllm.config.schema import DataConfig, DatasetConfig, LabelScheme
 from mllm.errors import DataError
 from mllm.sources import read_raw
 

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mllm.basics import short_hash, slug
-from mllm.config import EvaluateConfig, ExperimentConfig
+from mllm.config.schema import EvaluateConfig, ExperimentConfig
 from mllm.data import SplitData, load_splits
 from mllm.errors import MllmError, ModelError
 from mllm.methods import METHODS, info

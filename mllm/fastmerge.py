@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mllm.config import MergeConfig
+from mllm.config.schema import MergeConfig
 from mllm.errors import MllmError
 from mllm.methods import IN_MEMORY, RANDOM_SPARSIFIERS, info
 from mllm.modeling import load_classifier

@@ -21,7 +21,7 @@ import pandas as pd
 
 from mllm import __version__
 from mllm.basics import short_hash
-from mllm.config import ExperimentConfig
+from mllm.config.schema import ExperimentConfig
 from mllm.data import SplitData, load_splits, make_shards
 from mllm.errors import MllmError
 from mllm.modeling import build_base, check_pretrained, read_source, update_source

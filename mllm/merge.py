@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm.basics import short_hash
-from mllm.config import ExperimentConfig, MergeConfig, MergeMethod
+from mllm.config.schema import ExperimentConfig, MergeConfig, MergeMethod
 from mllm.data import load_splits
 from mllm.errors import MllmError, ModelError
 from mllm.methods import info

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, get_args
 
-from mllm.config import MergeMethod
+from mllm.config.schema import MergeMethod
 from mllm.errors import MllmError
 
 METHODS: tuple[str, ...] = get_args(MergeMethod)  # the values merge.method accepts

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mllm.config import ModelConfig
+from mllm.config.schema import ModelConfig
 from mllm.errors import ModelError
 from mllm.sources import cache_dir, pypi_wheel
 from mllm.tiny import TINY_ARCHS, build_tiny_classifier

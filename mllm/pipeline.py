@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mllm import evaluate, finetune, merge, promote, report, search
-from mllm.config import ExperimentConfig
+from mllm.config.schema import ExperimentConfig
 from mllm.store import Store
 
 STANDARD_METHODS = ("linear", "ties", "dare_ties", "dare_linear")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from mllm.basics import redact
-from mllm.config import TrackingConfig
+from mllm.config.schema import TrackingConfig
 from mllm.errors import MllmError
 
 _reachable: set[str] = set()

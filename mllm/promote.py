@@ -25,7 +25,7 @@ import numpy as np
 
 from mllm import evaluate, merge
 from mllm.basics import redact
-from mllm.config import ExperimentConfig, MergeConfig
+from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.locks import db_lock
 from mllm.metrics import macro_f1, paired_test

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mllm.config import ExperimentConfig
+from mllm.config.schema import ExperimentConfig
 from mllm.errors import MllmError
 from mllm.metrics import PairedTest, paired_test
 from mllm.store import Store

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mllm.config import ExperimentConfig, MergeConfig
+from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data import load_splits
 from mllm.fastmerge import MemberStack
 from mllm.metrics import classification_summary, per_class_f1

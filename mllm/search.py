@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mllm.basics import quiet_libraries, redact
-from mllm.config import ExperimentConfig, MergeConfig
+from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.fastmerge import IN_MEMORY
 from mllm.merge import check_members, registered_members

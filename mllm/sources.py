@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mllm.config import DatasetConfig
+from mllm.config.schema import DatasetConfig
 from mllm.errors import DataError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".parquet")

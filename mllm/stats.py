@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mllm.config import DataConfig, DatasetConfig
+from mllm.config.schema import DataConfig, DatasetConfig
 from mllm.data import LABEL_NAMES, dataset_stats, load_dataset_rows, split_dataset
 from mllm.errors import DataError
 from mllm.presets import PRESETS

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from mllm import tracking
 from mllm.basics import first_line, redact, slug
-from mllm.config import ExperimentConfig
+from mllm.config.schema import ExperimentConfig
 from mllm.errors import MllmError
 from mllm.modeling import check_classifier
 from mllm.preflight import preflight

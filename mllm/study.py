@@ -15,7 +15,7 @@ import functools
 from typing import Any
 
 from mllm.basics import redact
-from mllm.config import ExperimentConfig
+from mllm.config.schema import ExperimentConfig
 from mllm.errors import MllmError
 from mllm.store import Store
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm.basics import redact
-from mllm.config import ExperimentConfig
+from mllm.config.schema import ExperimentConfig
 from mllm.errors import MllmError, Terminated
 
 PACKAGES = ("mllm", "torch", "transformers", "mergekit", "mlflow", "optuna", "datasets", "evaluate", "accelerate")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mllm.config import FinetuneConfig, ModelConfig
+from mllm.config.schema import FinetuneConfig, ModelConfig
 from mllm.metrics import classification_summary
 from mllm.modeling import (
     atomic_dir,

@@ -1,5 +1,7 @@
 """The experiment config: its schema (`mllm.config.schema`) and its loader (`mllm.config.loader`).
 
+mllm's own modules import the schema module directly (one floor, not three); this package is the public face.
+
     mllm validate configs/default.yaml --set merge.method=ties
 """
 
