@@ -114,6 +114,23 @@ def test_unknown_member_is_refused(in_tmp: Path) -> None:
     assert not (in_tmp / "mlflow.db").exists()  # refused before any tracking store was touched
 
 
+def test_member_key_covers_its_rows_and_the_member_count(in_tmp: Path) -> None:
+    """shard-0 of a 3-way split and shard-0 of a 2-way split are different members: never reused for each other."""
+    from mllm.finetune import member_key, plan_members
+
+    def keys(*overrides: str) -> dict[str, str]:
+        cfg = tiny_cfg(in_tmp, *overrides)
+        return {s.name: member_key(cfg, s, "base-v1", "fp", "sha") for s in plan_members(cfg, load_splits(cfg.data))}
+
+    three, again, two = keys("finetune.members=3"), keys("finetune.members=3"), keys("finetune.members=2")
+    assert three == again  # deterministic: a rerun reuses
+    assert three["shard-0"] != two["shard-0"] and three["shard-1"] != two["shard-1"]
+    cfg = tiny_cfg(in_tmp, "finetune.members=3")
+    spec = plan_members(cfg, load_splits(cfg.data))[0]
+    changed = type(spec)(spec.name, spec.strategy, spec.rows.iloc[1:], spec.seed, spec.learning_rate, shard=spec.shard)
+    assert member_key(cfg, changed, "base-v1", "fp", "sha") != three["shard-0"]  # one row less: another member
+
+
 def _train(tmp: Path, **ft_overrides: object):
     from mllm.modeling import build_base
     from mllm.train import train_member
