@@ -62,7 +62,8 @@ class ReviewClassifier(PythonModel):
         config = context.model_config or {}
         self.max_length = int(config.get("max_length", 128))
         self.batch_size = int(config.get("batch_size", 32))
-        if "checkpoint" in context.artifacts:
+        artifacts = context.artifacts or {}  # None while MLflow runs the input example at logging time
+        if "checkpoint" in artifacts:
             folders = [context.artifacts["checkpoint"]]
         else:  # an ensemble: its members are registered model versions
             folders = [_checkpoint(mlflow.artifacts.download_artifacts(uri)) for uri in config["members"]]

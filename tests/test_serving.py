@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,6 +31,12 @@ from .conftest import REPO
 REVIEWS = ["This medicine worked within a week and I have no side effects at all.",
            "Terrible headaches and nausea, I stopped after three days.",
            "It helped a little with the pain but I gained weight."]
+MLFLOW_WARNINGS: list[str] = []  # what MLflow's loggers warned about while the pipeline ran
+
+
+class Collect(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        MLFLOW_WARNINGS.append(f"{record.name}: {record.getMessage()}")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +47,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     tmp = tmp_path_factory.mktemp("serving")
     cwd = os.getcwd()
     os.chdir(tmp)
+    import mlflow  # noqa: F401  (importing it configures MLflow's loggers, which would drop a handler added before)
+
+    collect = Collect(logging.WARNING)
+    logging.getLogger("mlflow").addHandler(collect)
     try:
         cfg = load_config(REPO / "configs" / "tiny.yaml", [
             f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", f"output_dir={tmp}/out",
@@ -47,6 +58,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple:
         result = run(cfg)
     finally:
         os.chdir(cwd)
+        logging.getLogger("mlflow").removeHandler(collect)
     return cfg, result, tmp
 
 
@@ -113,6 +125,8 @@ def test_logged_models_carry_their_test_metrics(pipeline) -> None:
         assert {"test_accuracy", "test_nll", "test_ece", "test_macro_f1_ci_low"} <= set(metrics)
     ensemble = store.newest("ensemble")
     assert len(ensemble.tags["members"].split(",")) == 3 and ensemble.tags["member_0"].startswith("models:/")
+    # Logging runs every model on its input example (the ensemble loads its members then): none may fail.
+    assert not [w for w in MLFLOW_WARNINGS if "input example" in w], MLFLOW_WARNINGS
 
 
 def _free_port() -> int:
