@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--tracking-uri", required=True, help="The store mllm logged to (sqlite:///..., http://...).")
     parser.add_argument("--experiment", required=True, help="Experiment name (the config's `name`).")
     parser.add_argument("--out", type=Path, default=Path("ui-screenshots"))
-    parser.add_argument("--width", type=int, default=1600)
+    parser.add_argument("--width", type=int, default=2560)  # wide enough for the Models tab's metric columns
     parser.add_argument("--height", type=int, default=1000)
     parser.add_argument("--wait-ms", type=int, default=20000)
     args = parser.parse_args()
