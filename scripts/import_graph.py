@@ -5,75 +5,33 @@ who imports mlflow, and the longest chain of imports (the number of floors).
     python scripts/import_graph.py ../before  # another one (a `git worktree add ../before <commit>`)
 
 A pure AST scan (nothing from the package is imported), so it reads any commit. Imports at any depth count as
-edges, `if TYPE_CHECKING:` blocks included; tests/test_layout.py enforces the rules this only reports.
+edges, `if TYPE_CHECKING:` blocks included. The AST helpers are tests/test_layout.py's (loaded from this checkout,
+whichever checkout is scanned), which enforces the rules this only reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 from functools import cache
 from pathlib import Path
+from types import ModuleType
+
+LAYOUT = Path(__file__).resolve().parents[1] / "tests" / "test_layout.py"
+
+
+def layout_helpers() -> ModuleType:
+    """tests/test_layout.py, whose AST helpers (imports at any depth, mlflow imports, Tarjan's cycles) this reuses."""
+    spec = importlib.util.spec_from_file_location("mllm_test_layout", LAYOUT)
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    return helpers
 
 
 def module_name(root: Path, path: Path) -> str:
     parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def own_imports(module: str, is_package: bool, tree: ast.Module,
-                modules: set[str]) -> list[tuple[str, bool, ast.stmt]]:
-    """(imported mllm module, inside a function or class, the statement) for every import of mllm's modules."""
-    found = []
-
-    def visit(node: ast.AST, nested: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            inner = nested or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda)
-            if isinstance(child, ast.Import):
-                found.extend((a.name, nested, child) for a in child.names if a.name.split(".")[0] == "mllm")
-            elif isinstance(child, ast.ImportFrom):
-                base = child.module or ""
-                if child.level:
-                    parts = (module if is_package else module.rpartition(".")[0]).split(".")
-                    parts = parts[: len(parts) - (child.level - 1)]
-                    base = ".".join([*parts, *([child.module] if child.module else [])])
-                if base.split(".")[0] == "mllm":
-                    for alias in child.names:
-                        sub = f"{base}.{alias.name}"
-                        found.append((sub if sub in modules else base, nested, child))
-            visit(child, inner)
-
-    visit(tree, False)
-    return found
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    groups = []
-
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        for nxt in graph[node]:
-            if nxt not in index:
-                visit(nxt)
-                low[node] = min(low[node], low[nxt])
-            elif nxt in stack:
-                low[node] = min(low[node], index[nxt])
-        if low[node] == index[node]:
-            group = []
-            while (member := stack.pop()) != node:
-                group.append(member)
-            if group:
-                groups.append(sorted([node, *group]))
-
-    for node in sorted(graph):
-        if node not in index:
-            visit(node)
-    return groups
 
 
 def main() -> None:
@@ -83,22 +41,21 @@ def main() -> None:
     files = {module_name(root, p): p for p in sorted((root / "mllm").rglob("*.py"))}
     modules = set(files)
     lines = {m: len(p.read_text().splitlines()) for m, p in files.items()}
+    packages = {m for m, p in files.items() if p.name == "__init__.py"}
+    layout = layout_helpers()
     graph: dict[str, set[str]] = {m: set() for m in modules}
-    hidden = []
+    hidden = set()
     mlflow_users = set()
     for module, path in files.items():
         tree = ast.parse(path.read_text(), str(path))
-        for target, nested, statement in own_imports(module, path.name == "__init__.py", tree, modules):
-            if target in modules and target != module:
-                graph[module].add(target)
-                if nested and module != "mllm.cli" and statement not in hidden:
-                    hidden.append(statement)
-        for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            if any(n.split(".")[0] == "mlflow" for n in names):
-                mlflow_users.add(module)
-    groups = cycles(graph)
+        for imp in layout.imports_of(module, tree, modules, packages):
+            if imp.target in modules and imp.target != module:
+                graph[module].add(imp.target)
+                if not imp.top_level and module != "mllm.cli":
+                    hidden.add((module, imp.line))
+        if layout.mlflow_imports(module, tree):
+            mlflow_users.add(module)
+    groups = layout.cycle_groups(graph)
 
     @cache
     def chain(module: str, seen: frozenset[str] = frozenset()) -> tuple[str, ...]:
