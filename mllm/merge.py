@@ -205,8 +205,9 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     member_dirs = [store.download(uri) for uri in members]
     base_dir = store.download(base_uri) if base_uri else None
     # Before a run is opened: bad input leaves no trace.
-    check_members(member_dirs, base_dir, recipe.method, "--member" if given else f"{cfg.name}-finetuned member",
-                  "--base" if base else f"{cfg.name}-base")
+    check_members(member_dirs, base_dir, recipe.method,
+                  "--member" if given else f"{store.model_name('member')} member",
+                  "--base" if base else store.model_name("base"))
     check_weights(recipe, len(member_dirs))
     key = merge_key(recipe, members, base_uri, git_sha())
     made: dict[str, Any] = {}
@@ -228,7 +229,7 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
 
     version, reused = store.find_or_run("merged", key, make, force=force)
     if reused:
-        print(f"merge {recipe.method}: reusing {cfg.name}-merged version {version.version} (same recipe, parents, "
-              "code)")
+        print(f"merge {recipe.method}: reusing {store.model_name('merged')} version {version.version} "
+              "(same recipe, parents, code)")
     return MergeResult(store.model_uri("merged", version.version), str(version.version), version.run_id,
                        recipe.method, list(members), base_uri, made.get("dir"), reused=reused)

@@ -223,7 +223,8 @@ def open_study(cfg: ExperimentConfig, members: list[str] | None, base: str | Non
         base, members = registered_members(store)
     assert base is not None and members is not None
     check_members([store.download(u) for u in members], store.download(base), "ties",
-                  "--member" if given else f"{cfg.name}-finetuned member", "--base" if given else f"{cfg.name}-base")
+                  "--member" if given else f"{store.model_name('member')} member",
+                  "--base" if given else store.model_name("base"))
     name = study_name(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=st, directions=objectives(cfg), load_if_exists=True)
