@@ -29,20 +29,15 @@ def layout_helpers() -> ModuleType:
     return helpers
 
 
-def module_name(root: Path, path: Path) -> str:
-    parts = path.relative_to(root).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", nargs="?", type=Path, default=Path(__file__).resolve().parents[1])
     root = parser.parse_args().root.resolve()
-    files = {module_name(root, p): p for p in sorted((root / "mllm").rglob("*.py"))}
+    layout = layout_helpers()
+    files = {layout.module_name(p, root): p for p in sorted((root / "mllm").rglob("*.py"))}
     modules = set(files)
     lines = {m: len(p.read_text().splitlines()) for m, p in files.items()}
     packages = {m for m, p in files.items() if p.name == "__init__.py"}
-    layout = layout_helpers()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     hidden = set()
     mlflow_users = set()
@@ -51,7 +46,7 @@ def main() -> None:
         for imp in layout.imports_of(module, tree, modules, packages):
             if imp.target in modules and imp.target != module:
                 graph[module].add(imp.target)
-                if not imp.top_level and module != "mllm.cli":
+                if not imp.top_level and module not in layout.LAZY_IMPORT_MODULES:
                     hidden.add((module, imp.line))
         if layout.mlflow_imports(module, tree):
             mlflow_users.add(module)
@@ -68,7 +63,8 @@ def main() -> None:
     print(f"modules: {len(modules)}, lines: {sum(lines.values()):,}, largest: {largest} ({lines[largest]})")
     print(f"over 400 lines: {', '.join(f'{m} ({n})' for m, n in sorted(lines.items()) if n > 400) or 'none'}")
     print(f"import cycles: {len(groups)}" + "".join(f"\n  {' <-> '.join(g)}" for g in groups))
-    print(f"import statements of mllm modules inside functions/classes (cli.py left out): {len(hidden)}")
+    lazy = ", ".join(sorted(layout.LAZY_IMPORT_MODULES))
+    print(f"import statements of mllm modules inside functions/classes ({lazy} left out): {len(hidden)}")
     print(f"modules importing mlflow: {', '.join(sorted(mlflow_users))}")
     longest = max((chain(m) for m in sorted(modules)), key=len)
     print(f"longest import chain: {len(longest)} modules (floors): {' -> '.join(longest)}")
