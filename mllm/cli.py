@@ -244,7 +244,8 @@ def promote(
     storage: Annotated[str | None, field_option("storage", "Optuna storage URL.")] = None,
     study_name: Annotated[str | None, field_option("study_name", "Study name (default <experiment>-search).")] = None,
 ) -> None:
-    """Merge the search's best recipe with mergekit, evaluate it on test, set `challenger`, gate `champion`."""
+    """Merge the search's best recipe with mergekit, set `challenger`, gate `champion` on validation (promote.split),
+    then score it on test for the report."""
     from mllm.promote import run
 
     run(load_config(config, set_ or [], values=config_values(storage=storage or None, study_name=study_name or None)))
@@ -252,8 +253,8 @@ def promote(
 
 @app.command()
 def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """The whole flow: fine-tune, merge (linear, ties, dare_ties, dare_linear), evaluate, search, promote,
-    report; finished stages are reused."""
+    """The whole flow: fine-tune, merge (linear, ties, dare_ties, dare_linear, greedy soup), score on validation,
+    search, promote (decided on validation), evaluate on test once, report; finished stages are reused."""
     from mllm.pipeline import run
 
     cfg = load_config(config, set_ or [])
@@ -269,7 +270,8 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
                else f"Open the runs: mlflow ui --backend-store-uri {uri}")
     typer.echo(f"Compare the models (Models tab): {page}")
     typer.echo(f"Use the champion: mlflow.pyfunc.load_model('{result.champion}'), or mlflow models serve -m "
-               f"{result.champion} --env-manager local" if result.champion else "No champion was promoted.")
+               f"{result.champion} --env-manager local" if result.champion else
+               f"No merge earned @champion: {result.promotion}")
 
 
 # typer >= 0.24 bundles its own click: its exceptions are not the `click` package's, so take them from typer.

@@ -32,6 +32,7 @@ LABEL_NAMES: dict[str, tuple[str, ...]] = {
 }
 _RANGES = {"rating10": (1, 10), "stars5": (1, 5)}
 SPLITS = ("train", "validation", "test")
+SELECTION = "selection"  # held out of train when data.selection_fraction > 0: the promotion gate's split
 
 
 def clean_text(text: str) -> str:
@@ -142,8 +143,11 @@ def subsample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return pd.concat(parts).sort_values("_r").drop(columns="_r").reset_index(drop=True)
 
 
-def split_rows(rows: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
-    """Seeded, label-stratified train/validation/test split that keeps equal texts in one split."""
+def split_rows(rows: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
+               selection_fraction: float = 0.0) -> dict[str, pd.DataFrame]:
+    """Seeded, label-stratified train/validation/test (and selection, when `selection_fraction` > 0) split that
+    keeps equal texts in one split. The selection rows come out of train: test and validation are the same rows
+    with or without it."""
     keys = rows["text"].map(_key)
     groups = pd.DataFrame({"key": keys, "label": rows["label"]}).drop_duplicates("key")  # first label per text
     groups["rank"] = _order(seed, groups["key"])
@@ -151,11 +155,14 @@ def split_rows(rows: pd.DataFrame, val_fraction: float, test_fraction: float, se
     for _, g in groups.groupby("label"):
         g = g.sort_values("rank")
         n_test, n_val = round(len(g) * test_fraction), round(len(g) * val_fraction)
+        n_sel = round(len(g) * selection_fraction)
         for i, key in enumerate(g["key"]):
-            assign[key] = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+            assign[key] = ("test" if i < n_test else "validation" if i < n_test + n_val
+                           else SELECTION if i < n_test + n_val + n_sel else "train")
     where = keys.map(assign)
     ranked = rows.assign(_r=_order(seed, keys + "\x00" + rows["label"].astype(str)))
-    return {s: ranked[where == s].sort_values("_r").drop(columns="_r").reset_index(drop=True) for s in SPLITS}
+    names = (*SPLITS, SELECTION) if selection_fraction > 0 else SPLITS
+    return {s: ranked[where == s].sort_values("_r").drop(columns="_r").reset_index(drop=True) for s in names}
 
 
 def make_shards(train: pd.DataFrame, k: int, seed: int) -> list[pd.DataFrame]:
@@ -177,7 +184,7 @@ def make_shards(train: pd.DataFrame, k: int, seed: int) -> list[pd.DataFrame]:
 def fingerprint(splits: dict[str, pd.DataFrame], label_names: tuple[str, ...]) -> str:
     """sha256 (16 hex) of the label names and every split's (domain, label, text) rows in order."""
     h = hashlib.sha256(json.dumps(label_names).encode())
-    for name in SPLITS:
+    for name in [*SPLITS, *([SELECTION] if SELECTION in splits else [])]:
         h.update(f"\x01{name}\x01".encode())
         for domain, label, text in splits[name][["domain", "label", "text"]].itertuples(index=False):
             h.update(f"{domain}\x00{label}\x00{text}\x02".encode())
@@ -194,14 +201,19 @@ class SplitData:
     label_names: tuple[str, ...]
     fingerprint: str
     duplicates_dropped: dict[str, int] = field(default_factory=dict)
+    selection: pd.DataFrame | None = None  # data.selection_fraction > 0
 
     def split(self, name: str) -> pd.DataFrame:
+        if name == SELECTION:
+            if self.selection is None:
+                raise DataError("there is no selection split", "set data.selection_fraction > 0 (e.g. 0.15)")
+            return self.selection
         if name not in SPLITS:
-            raise DataError(f"unknown split {name!r}", f"use one of {', '.join(SPLITS)}")
+            raise DataError(f"unknown split {name!r}", f"use one of {', '.join((*SPLITS, SELECTION))}")
         return getattr(self, name)
 
     def sizes(self) -> dict[str, int]:
-        return {s: len(self.split(s)) for s in SPLITS}
+        return {s: len(self.split(s)) for s in (*SPLITS, *([SELECTION] if self.selection is not None else []))}
 
     def examples(self, n: int = 2) -> list[str]:
         """A few real reviews (from training data): the input example logged with every model."""
@@ -214,24 +226,25 @@ def split_dataset(rows: pd.DataFrame, cfg: DataConfig) -> tuple[dict[str, pd.Dat
     dropped = len(rows) - len(unique)
     if cfg.max_rows is not None:
         unique = subsample(unique, cfg.max_rows, cfg.seed)
-    return split_rows(unique, cfg.val_fraction, cfg.test_fraction, cfg.seed), dropped
+    return split_rows(unique, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.selection_fraction), dropped
 
 
 def load_splits(cfg: DataConfig) -> SplitData:
     """Read every configured dataset, then dedupe, subsample and split each one; concatenate per split."""
-    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
+    names = (*SPLITS, SELECTION) if cfg.selection_fraction > 0 else SPLITS
+    parts: dict[str, list[pd.DataFrame]] = {s: [] for s in names}
     dropped: dict[str, int] = {}
     for i, ds in enumerate(cfg.datasets):
         rows = load_dataset_rows(ds, cfg, i)
         split, dropped[ds.name] = split_dataset(rows, cfg)
         for name, frame in split.items():
             parts[name].append(frame)
-    splits = {s: pd.concat(parts[s], ignore_index=True) for s in SPLITS}
-    names = LABEL_NAMES[cfg.label_scheme]
-    for s in SPLITS:
+    splits = {s: pd.concat(parts[s], ignore_index=True) for s in names}
+    labels = LABEL_NAMES[cfg.label_scheme]
+    for s in names:
         if splits[s].empty:
             raise DataError(f"the {s} split is empty", "add data or raise data.val_fraction / data.test_fraction")
-    return SplitData(**splits, label_names=names, fingerprint=fingerprint(splits, names), duplicates_dropped=dropped)
+    return SplitData(**splits, label_names=labels, fingerprint=fingerprint(splits, labels), duplicates_dropped=dropped)
 
 
 def word_stats(texts: pd.Series) -> dict[str, float]:

@@ -11,7 +11,10 @@ prediction, logits). Inference is batched and length-sorted (longest first, padd
 longest review), in bf16 on CUDA.
 
 Baselines of a merged model: its members, the logit-average ensemble of the members (K forward passes per
-review: K times a merge's inference cost, reported as such), the base classifier, and `model.bigger_model`.
+review: K times a merge's inference cost, reported as such), the full-data member (trained on all the rows the
+shards split), the majority class, TF-IDF + logistic regression (`mllm.baselines`, registered as
+`<experiment>-tfidf`), the base classifier, and `model.bigger_model`. Scoring a registered merge or ensemble on the
+validation split records its figures on the version (`val_macro_f1`, `val_nll`): what later choices read.
 An evaluation is reused when the same model version was scored on the same data, split and settings: its
 logits are read back from predictions.csv. That is also why the ensemble costs no extra forward passes here.
 """
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mllm.baselines import ensure_tfidf, majority_logits, register_ensemble
 from mllm.basics import short_hash, slug
 from mllm.config.schema import EvaluateConfig, ExperimentConfig
 from mllm.data import SplitData, load_splits
@@ -53,6 +57,7 @@ class Candidate:
     reusable: bool = True  # False for local folders, whose contents may change under the same path
     parts: tuple[str, ...] = ()
     val_macro_f1: float | None = None  # recorded at registration (members): how the best member is chosen
+    val_nll: float | None = None  # breaks ties in validation macro-F1
     parents: tuple[str, ...] = ()
     base: str | None = None
     model_id: str | None = None  # the MLflow LoggedModel behind a registered version (its metrics go there too)
@@ -151,6 +156,10 @@ def describe(uri: str, store: Store, role: str | None = None) -> Candidate:
     tags = version.tags
     found = store.role_of(version.name)
     role = role or found
+    if found == "tfidf":
+        return Candidate(canonical, "tfidf", "tf-idf + logistic regression", f"C={tags.get('C', '?')}",
+                         val_macro_f1=float(tags["val_macro_f1"]) if tags.get("val_macro_f1") else None,
+                         model_id=store.model_id(version), label=f"tfidf v{version.version}")
     if found == "ensemble":  # scored from its members' logits, like the ensemble the report always has
         parts = tuple(p for p in tags.get("members", "").split(",") if p)
         return Candidate(canonical, "ensemble", "logit average", f"{len(parts)} members", parts=parts,
@@ -164,20 +173,25 @@ def describe(uri: str, store: Store, role: str | None = None) -> Candidate:
                  f"lambda={float(tags['lambda']):.3g}" if tags.get("lambda") and how and how.task_vector else "",
                  f"(search trial {tags['trial']})" if tags.get("trial") else ""]
         recipe = " ".join(p for p in parts if p)
+        if tags.get("soup"):
+            recipe = f"{tags['soup']} soup: {recipe}"
     elif found == "member":
         recipe = tags.get("member", "")
-    val = tags.get("val_macro_f1")
+    val, nll = tags.get("val_macro_f1"), tags.get("val_nll")
     method = tags.get("method", {"member": "fine-tuned"}.get(found, ""))
+    base = tags.get("base") or (store.model_uri("base", tags["base_version"]) if tags.get("base_version") else None)
     return Candidate(canonical, role, method, recipe, val_macro_f1=float(val) if val else None,
+                     val_nll=float(nll) if nll else None,
                      parents=tuple(p for p in tags.get("parents", "").split(",") if p),
-                     base=tags.get("base") or None, model_id=store.model_id(version),
+                     base=base, model_id=store.model_id(version),
                      label=f"{role} v{version.version} {tags.get('member') or method}".strip())
 
 
 def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool, store: Store) -> list[Candidate]:
     """What to score: the given models (default: every merge of the experiment's newest base), then for the
-    merges their members, the members' ensemble, the base, and model.bigger_model. Members come before the
-    ensemble, which is computed from their logits."""
+    merges their members, the members' ensemble, the full-data member, the base, and with any baselines the
+    majority class, TF-IDF and model.bigger_model. Members come before the ensemble, which is computed from their
+    logits."""
     for m in models or []:  # before any run is opened: unknown names, versions, runs, unusable folders
         store.check_uri(m, "--model")
     if baselines and cfg.model.bigger_model:
@@ -202,8 +216,15 @@ def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool, store
                                      f"{len(c.parents)} members", parts=c.parents,
                                      label=f"ensemble of {len(c.parents)}"))
             if c.base:
+                full = store.find_versions(store.model_name("member"), {"member": "full",
+                                                                         "base_version": c.base.rsplit("/", 1)[-1]})
+                if full:
+                    out.append(describe(store.model_uri("member", full[0].version), store, "full"))
                 out.append(describe(c.base, store, "base"))
     out += chosen
+    if baselines:
+        out += [Candidate("majority", "majority", "majority class", label="majority class"),
+                Candidate("tfidf", "tfidf", "tf-idf + logistic regression", label="tfidf")]  # fitted when scored
     if baselines and cfg.model.bigger_model:
         out.append(describe(cfg.model.bigger_model, store, "bigger"))
     unique: dict[str, Candidate] = {}
@@ -268,7 +289,7 @@ def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | Non
     frame = data.split(split).reset_index(drop=True)
     candidates = plan(cfg, models, cfg.evaluate.baselines if baselines is None else baselines, store)
     for c in candidates:  # local folders: their labels are known before anything is loaded or a run opened
-        if not c.parts and Path(c.uri).is_dir():
+        if not c.parts and c.role not in ("majority", "tfidf") and Path(c.uri).is_dir():
             check_labels(json.loads((Path(c.uri) / "config.json").read_text()), Path(c.uri).name, data.label_names,
                          "model.bigger_model" if c.role == "bigger" else "--model")
     done: dict[str, Evaluation] = {}
@@ -287,37 +308,26 @@ MODEL_METRICS = {"accuracy", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", 
                  "nll", "ece"}
 
 
-def register_ensemble(members: list[str], data: SplitData, store: Store) -> Any:
-    """The `<experiment>-ensemble` version averaging these members' logits (registered once per member set)."""
-    def make() -> Any:
-        with store.run(f"ensemble of {len(members)}", stage="ensemble", tags={"mllm.parents": ",".join(members)},
-                       log_config=False) as run_:
-            return store.register("ensemble", run_, None, {"members": ",".join(members), "ensemble_key": key,
-                                                           **{f"member_{i}": m for i, m in enumerate(members)}},
-                                  description=f"**Logit-average ensemble** of {len(members)} members (K forward "
-                                  "passes per review): " + ", ".join(f"`{m}`" for m in members),
-                                  examples=data.examples(), members=members, labels=data.label_names)
-
-    key = short_hash(members)
-    return store.find_or_run("ensemble", key, make)[0]
-
-
 def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitData, frame: pd.DataFrame,
                  done: dict[str, Evaluation], prefix: PrefixCache, store: Store) -> Evaluation:
     """One candidate's evaluation run, or the finished run with the same key (its logits read back)."""
     labels = frame["label"].to_numpy()
     dtype = str(resolve_device(cfg.model)[1] or "float32")
-    key = eval_key(c, split, data.fingerprint, cfg, dtype)
     fresh: dict[str, Evaluation] = {}
     if c.parts and c.model_id is None:  # the ensemble of these members, served and compared like the others
         version = register_ensemble(list(c.parts), data, store)
-        c = dataclasses.replace(c, model_id=store.model_id(version), label=f"ensemble v{version.version}")
+        c = dataclasses.replace(c, uri=store.model_uri("ensemble", version.version), model_id=store.model_id(version),
+                                label=f"ensemble v{version.version}")
+    if c.uri == "tfidf":  # the TF-IDF baseline of this data: fitted and registered once, then scored like the others
+        c = describe(store.model_uri("tfidf", ensure_tfidf(cfg, data, store).version), store, "tfidf")
+    key = eval_key(c, split, data.fingerprint, cfg, dtype)
 
     def make() -> Any:
         tags = {"mllm.eval_key": key, "mllm.model_uri": c.uri, "mllm.role": c.role, "mllm.method": c.method,
                 "mllm.recipe": c.recipe, "mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint,
-                "mllm.parents": ",".join(c.parts or c.parents),
-                **({"mllm.val_macro_f1": str(c.val_macro_f1)} if c.val_macro_f1 is not None else {})}
+                "mllm.parents": ",".join(c.parts or c.parents), "mllm.base": c.base or "",
+                **({"mllm.val_macro_f1": str(c.val_macro_f1)} if c.val_macro_f1 is not None else {}),
+                **({"mllm.val_nll": str(c.val_nll)} if c.val_nll is not None else {})}
         with store.run(f"eval {c.label or slug(c.uri)} on {split}"[:250], stage="evaluation", tags=tags,
                        log_config=False) as run_:
             start = time.perf_counter()
@@ -327,6 +337,13 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
                     raise ModelError(f"ensemble member {missing[0]} was not evaluated", "evaluate its members")
                 logits = np.mean([done[p].logits for p in c.parts], axis=0).astype(np.float32)
                 params, passes = sum(done[p].metrics["num_params"] for p in c.parts), len(c.parts)
+            elif c.role == "majority":  # the most frequent training label for every review
+                logits = majority_logits(data.train["label"].to_numpy(), len(data.label_names), len(labels))
+                params, passes = 0, 0
+            elif c.role == "tfidf":  # through its MLflow model, as a user would load it
+                probs = store.predict_proba(c.uri, frame["text"].tolist())
+                logits = np.log(np.clip(probs, 1e-30, None)).astype(np.float32)
+                params, passes = int(store.resolve(c.uri)[1].tags.get("num_params", 0)), 1
             else:
                 logits, params, replayed = model_logits(store.download(c.uri), frame["text"].tolist(),
                                                         data.label_names, cfg, f"{c.role} {c.uri}", prefix)
@@ -353,6 +370,9 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
             store.note_version(c.uri, f"{split} macro-F1", f"{metrics['macro_f1']:.4f} (CI "
                                f"{metrics['macro_f1_ci_low']:.3f}-{metrics['macro_f1_ci_high']:.3f}), accuracy "
                                f"{metrics['accuracy']:.4f}, {len(labels)} reviews")
+            if split == "validation" and c.role in ("merged", "ensemble"):  # what the report's choices read
+                store.tag_version(c.uri, {"val_macro_f1": round(metrics["macro_f1"], 6),
+                                          "val_nll": round(metrics["nll"], 6)})
         return fresh["ev"]
 
     found, reused = store.find_or_run("evaluation", key, make, force=not c.reusable)

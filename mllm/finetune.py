@@ -132,7 +132,7 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, *, parent_run_i
     if parent_run_id:
         return stage(parent_run_id)
     with store.run("finetune", stage="finetune", tags={"mllm.dataset_fingerprint": splits.fingerprint}) as run_:
-        run_.params({f"split.{k}": v for k, v in splits.sizes().items()})
+        run_.params({f"split.{k}": len(splits.split(k)) for k in ("train", "validation")})  # training reads no more
         run_.inputs({"train": splits.train, "validation": splits.validation}, cfg.name, splits.fingerprint)
         return stage(run_.id)
 

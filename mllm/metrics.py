@@ -8,7 +8,7 @@ reports come from the modules in `mllm/metric_modules`; tests check both impleme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -90,20 +90,52 @@ def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, num_labels: int, samples
     return out
 
 
+def bootstrap_p(count: int, samples: int) -> float:
+    """A bootstrap p-value: (1 + resamples at least as extreme) / (B + 1), never 0 (Davison & Hinkley 1997)."""
+    return min(1.0, (1 + count) / (samples + 1))
+
+
 @dataclass(frozen=True)
 class PairedTest:
-    """Model A against model B on the same rows."""
+    """Model A against model B on the same rows. `diffs` holds the B resampled macro-F1 differences (A - B), from
+    which the one-sided readings (`p_at_most`, `lower_bound`) come."""
 
     macro_f1_diff: float  # A - B
-    macro_f1_diff_ci: tuple[float, float]
-    bootstrap_p: float  # two-sided, H0: equal macro-F1
+    macro_f1_diff_ci: tuple[float, float]  # two-sided percentile interval at the requested confidence
+    bootstrap_p: float  # two-sided, H0: equal macro-F1; (1 + count) / (B + 1)
     mcnemar_p: float  # exact two-sided, H0: equal accuracy
     a_only_correct: int
     b_only_correct: int
+    diffs: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def samples(self) -> int:
+        return len(self.diffs)
+
+    def p_at_most(self, threshold: float) -> float:
+        """One-sided p-value of H0: difference <= threshold (small: A beats B by more than `threshold`)."""
+        return bootstrap_p(int((self.diffs <= threshold).sum()), self.samples)
+
+    def p_at_least(self, threshold: float) -> float:
+        """One-sided p-value of H0: difference >= threshold (small: A is worse than B by more than -threshold)."""
+        return bootstrap_p(int((self.diffs >= threshold).sum()), self.samples)
+
+    def lower_bound(self, alpha: float) -> float:
+        """The one-sided (1 - alpha) lower confidence bound of the difference (percentile bootstrap)."""
+        return float(np.percentile(self.diffs, alpha * 100))
+
+    def upper_bound(self, alpha: float) -> float:
+        return float(np.percentile(self.diffs, 100 - alpha * 100))
+
+    def summary(self) -> dict[str, float | int | list[float]]:
+        """JSON-ready figures (the resampled differences left out)."""
+        return {"macro_f1_diff": self.macro_f1_diff, "macro_f1_diff_ci": list(self.macro_f1_diff_ci),
+                "bootstrap_p": self.bootstrap_p, "mcnemar_p": self.mcnemar_p, "a_only_correct": self.a_only_correct,
+                "b_only_correct": self.b_only_correct, "samples": self.samples}
 
 
 def paired_test(labels: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray, num_labels: int,
-                samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> PairedTest:
+                samples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> PairedTest:
     """Paired bootstrap of the macro-F1 difference (same resampled rows for both) and McNemar's exact test."""
     from scipy.stats import binomtest
 
@@ -114,11 +146,24 @@ def paired_test(labels: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray, nu
     d = np.concatenate(diffs)
     tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(d, [tail, 100 - tail])
-    # Two-sided: how often the resampled difference lands on either side of zero.
-    p_boot = float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
+    # Two-sided: twice the smaller tail beyond zero, each tail counted as (1 + count) / (B + 1).
+    p_boot = min(1.0, 2 * bootstrap_p(int(min((d <= 0).sum(), (d >= 0).sum())), len(d)))
     point = (_macro_f1_rows(confusion(labels, preds_a, num_labels)[None])
              - _macro_f1_rows(confusion(labels, preds_b, num_labels)[None]))[0]
     a_right, b_right = preds_a == labels, preds_b == labels
     only_a, only_b = int((a_right & ~b_right).sum()), int((b_right & ~a_right).sum())
     p_mcnemar = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
-    return PairedTest(float(point), (float(lo), float(hi)), p_boot, p_mcnemar, only_a, only_b)
+    return PairedTest(float(point), (float(lo), float(hi)), p_boot, p_mcnemar, only_a, only_b, d)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as given): control the family-wise error rate over the
+    comparisons; reject those with adjusted p < alpha."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted

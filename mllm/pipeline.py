@@ -1,14 +1,17 @@
-"""The whole flow (`mllm pipeline`, MLproject entry point `main`): fine-tune, merge, evaluate, search,
-promote, report, in one parent MLflow run.
+"""The whole flow (`mllm pipeline`, MLproject entry point `main`): fine-tune, merge, score on validation, search,
+promote, then one final evaluation on test and the report, in one parent MLflow run.
 
     mllm pipeline                              # configs/default.yaml's values: SmolLM2-135M on the Drugs.com sample
     mlflow run . -e main -P config=configs/tiny.yaml --env-manager local
 
 Each stage hands the next what it made, as the MLflow multistep example does: fine-tune gives the base and
-member URIs that every merge and the search use; the merges give the URIs that evaluate scores. Finished
-stages are reused, not redone, when their inputs and the code version match: registered members (by member
-key), merges (by merge key), evaluations (by evaluation key), the study (a rerun continues it up to
-search.n_trials finished trials) and the promoted merge (by merge key).
+member URIs that every merge and the search use; the merges (the standard methods, linear being the uniform soup,
+and the greedy soup) give the URIs that evaluate scores. Every choice reads validation (or the selection split):
+the best member, the greedy soup, the search and the promotion gate. The test split is read once, by the final
+evaluation, after every decision is made. Finished stages are reused, not redone, when their inputs and the code
+version match: registered members (by member key), merges (by merge key), evaluations (by evaluation key), the
+TF-IDF baseline (by data), the study (a rerun continues it up to search.n_trials finished trials) and the promoted
+merge (by merge key).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mllm import evaluate, finetune, merge, promote, report, search
+from mllm import evaluate, finetune, merge, promote, report, search, soups
 from mllm.config.schema import ExperimentConfig
 from mllm.store import Store
 
@@ -32,6 +35,12 @@ class PipelineResult:
     champion: str | None
     stage_seconds: dict[str, float]
     experiment_id: str
+    promotion: str  # the gate's reason
+
+
+def final_evaluation(cfg: ExperimentConfig, merges: list[str], store: Store) -> Any:
+    """The only reading of the test split: every merge and its baselines, after every decision is made."""
+    return evaluate.run(cfg, merges, split="test", store=store)
 
 
 def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METHODS) -> PipelineResult:
@@ -50,16 +59,22 @@ def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METH
         trained = timed("finetune", finetune.run, cfg)
         members = [m.model_uri for m in sorted(trained.members, key=lambda m: m.name) if m.name != "full"]
         merges = [timed("merge", merge.run, cfg.model_copy(update={"merge": cfg.merge.model_copy(
-            update={"method": method})}), members, trained.base_uri).model_uri for method in standard_methods]
-        # One frozen-prefix cache for every test-split scoring of the run (baselines, merges, the promoted one).
+            update={"method": method})}), members, trained.base_uri,
+            tags={"soup": "uniform"} if method == "linear" else None).model_uri for method in standard_methods]
+        if len(members) > 1:
+            merges.append(timed("merge", soups.greedy_soup, cfg, members, trained.base_uri).model_uri)
+        # Validation figures of every merge and baseline: what the report's choices read (never test).
         prefix = evaluate.new_prefix_cache(cfg)
-        scored = timed("evaluate", evaluate.run, cfg, merges, prefix=prefix)
+        timed("validate", evaluate.run, cfg, merges, split="validation", prefix=prefix)
         timed("search", search.run, cfg, members, trained.base_uri)
-        promoted = timed("promote", promote.run, cfg, prefix=prefix)
-        runs = list(dict.fromkeys([*(e.run_id for e in scored.evaluations), promoted.evaluation_run_id]))
-        rep = timed("report", report.run, cfg, evaluations=runs)
+        promoted = timed("promote", promote.run, cfg, prefix=prefix, report_test=False)
+        scored = timed("evaluate", final_evaluation, cfg, list(dict.fromkeys([*merges, promoted.model_uri])))
+        rep = timed("report", report.run, cfg, evaluations=[e.run_id for e in scored.evaluations])
         parent.metrics({f"{k}_s": v for k, v in seconds.items()})
         champion = store.model_uri("merged", promoted.champion_after) if promoted.champion_after else ""
-        parent.tags({"mllm.champion": champion})
+        parent.tags({"mllm.champion": champion, "mllm.promotion": promoted.decision.reason})
+    if not promoted.champion_after:
+        print(f"pipeline: no merge earned @champion ({promoted.decision.reason})")
     return PipelineResult(parent.id, rep.markdown, f"models:/{store.model_name('merged')}@champion" if champion
-                          else None, seconds, store.client.get_run(parent.id).info.experiment_id)
+                          else None, seconds, store.client.get_run(parent.id).info.experiment_id,
+                          promoted.decision.reason)

@@ -1,14 +1,19 @@
-"""`mllm promote`: materialise the search's best recipe with mergekit, score it on test, and gate `champion`.
+"""`mllm promote`: materialise the search's best recipe with mergekit, and let the gate decide on validation
+whether it becomes `champion`.
 
     mllm promote -c configs/tiny.yaml                 # the best trial of <experiment>-search
     mllm promote --study-name drugs-1 --storage postgresql+psycopg2://...
 
 The best trial's recipe (validation macro-F1) is merged by mergekit's `run_merge` (the same maths the
-in-memory trial used; tests hold them equal), registered as a version of `<experiment>-merged` tagged with
-its study and trial, and evaluated on the test split: the first time anything reads test. It gets alias
-`challenger`. It takes `champion` only if there is none, or if its test macro-F1 beats the champion's by more
-than `promote.margin` and the paired test (`promote.test`: bootstrap of the macro-F1 difference, or McNemar)
-gives p < `promote.alpha`; otherwise the reason is printed, tagged on the version and logged.
+in-memory trial used; tests hold them equal), registered as a version of `<experiment>-merged` tagged with its
+study and trial, and gets alias `challenger`. The gate reads `promote.split` (validation, or a selection split
+carved from train), never test, with paired bootstrap tests (`promote.bootstrap_samples`, at least 10,000):
+1. non-inferiority to the best member (chosen by validation, `mllm.selection`): the one-sided (1 - alpha) lower
+   confidence bound of (challenger - best member) macro-F1 must exceed -`promote.non_inferiority_margin`;
+2. with a champion, superiority: the lower bound of (challenger - champion) must exceed `promote.margin`.
+A challenger that fails stays `challenger`; the reason is printed, tagged on the version (with the figures the
+decision used) and written into its description. Only then is the challenger scored on test, for the report
+(the pipeline leaves that to its final evaluation).
 
 Alias updates are last-writer-wins, so the read-compare-move runs under a lock held in the search storage
 database (`mllm.locks`): two promoters at once are serialised, and the second compares itself with the
@@ -18,7 +23,7 @@ first's result, so `champion` never ends on the worse model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +34,7 @@ from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.locks import db_lock
 from mllm.metrics import macro_f1, paired_test
+from mllm.selection import best_member
 from mllm.store import Store
 from mllm.study import best, open_storage, study_name
 
@@ -37,82 +43,106 @@ from mllm.study import best, open_storage, study_name
 class Decision:
     promote: bool
     reason: str
-    p_value: float | None = None
-    macro_f1_diff: float | None = None
+    figures: dict[str, Any] = field(default_factory=dict)  # what the decision read (tagged on the version)
 
 
 @dataclass(frozen=True)
 class PromoteResult:
     model_uri: str
     version: str
-    test_macro_f1: float
+    split: str  # the split the gate decided on
+    macro_f1: float  # the challenger's macro-F1 on that split
     champion_before: str | None
     champion_after: str | None
     decision: Decision
     run_id: str
-    evaluation_run_id: str  # the challenger's test-split evaluation
+    evaluation_run_id: str  # the challenger's evaluation on the decision split
+    test_macro_f1: float | None = None  # scored after the decision, for the report only
+    test_evaluation_run_id: str | None = None
 
 
-def decide(labels: np.ndarray, challenger: np.ndarray, champion: np.ndarray | None, k: int,
-           cfg: ExperimentConfig) -> Decision:
-    """The gate, on test-split predictions (class ids) of the challenger and the current champion."""
+def decide(labels: np.ndarray, challenger: np.ndarray, reference: tuple[str, np.ndarray] | None,
+           champion: tuple[str, np.ndarray] | None, k: int, cfg: ExperimentConfig) -> Decision:
+    """The gate, on predictions (class ids) of `promote.split`: non-inferiority to the best member, then
+    superiority over the champion by `promote.margin`, each as a one-sided (1 - alpha) lower confidence bound."""
+    p, split = cfg.promote, cfg.promote.split
+    level = f"one-sided {1 - p.alpha:.0%} lower bound"
+    figures: dict[str, Any] = {"split": split, "rows": len(labels), "alpha": p.alpha,
+                               "bootstrap_samples": p.bootstrap_samples,
+                               "challenger_macro_f1": round(macro_f1(labels, challenger, k), 6)}
+    notes = []
+    if reference is not None:  # the best member
+        uri, preds = reference
+        t = paired_test(labels, challenger, preds, k, p.bootstrap_samples, 1 - 2 * p.alpha, cfg.evaluate.seed)
+        bound, p_ni = t.lower_bound(p.alpha), t.p_at_most(-p.non_inferiority_margin)
+        figures.update(best_member=uri, best_member_macro_f1=round(macro_f1(labels, preds, k), 6),
+                       diff_vs_best_member=round(t.macro_f1_diff, 6), lower_bound_vs_best_member=round(bound, 6),
+                       p_non_inferior=p_ni, non_inferiority_margin=p.non_inferiority_margin)
+        summary = (f"{split} macro-F1 {figures['challenger_macro_f1']:.4f} vs best member {uri} "
+                   f"{figures['best_member_macro_f1']:.4f} (diff {t.macro_f1_diff:+.4f}, {level} {bound:+.4f}, "
+                   f"margin -{p.non_inferiority_margin:g}, p={p_ni:.4g})")
+        if p_ni >= p.alpha:
+            return Decision(False, f"not shown non-inferior to the best member: {summary}", figures)
+        notes.append(f"non-inferior to the best member: {summary}")
     if champion is None:
-        return Decision(True, "no champion yet")
-    p = cfg.promote
-    test = paired_test(labels, challenger, champion, k, p.bootstrap_samples, 1 - p.alpha, cfg.evaluate.seed)
-    diff = test.macro_f1_diff
-    p_value = test.bootstrap_p if p.test == "bootstrap" else test.mcnemar_p
-    summary = (f"test macro-F1 {macro_f1(labels, challenger, k):.4f} vs champion {macro_f1(labels, champion, k):.4f}"
-               f" (diff {diff:+.4f}, margin {p.margin}, {p.test} p={p_value:.3f}, alpha {p.alpha})")
-    if diff <= p.margin:
-        return Decision(False, f"not better by the margin: {summary}", p_value, diff)
-    if p_value >= p.alpha:
-        return Decision(False, f"not significant: {summary}", p_value, diff)
-    return Decision(True, f"better: {summary}", p_value, diff)
+        return Decision(True, "; ".join(["no champion yet", *notes]), figures)
+    version, preds = champion
+    t = paired_test(labels, challenger, preds, k, p.bootstrap_samples, 1 - 2 * p.alpha, cfg.evaluate.seed)
+    bound, p_sup = t.lower_bound(p.alpha), t.p_at_most(p.margin)
+    figures.update(champion=version, champion_macro_f1=round(macro_f1(labels, preds, k), 6),
+                   diff_vs_champion=round(t.macro_f1_diff, 6), lower_bound_vs_champion=round(bound, 6),
+                   p_better_than_champion=p_sup, margin=p.margin)
+    summary = (f"{split} macro-F1 {figures['challenger_macro_f1']:.4f} vs champion version {version} "
+               f"{figures['champion_macro_f1']:.4f} (diff {t.macro_f1_diff:+.4f}, {level} {bound:+.4f}, margin "
+               f"{p.margin:g}, p={p_sup:.4g})")
+    if p_sup >= p.alpha:
+        return Decision(False, "; ".join([f"not better than the champion by the margin: {summary}", *notes]), figures)
+    return Decision(True, "; ".join([f"better than the champion: {summary}", *notes]), figures)
 
 
-def gate(cfg: ExperimentConfig, store: Store, version: str, labels: np.ndarray, preds: np.ndarray, k: int,
+def gate(cfg: ExperimentConfig, store: Store, version: str, labels: np.ndarray, preds: np.ndarray,
+         reference: tuple[str, np.ndarray] | None, k: int,
          champion_preds: Callable[[str], np.ndarray]) -> tuple[str | None, Decision]:
     """Under the champion lock: read the champion, decide, move the alias. Returns (champion before, decision).
-    `champion_preds(version)` gives a registered version's test predictions."""
+    `reference`: (URI, predictions) of the best member; `champion_preds(version)` gives a registered version's
+    predictions on `promote.split`."""
     with db_lock(cfg.search.storage, f"{store.model_name('merged')}@champion"):
         current = store.alias_version("merged", "champion")
         before = str(current.version) if current is not None else None
         if before == version:
             return before, Decision(False, "already the champion")
-        decision = decide(labels, preds, champion_preds(before) if before else None, k, cfg)
+        decision = decide(labels, preds, reference, (before, champion_preds(before)) if before else None, k, cfg)
         if decision.promote:
             store.set_alias("merged", "champion", version)
     return before, decision
 
 
-def paragraph(uri: str, trial: int, method: str, test_macro_f1: float, before: str | None, decision: Decision,
+def paragraph(uri: str, trial: int, method: str, split: str, score: float, before: str | None, decision: Decision,
               store: Store) -> str:
     """What promote did, in one paragraph (printed, and the gist of it in the version's description)."""
     name = store.model_name("merged")
-    if before is None:
-        replaced = "there was no champion before, so it became the first"
-    elif decision.promote:
-        replaced = f"it replaced {name} version {before} as champion"
+    if decision.promote:
+        replaced = f"it replaced {name} version {before} as champion" if before else \
+            "there was no champion before, so it became the first"
     elif before == uri.rsplit("/", 1)[-1]:
         replaced = "it already was the champion"
-    else:
+    elif before:
         replaced = f"version {before} stays champion"
-    return (f"promote: {uri} (search trial {trial}, {method}, test macro-F1 {test_macro_f1:.4f}) is "
+    else:
+        replaced = "there is still no champion: no merge has earned the alias"
+    return (f"promote: {uri} (search trial {trial}, {method}, {split} macro-F1 {score:.4f}) is "
             f"{name}@challenger; {'it is now @champion' if decision.promote else 'it did not take @champion'}: "
-            f"{replaced}. Gate: {decision.reason}.")
+            f"{replaced}. Gate ({split} split only): {decision.reason}.")
 
 
-def record(store: Store, uri: str, version: str, before: str | None, decision: Decision,
-           cfg: ExperimentConfig) -> None:
-    """The promotion decision where people look: the version's description and tags."""
+def record(store: Store, uri: str, version: str, before: str | None, decision: Decision) -> None:
+    """The promotion decision where people look: the version's description and tags (with the figures it used)."""
     replaced = f"version {before}" if before else "none (first champion)"
     outcome = "became champion" if decision.promote else "stays challenger"
     store.note_version(uri, "promotion", f"{outcome}; champion before: {replaced}; {decision.reason}")
     store.set_version_tags("merged", version, {
-        "promotion_replaced": replaced, "promotion_test": cfg.promote.test,
-        "promotion_macro_f1_diff": "" if decision.macro_f1_diff is None else f"{decision.macro_f1_diff:+.4f}",
-        "promotion_p_value": "" if decision.p_value is None else f"{decision.p_value:.4g}"})
+        "promotion_outcome": outcome, "promotion_replaced": replaced,
+        **{f"promotion_{k}": v for k, v in decision.figures.items()}})
 
 
 def best_recipe(cfg: ExperimentConfig) -> tuple[Any, MergeConfig, list[str], str]:
@@ -134,31 +164,45 @@ def best_recipe(cfg: ExperimentConfig) -> tuple[Any, MergeConfig, list[str], str
 
 
 def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = None,
-        store: Store | None = None) -> PromoteResult:
-    """Merge the best trial's recipe with mergekit, evaluate it on test, set challenger, gate champion."""
+        store: Store | None = None, report_test: bool = True) -> PromoteResult:
+    """Merge the best trial's recipe with mergekit, set challenger, gate champion on `promote.split`; then (with
+    `report_test`) score the challenger on test for the report."""
     store = store or Store(cfg)
     top, recipe, members, base = best_recipe(cfg)
-    name = study_name(cfg)
+    name, split = study_name(cfg), cfg.promote.split
     with store.run(f"promote-{name}", stage="promote", parent_run_id=parent_run_id,
-                   tags={"mllm.study": name, "mllm.trial": top.number}) as run_:
+                   tags={"mllm.study": name, "mllm.trial": top.number, "mllm.promote_split": split}) as run_:
         merged = merge.run(cfg.model_copy(update={"merge": recipe}), members, base, store=store,
                            tags={"study": name, "trial": top.number, "val_macro_f1": round(top.values[0], 6)})
 
-        def test_logits(uri: str) -> Any:  # reused when that version was scored on this data
-            return evaluate.run(cfg, [uri], split="test", baselines=False, prefix=prefix, store=store).evaluations[0]
+        def scored(uris: list[str]) -> list[Any]:  # reused when that version was scored on this data and split
+            return evaluate.run(cfg, uris, split=split, baselines=False, prefix=prefix, store=store).evaluations
 
-        scored = test_logits(merged.model_uri)
+        found = {e.candidate.uri: e for e in scored([merged.model_uri, *members])}
+        challenger = found[merged.model_uri]
+        top_member, refused = best_member([(m, found[m].candidate.val_macro_f1, found[m].candidate.val_nll)
+                                     for m in members])
+        for line in refused:
+            print(f"promote: {line}")
         store.set_alias("merged", "challenger", merged.version)
-        before, decision = gate(cfg, store, merged.version, scored.labels, scored.logits.argmax(1),
-                                scored.logits.shape[1],
-                                lambda v: test_logits(store.model_uri("merged", v)).logits.argmax(1))
+        k = challenger.logits.shape[1]
+        before, decision = gate(cfg, store, merged.version, challenger.labels, challenger.logits.argmax(1),
+                                (top_member, found[top_member].logits.argmax(1)) if top_member else None, k,
+                                lambda v: scored([store.model_uri("merged", v)])[0].logits.argmax(1))
         after = store.alias_version("merged", "champion")
-        record(store, merged.model_uri, merged.version, before, decision, cfg)
+        record(store, merged.model_uri, merged.version, before, decision)
         run_.tags({"mllm.promoted": decision.promote, "mllm.promotion": decision.reason,
                    "mllm.model_uri": merged.model_uri})
-        run_.metrics({"test_macro_f1": scored.metrics["macro_f1"], "test_accuracy": scored.metrics["accuracy"],
-                      **({"p_value": decision.p_value} if decision.p_value is not None else {})})
-    print(paragraph(merged.model_uri, top.number, recipe.method, scored.metrics["macro_f1"], before, decision,
-                    store))
-    return PromoteResult(merged.model_uri, merged.version, scored.metrics["macro_f1"], before,
-                         str(after.version) if after is not None else None, decision, run_.id, scored.run_id)
+        run_.metrics({f"{split}_macro_f1": challenger.metrics["macro_f1"],
+                      **{k_: v for k_, v in decision.figures.items() if isinstance(v, float | int)}})
+        print(paragraph(merged.model_uri, top.number, recipe.method, split, challenger.metrics["macro_f1"], before,
+                        decision, store))
+        test = None
+        if report_test:  # after the decision: the test split reports, it decides nothing
+            test = evaluate.run(cfg, [merged.model_uri], split="test", baselines=False, store=store).evaluations[0]
+            run_.metrics({"test_macro_f1": test.metrics["macro_f1"], "test_accuracy": test.metrics["accuracy"]})
+            print(f"promote: {merged.model_uri} test macro-F1 {test.metrics['macro_f1']:.4f} (reported; it decided "
+                  "nothing)")
+    return PromoteResult(merged.model_uri, merged.version, split, challenger.metrics["macro_f1"], before,
+                         str(after.version) if after is not None else None, decision, run_.id, challenger.run_id,
+                         test.metrics["macro_f1"] if test else None, test.run_id if test else None)

@@ -15,11 +15,15 @@ HTTP), an empty list gives an empty answer, a non-string is refused in one line 
 not converted by MLflow: pass `series.tolist()`.
 
 This file is logged as "model from code" (MLflow copies it into the model; nothing is pickled): it imports only
-mlflow, numpy, pandas, torch and transformers, so a served model needs no mllm installed. Two kinds:
+mlflow, numpy, pandas, torch and transformers (scikit-learn for TF-IDF), so a served model needs no mllm installed.
+Three kinds:
 - a single classifier: its Hugging Face folder is the model's `checkpoint` artifact (the one copy of the weights,
   which mllm's own stages read too);
 - the logit-average ensemble of registered members: `model_config["members"]` lists their model URIs, which are
-  downloaded when the ensemble loads (their weights are not copied into it).
+  downloaded when the ensemble loads (their weights are not copied into it);
+- the TF-IDF + logistic-regression baseline: its `tfidf` artifact holds `tfidf.json` (vocabulary, settings,
+  labels) and `tfidf.safetensors` (idf, coefficients, intercepts); features are rebuilt with scikit-learn's
+  CountVectorizer on the fixed vocabulary, then sublinear tf, idf and L2 norm, as TfidfVectorizer computes them.
 Inference mirrors `mllm evaluate`: right padding (pad = EOS when the tokenizer has none), truncation to
 `max_length`, length-sorted batches, fp32 on the CPU; weights from safetensors only, never remote code.
 """
@@ -52,6 +56,32 @@ def _checkpoint(model_dir: str) -> str:
     return os.path.join(model_dir, meta["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"])
 
 
+def load_tfidf(folder: str) -> dict[str, Any]:
+    """A saved TF-IDF + logistic-regression model: settings and vocabulary (JSON), arrays (safetensors)."""
+    import json
+    import os
+
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(folder, "tfidf.json")) as f:
+        model = json.load(f)
+    return {**model, **load_file(os.path.join(folder, "tfidf.safetensors"))}
+
+
+def tfidf_logits(model: dict[str, Any], texts: list[str]) -> np.ndarray:
+    """Class scores (softmax gives the probabilities) of a saved TF-IDF model: TfidfVectorizer's features
+    (counts on the fixed vocabulary, 1 + log tf, times idf, L2-normalised rows), then the linear layer."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.preprocessing import normalize
+
+    counts = CountVectorizer(vocabulary=model["vocabulary"], ngram_range=tuple(model["ngram_range"]),
+                             lowercase=model["lowercase"], dtype=np.float64).transform(texts).tocsr()
+    if model["sublinear_tf"]:
+        counts.data = 1.0 + np.log(counts.data)
+    features = normalize(counts.multiply(model["idf"].astype(np.float64)).tocsr())
+    return np.asarray(features @ model["coef"].astype(np.float64).T + model["intercept"], dtype=np.float32)
+
+
 class ReviewClassifier(PythonModel):
     """Review text -> label and class probabilities (the logit average of several classifiers for an ensemble)."""
 
@@ -63,6 +93,11 @@ class ReviewClassifier(PythonModel):
         self.max_length = int(config.get("max_length", 128))
         self.batch_size = int(config.get("batch_size", 32))
         artifacts = context.artifacts or {}  # None while MLflow runs the input example at logging time
+        self.tfidf: dict[str, Any] | None = None
+        if "tfidf" in artifacts:
+            self.tfidf = load_tfidf(artifacts["tfidf"])
+            self.labels = list(self.tfidf["labels"])
+            return
         if "checkpoint" in artifacts:
             folders = [context.artifacts["checkpoint"]]
         else:  # an ensemble: its members are registered model versions
@@ -102,8 +137,11 @@ class ReviewClassifier(PythonModel):
     def predict(self, model_input: list[str], params: dict[str, Any] | None = None) -> list[Prediction]:
         if not model_input:
             return []
-        logits = np.mean([self._logits(m, t, list(model_input))
-                          for m, t in zip(self.models, self.tokenizers, strict=True)], axis=0)
+        if self.tfidf is not None:
+            logits = tfidf_logits(self.tfidf, list(model_input))
+        else:
+            logits = np.mean([self._logits(m, t, list(model_input))
+                              for m, t in zip(self.models, self.tokenizers, strict=True)], axis=0)
         shifted = logits - logits.max(1, keepdims=True)
         probs = np.exp(shifted) / np.exp(shifted).sum(1, keepdims=True)
         return [Prediction(label=self.labels[i], probabilities={n: float(p[j]) for j, n in enumerate(self.labels)})

@@ -1,20 +1,24 @@
-"""`mllm report EXPERIMENT`: the comparison table of an experiment's evaluations on one split.
+"""`mllm report EXPERIMENT`: the comparison table of one base's and one member set's evaluations on one split, the
+paired tests against the best member, and what the numbers allow one to say.
 
     mllm report drugscom                 # test split, newest evaluation per model
     mllm report tiny -c configs/tiny.yaml --split validation
 
-Reads the evaluation runs the evaluate stage logged (nothing is re-scored), keeps those on the newest
-evaluated data (dataset fingerprint) and the newest per model, and compares each non-member model with the
-best member, chosen by validation macro-F1 (recorded when it was registered), so the choice never looks at
-the split being reported. The paired test resamples the same reviews for both models (bootstrap of the
-macro-F1 difference) and counts the reviews only one of them gets right (McNemar, exact). The table is
-printed and logged as `report.md` (plus `report.json`) in a `report` run.
+Reads the evaluation runs the evaluate stage logged (nothing is re-scored): the newest per model on the newest
+evaluated data, scoped to the member set (and base) of the newest merge, so evaluations of other member sets that
+share the data are never pooled. Two choices are made, both on validation figures recorded before this split was
+read (`mllm.selection`): the best member, and the selected merge (highest validation macro-F1 among the merges).
+Every other model is compared with the best member, and the selected merge with the ensemble and the bigger model,
+by a paired bootstrap of the macro-F1 difference (p = (1 + count) / (B + 1)); Holm's correction runs over all of
+these comparisons. Below the table, one sentence per question says "better", "worse" or "not distinguishable at
+this size", with the non-inferiority reading beside it. The table is printed and logged as `report.md` (plus
+`report.json` and an MLflow table) in a `report` run.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +27,14 @@ import pandas as pd
 
 from mllm.config.schema import ExperimentConfig
 from mllm.errors import MllmError
-from mllm.metrics import PairedTest, paired_test
+from mllm.metrics import PairedTest, holm, paired_test
+from mllm.selection import best_member, reading
 from mllm.store import Store
 
-ROLE_ORDER = {"merged": 0, "ensemble": 1, "member": 2, "base": 3, "bigger": 4, "model": 5}
+ROLE_ORDER = {"merged": 0, "ensemble": 1, "member": 2, "full": 3, "bigger": 4, "tfidf": 5, "majority": 6, "base": 7,
+              "model": 8}
+ROLE_NAMES = {"full": "full-data member", "tfidf": "TF-IDF baseline", "majority": "majority baseline",
+              "bigger": "bigger model"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,16 @@ class Row:
     metrics: dict[str, float]
     cost: float  # forward-pass parameters per review, relative to one member
     run_id: str
-    versus_best_member: PairedTest | None = None
+    val_macro_f1: float | None = None
+    notes: tuple[str, ...] = ()  # "predicts one class"
+    decisions: tuple[str, ...] = ()  # the validation decisions it took part in (none read this split)
+    versus_best_member: PairedTest | None = field(default=None, repr=False)
+    p_holm: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "versus_best_member"}
+        out["versus_best_member"] = self.versus_best_member.summary() if self.versus_best_member else None
+        return out
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,9 @@ class ReportResult:
     best_member: str | None
     markdown: str
     run_id: str | None
+    selected_merge: str | None = None
+    verdicts: list[str] = field(default_factory=list)
+    comparisons: int = 0  # the Holm family's size
 
 
 def collect(store: Store, experiment: str, split: str) -> list[Any]:
@@ -65,65 +85,176 @@ def collect(store: Store, experiment: str, split: str) -> list[Any]:
     return list(newest.values())
 
 
-def _predictions(store: Store, run_id: str, dst: Path) -> pd.DataFrame:
-    return pd.read_csv(store.run_artifact(run_id, "predictions.csv", dst / run_id), keep_default_na=False)
+def scope(runs: list[Any]) -> list[Any]:
+    """Only the member set and base of the newest merge (or ensemble): members outside the set, merges and
+    ensembles of other sets, and other bases' full-data members are left out (never pooled)."""
+    def parents(r: Any) -> frozenset[str]:
+        return frozenset(p for p in r.data.tags.get("mllm.parents", "").split(",") if p)
+
+    anchor = next((r for r in runs if r.data.tags.get("mllm.role") in ("merged", "ensemble")), None)
+    if anchor is None:
+        return runs
+    members, base = parents(anchor), anchor.data.tags.get("mllm.base", "")
+    kept = []
+    for r in runs:
+        role, t = r.data.tags.get("mllm.role"), r.data.tags
+        if role in ("merged", "ensemble") and parents(r) != members:
+            continue
+        if role == "member" and t["mllm.model_uri"] not in members:
+            continue
+        if role in ("full", "base") and base and (t.get("mllm.base") or t["mllm.model_uri"]) != base:
+            continue
+        kept.append(r)
+    return kept
 
 
-def build_rows(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store) -> tuple[list[Row], str | None]:
-    members = [r for r in runs if r.data.tags.get("mllm.role") == "member"]
-    reference = members[0] if members else None
-    if members:  # the best member by validation macro-F1; the reported split's score only breaks ties
-        reference = max(members, key=lambda r: (float(r.data.tags.get("mllm.val_macro_f1", "-1")),
-                                                r.data.metrics.get("macro_f1", 0.0)))
-    unit = reference.data.metrics.get("num_params") if reference else None
-    best_preds = _predictions(store, reference.info.run_id, work) if reference else None
+def _float(tags: dict[str, str], key: str) -> float | None:
+    return float(tags[key]) if tags.get(key) else None
+
+
+def decisions(role: str, uri: str, store: Store) -> list[str]:
+    """The validation decisions a registered model took part in, from its version's tags."""
+    if not uri.startswith("models:/"):
+        return []
+    _, version = store.resolve(uri)
+    tags = version.tags if version is not None else {}
+    out = []
+    if tags.get("trial"):
+        out.append(f"search winner (trial {tags['trial']})")
+    if tags.get("soup") == "greedy":
+        out.append("greedy soup (members kept on validation)")
+    if tags.get("promotion_outcome"):
+        out.append(f"promotion gate ({tags.get('promotion_split', 'validation')}): {tags['promotion_outcome']}")
+    if role == "tfidf":
+        out.append(f"C={tags.get('C')} chosen")
+    return out
+
+
+def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store) -> ReportResult:
+    runs = scope(runs)
+    preds = {r.info.run_id: pd.read_csv(store.run_artifact(r.info.run_id, "predictions.csv", work / r.info.run_id),
+                                        keep_default_na=False) for r in runs}
+    names = sorted({x for f in preds.values() for x in (*f["label"], *f["predicted"])})
+    code = {n: i for i, n in enumerate(names)}
+    labels = np.array([code[x] for x in next(iter(preds.values()))["label"]]) if preds else np.array([], int)
+
+    def predicted(r: Any) -> np.ndarray:
+        return np.array([code[x] for x in preds[r.info.run_id]["predicted"]])
+
+    def val(r: Any) -> tuple[str, float | None, float | None]:
+        t, m = r.data.tags, r.data.metrics
+        if t.get("mllm.split") == "validation" and not t.get("mllm.val_macro_f1"):  # the run is the validation score
+            return t["mllm.model_uri"], m.get("macro_f1"), m.get("nll")
+        return t["mllm.model_uri"], _float(t, "mllm.val_macro_f1"), _float(t, "mllm.val_nll")
+
+    by_role: dict[str, list[Any]] = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("mllm.role", "model"), []).append(r)
+    best, refused = best_member([val(r) for r in by_role.get("member", [])])
+    selected, _ = best_member([val(r) for r in by_role.get("merged", [])])
+    run_of = {r.data.tags["mllm.model_uri"]: r for r in runs}
+    e = cfg.evaluate
+
+    def compare(a: Any, b: Any) -> PairedTest:
+        return paired_test(labels, predicted(a), predicted(b), len(names), e.bootstrap_samples, e.confidence, e.seed)
+
+    tests: dict[tuple[str, str], PairedTest] = {}
+    if best:
+        for r in runs:
+            if r.data.tags.get("mllm.role") != "member":
+                tests[(r.data.tags["mllm.model_uri"], best)] = compare(r, run_of[best])
+    others = {"ensemble": by_role.get("ensemble", []), "bigger": by_role.get("bigger", [])}
+    if selected:
+        for found in others.values():
+            if found:
+                tests[(selected, found[0].data.tags["mllm.model_uri"])] = compare(run_of[selected], found[0])
+    adjusted = dict(zip(tests, holm([t.bootstrap_p for t in tests.values()]), strict=True))
+    unit = run_of[best].data.metrics.get("num_params") if best else None
     rows = []
     for r in sorted(runs, key=lambda r: (ROLE_ORDER.get(r.data.tags.get("mllm.role", "model"), 9),
-                                         -r.data.metrics.get("macro_f1", 0.0))):
-        t, m = r.data.tags, r.data.metrics
+                                         r.data.tags["mllm.model_uri"] != selected,
+                                         -r.data.metrics.get("macro_f1", 0))):
+        t, m, uri = r.data.tags, r.data.metrics, r.data.tags["mllm.model_uri"]
+        role = t.get("mllm.role", "model")
+        notes, chosen = [], []
+        classes = set(preds[r.info.run_id]["predicted"])
+        if len(classes) == 1 and role != "majority":
+            notes.append(f"**predicts one class** ({next(iter(classes))})")
+        if role == "member":
+            chosen.append("best member" if uri == best else "ranked for best member, not chosen")
+        if role == "merged":
+            chosen.append("selected merge" if uri == selected else "ranked for selected merge, not chosen")
+        chosen += decisions(role, uri, store)
         cost = m.get("num_params", 0.0) / unit if unit else m.get("forward_passes", 1.0)
-        versus = None
-        if best_preds is not None and t.get("mllm.role") != "member":
-            preds = _predictions(store, r.info.run_id, work)
-            labels = best_preds["label"].to_numpy()
-            if len(preds) == len(best_preds) and (preds["label"].to_numpy() == labels).all():
-                names = sorted(set(labels) | set(preds["predicted"]) | set(best_preds["predicted"]))
-                code = {n: i for i, n in enumerate(names)}
-                versus = paired_test(np.array([code[x] for x in labels]),
-                                     np.array([code[x] for x in preds["predicted"]]),
-                                     np.array([code[x] for x in best_preds["predicted"]]), len(names),
-                                     cfg.evaluate.bootstrap_samples, cfg.evaluate.confidence, cfg.evaluate.seed)
-        rows.append(Row(t["mllm.model_uri"], t.get("mllm.role", "model"), t.get("mllm.method", ""),
-                        t.get("mllm.recipe", ""), dict(m), cost, r.info.run_id, versus))
-    return rows, reference.data.tags["mllm.model_uri"] if reference else None
+        rows.append(Row(uri, role, t.get("mllm.method", ""), t.get("mllm.recipe", ""), dict(m), cost, r.info.run_id,
+                        _float(t, "mllm.val_macro_f1"), tuple(notes), tuple(chosen), tests.get((uri, best or "")),
+                        adjusted.get((uri, best or ""))))
+    verdicts = verdict_lines(selected, best, others, tests, adjusted, cfg)
+    return ReportResult(cfg.name, "", rows, best, "", None, selected, [*refused, *verdicts], len(tests))
 
 
-def render(rows: list[Row], experiment: str, split: str, best: str | None, cfg: ExperimentConfig) -> str:
-    conf = f"{cfg.evaluate.confidence:.0%}"
-    n = int(rows[0].metrics.get("rows", 0)) if rows else 0
+def verdict_lines(selected: str | None, best: str | None, others: dict[str, list[Any]],
+                  tests: dict[tuple[str, str], PairedTest], adjusted: dict[tuple[str, str], float],
+                  cfg: ExperimentConfig) -> list[str]:
+    """One sentence per question: the selected merge against the best member, the ensemble, a bigger model."""
+    if selected is None:
+        return ["No merge with a validation score is in this report, so none was selected and no question is "
+                "answered."]
+    alpha, margin, conf = cfg.evaluate.alpha, cfg.promote.non_inferiority_margin, cfg.evaluate.confidence
+    targets = [("the best member", best), *((f"the {ROLE_NAMES.get(k, k)}" if k != "ensemble" else
+                                             "the logit ensemble", v[0].data.tags["mllm.model_uri"] if v else None)
+                                            for k, v in others.items())]
+    lines = []
+    for name, uri in targets:
+        if uri is None:
+            why = ("no member has a validation score" if name == "the best member" else
+                   "none was evaluated" + (" (set model.bigger_model)" if "bigger" in name else ""))
+            lines.append(f"Merge vs {name}: not answered, {why}.")
+            continue
+        read = reading(tests[(selected, uri)], adjusted[(selected, uri)], alpha, margin, conf)
+        lines.append(f"Merge vs {name} ({uri}): the selected merge is {read.sentence}.")
+    return lines
+
+
+def fmt(value: float | None, spec: str = ".4f") -> str:
+    return "" if value is None or np.isnan(value) else format(value, spec)
+
+
+def render(result: ReportResult, experiment: str, split: str, cfg: ExperimentConfig) -> str:
+    e = cfg.evaluate
+    conf = f"{e.confidence:.0%}"
+    n = int(result.rows[0].metrics.get("rows", 0)) if result.rows else 0
     lines = [f"# {experiment}: {split} split ({n} reviews)", "",
-             f"| model | role | method | parameters | accuracy ({conf} CI) | macro-F1 ({conf} CI) | NLL | ECE "
-             "| cost | vs best member: Δ macro-F1 (CI), p bootstrap, p McNemar |",
-             "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
-    for r in rows:
-        m = r.metrics
-        versus = "best member" if r.model == best else ""
-        if r.versus_best_member is not None:
-            v = r.versus_best_member
-            versus = (f"{v.macro_f1_diff:+.4f} ({v.macro_f1_diff_ci[0]:+.3f}, {v.macro_f1_diff_ci[1]:+.3f}), "
-                      f"p={v.bootstrap_p:.3f}, p={v.mcnemar_p:.3f}"
-                      + (" **differs**" if v.bootstrap_p < cfg.evaluate.alpha else ""))
+             f"| model | role | method | parameters | accuracy ({conf} CI) | macro-F1 ({conf} CI) | NLL | ECE | cost "
+             f"| vs best member: Δ macro-F1 ({conf} CI), Holm p | notes | decisions it took part in (validation "
+             f"only) |", "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |"]
+    for r in result.rows:
+        m, v = r.metrics, r.versus_best_member
+        versus = "" if v is None else (
+            f"{v.macro_f1_diff:+.4f} ({v.macro_f1_diff_ci[0]:+.3f}, {v.macro_f1_diff_ci[1]:+.3f}), p={r.p_holm:.4g}"
+            + (" **differs**" if r.p_holm is not None and r.p_holm < e.alpha else ""))
         lines.append(
-            f"| {r.model} | {r.role} | {r.method} | {r.recipe} | {m.get('accuracy', float('nan')):.4f} "
-            f"({m.get('accuracy_ci_low', float('nan')):.3f}-{m.get('accuracy_ci_high', float('nan')):.3f}) | "
-            f"{m.get('macro_f1', float('nan')):.4f} ({m.get('macro_f1_ci_low', float('nan')):.3f}-"
-            f"{m.get('macro_f1_ci_high', float('nan')):.3f}) | {m.get('nll', float('nan')):.3f} | "
-            f"{m.get('ece', float('nan')):.3f} | {r.cost:.1f}x | {versus} |")
-    lines += ["", "cost: parameters run per review relative to one member; the ensemble runs every member "
-              "(K forward passes, K times a merge's inference cost).",
-              f"best member: {best or 'none evaluated'}, chosen by validation macro-F1 (never by this split). "
-              f"**differs**: paired bootstrap p < {cfg.evaluate.alpha}; CIs are percentile bootstrap over reviews "
-              f"({cfg.evaluate.bootstrap_samples} resamples)."]
+            f"| {r.model} | {r.role} | {r.method} | {r.recipe} | {fmt(m.get('accuracy'))} "
+            f"({fmt(m.get('accuracy_ci_low'), '.3f')}-{fmt(m.get('accuracy_ci_high'), '.3f')}) | "
+            f"{fmt(m.get('macro_f1'))} ({fmt(m.get('macro_f1_ci_low'), '.3f')}-{fmt(m.get('macro_f1_ci_high'), '.3f')})"
+            f" | {fmt(m.get('nll'), '.3f')} | {fmt(m.get('ece'), '.3f')} | {r.cost:.2g}x | {versus} | "
+            f"{'; '.join(r.notes)} | {'; '.join(r.decisions) or 'none'} |")
+    lines += ["", "cost: parameters run per review relative to one member (the ensemble runs every member: K forward "
+              "passes; the majority baseline runs none).",
+              f"best member: {result.best_member or 'none'}, chosen by validation macro-F1 (ties: validation NLL), "
+              f"never by this split; selected merge: {result.selected_merge or 'none'}, chosen the same way among "
+              "the merges.",
+              f"Tests: paired bootstrap of the macro-F1 difference over these {n} reviews ({e.bootstrap_samples} "
+              f"resamples, p = (1 + count) / (B + 1), two-sided); p-values are Holm-adjusted over the "
+              f"{result.comparisons} comparisons of this report (each row against the best member, and the selected "
+              f"merge against the ensemble and the bigger model). **differs**: adjusted p < {e.alpha}. "
+              f"Non-inferiority margin: {cfg.promote.non_inferiority_margin:g} macro-F1.",
+              f"Decisions: every choice in the last column read validation ({cfg.promote.split} for the promotion "
+              f"gate); no decision read the {split} split." if split == "test" else
+              f"Decisions: the last column's choices read validation ({cfg.promote.split} for the promotion gate).",
+              "", "## What the numbers allow",
+              ""]
+    lines += [f"- {v}" for v in result.verdicts]
     return "\n".join(lines) + "\n"
 
 
@@ -137,16 +268,19 @@ def run(cfg: ExperimentConfig, experiment: str | None = None, split: str | None 
     split = split or cfg.evaluate.split
     runs = collect(store, experiment, split) if not evaluations else sorted(  # newest first, as collect gives them
         (store.client.get_run(i) for i in evaluations), key=lambda r: r.info.start_time, reverse=True)
-    rows, best = build_rows(runs, cfg, cfg.output_dir / "report", store)
-    markdown = render(rows, experiment, split, best, cfg)
+    built = build(runs, cfg, cfg.output_dir / "report", store)
+    result = ReportResult(experiment, split, built.rows, built.best_member, "", None, built.selected_merge,
+                          built.verdicts, built.comparisons)
+    markdown = render(result, experiment, split, cfg)
     run_id = None
     if log:
         with store.run(f"report-{split}", stage="report", tags={"mllm.split": split}, experiment=experiment) as r:
             r.text(markdown, "report.md")
-            r.mlflow_table(table_frame(rows, best), "report_table.json")
-            r.json({"split": split, "best_member": best, "rows": [asdict(x) for x in rows]}, "report.json")
+            r.mlflow_table(table_frame(result.rows, result.best_member), "report_table.json")
+            r.json(summary(result), "report.json")
             run_id = r.id
-    return ReportResult(experiment, split, rows, best, markdown, run_id)
+    return ReportResult(experiment, split, result.rows, result.best_member, markdown, run_id, result.selected_merge,
+                        result.verdicts, result.comparisons)
 
 
 def table_frame(rows: list[Row], best: str | None) -> pd.DataFrame:
@@ -157,12 +291,18 @@ def table_frame(rows: list[Row], best: str | None) -> pd.DataFrame:
         out.append({"model": r.model, "role": r.role, "method": r.method, "recipe": r.recipe,
                     **{k: r.metrics.get(k) for k in ("accuracy", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high",
                                                      "nll", "ece")},
-                    "cost": r.cost, "best_member": r.model == best,
-                    "diff_vs_best_member": v.macro_f1_diff if v else None, "p_bootstrap": v.bootstrap_p if v else None,
+                    "cost": r.cost, "best_member": r.model == best, "val_macro_f1": r.val_macro_f1,
+                    "diff_vs_best_member": v.macro_f1_diff if v else None, "p_holm": r.p_holm,
+                    "notes": "; ".join(r.notes), "decisions": "; ".join(r.decisions) or "none",
                     "evaluation_run": r.run_id})
     return pd.DataFrame(out)
 
 
+def summary(result: ReportResult) -> dict[str, Any]:
+    return {"experiment": result.experiment, "split": result.split, "best_member": result.best_member,
+            "selected_merge": result.selected_merge, "verdicts": result.verdicts,
+            "rows": [r.summary() for r in result.rows]}
+
+
 def to_json(result: ReportResult) -> str:
-    return json.dumps({"experiment": result.experiment, "split": result.split, "best_member": result.best_member,
-                       "rows": [asdict(x) for x in result.rows]}, indent=2, default=str)
+    return json.dumps(summary(result), indent=2, default=str)

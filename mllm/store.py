@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from mllm import tracking
 from mllm.basics import first_line, redact, slug
@@ -31,15 +31,21 @@ from mllm.errors import MllmError
 from mllm.modeling import check_classifier
 from mllm.preflight import preflight
 
-Role = Literal["base", "member", "merged", "ensemble"]
-SUFFIX: dict[str, str] = {"base": "base", "member": "finetuned", "merged": "merged", "ensemble": "ensemble"}
+if TYPE_CHECKING:
+    import numpy as np
+
+Role = Literal["base", "member", "merged", "ensemble", "tfidf"]
+SUFFIX: dict[str, str] = {"base": "base", "member": "finetuned", "merged": "merged", "ensemble": "ensemble",
+                          "tfidf": "tfidf"}
 KEY_TAG: dict[str, str] = {"base": "base_key", "member": "member_key", "merged": "merge_key",
-                           "ensemble": "ensemble_key"}
+                           "ensemble": "ensemble_key", "tfidf": "tfidf_key"}
 ROLE_DESCRIPTION = {
     "base": "The shared base classifier of experiment `{e}`: pretrained body + one seeded head (mllm).",
     "member": "Members of experiment `{e}`, each fine-tuned from `{e}-base` (mllm finetune).",
     "merged": "Merges of `{e}-finetuned` members (mllm merge, search, promote); `@champion` is the promoted one.",
     "ensemble": "Logit-average ensembles of `{e}-finetuned` members: the cost-free baseline a merge must beat.",
+    "tfidf": "TF-IDF + logistic regression (class-balanced, C chosen on validation) on `{e}`'s training split: the "
+             "bag-of-words baseline every language model here must beat.",
 }
 # Artifact stores `download` also accepts (checked when downloaded, inside the run that needs them).
 ARTIFACT_SCHEMES = ("file://", "s3://", "gs://", "wasbs://", "abfss://", "hdfs://", "mlflow-artifacts:/", "dbfs:/",
@@ -117,7 +123,7 @@ class Store:
             self.client.set_terminated(run_id, status)
 
     # --- reuse -------------------------------------------------------------------------------------------------
-    def find_or_run(self, kind: Literal["base", "member", "merged", "ensemble", "evaluation"], key: str,
+    def find_or_run(self, kind: Literal["base", "member", "merged", "ensemble", "tfidf", "evaluation"], key: str,
                     fn: Callable[[], Any],
                     force: bool = False) -> tuple[Any, bool]:
         """(what carries `key`, True) when it exists: the newest registered version of that role tagged with the
@@ -136,11 +142,11 @@ class Store:
     def register(self, role: Role, run: tracking.RunLog, folder: Path | None, tags: dict[str, Any],
                  description: str = "", *, examples: list[str], members: list[str] | None = None,
                  labels: tuple[str, ...] | None = None, title: str = "") -> Any:
-        """Log `folder` (a Hugging Face classifier) as the run's MLflow model, or with `members` the logit-average
-        ensemble of those registered versions, then create a version of the role's model from it and wait until
-        it is READY (a crash before that leaves no version). `title` tells logged models of one role apart in the
-        UI (`tiny-merged ties`, `tiny-finetuned shard-0`); the version's tags, less its reuse key, are the logged
-        model's parameters."""
+        """Log `folder` (a Hugging Face classifier, or for role `tfidf` a saved TF-IDF model) as the run's MLflow
+        model, or with `members` the logit-average ensemble of those registered versions, then create a version of
+        the role's model from it and wait until it is READY (a crash before that leaves no version). `title` tells
+        logged models of one role apart in the UI (`tiny-merged ties`, `tiny-finetuned shard-0`); the version's
+        tags, less its reuse key, are the logged model's parameters."""
         from mlflow.exceptions import MlflowException
 
         config = {"max_length": self.cfg.model.max_length, "batch_size": self.cfg.evaluate.batch_size,
@@ -151,7 +157,7 @@ class Store:
         name = self.model_name(role)
         params = {k: v for k, v in tags.items() if k != KEY_TAG[role] and v is not None}
         model_uri, model_id = run.model(f"{name} {title}".strip().replace(" ", "-"), folder, labels or (), examples,
-                                        config, params)
+                                        config, params, kind="tfidf" if role == "tfidf" else "checkpoint")
         try:
             self.client.get_registered_model(name)
         except MlflowException:
@@ -285,6 +291,20 @@ class Store:
         marker.write_text(json.dumps({"identity": identity, "path": str(path.resolve().relative_to(dst.resolve()))}))
         return folder
 
+    def predict_proba(self, uri: str, texts: list[str]) -> np.ndarray:
+        """Class probabilities (rows: texts, columns: the model's labels in id order) from the MLflow model at
+        `uri`, loaded the way users load it (`mlflow.pyfunc.load_model`)."""
+        import mlflow
+        import numpy as np
+
+        mlflow.set_registry_uri(self.registry_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        model = mlflow.pyfunc.load_model(uri)
+        answers = model.predict(texts)
+        labels = list(model.model_config.get("labels") or answers[0].probabilities)
+        probs = [[a.probabilities[n] for n in labels] for a in answers]
+        return np.array(probs, dtype=np.float64).reshape(-1, len(labels))
+
     def alias_version(self, role: Role, alias: str) -> Any | None:
         """The version `<role's model>@alias` points at, or None (no such alias or model)."""
         from mlflow.exceptions import MlflowException
@@ -308,6 +328,13 @@ class Store:
         self.client.set_model_version_tag(version.name, version.version,
                                           what.replace(" ", "_").replace("-", "_").lower(), redact(text))
 
+    def tag_version(self, uri: str, tags: dict[str, Any]) -> None:
+        """Tag the registered version behind `uri` (nothing for URIs that are not registered versions)."""
+        _, version = self.resolve(uri)
+        if version is not None:
+            for k, v in tags.items():
+                self.client.set_model_version_tag(version.name, version.version, k, redact(str(v)))
+
     def set_version_tags(self, role: Role, version: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.model_name(role), version, k, redact(str(v)))
@@ -323,6 +350,12 @@ def checkpoint_of(path: Path, uri: str) -> Path:
     if mlmodel.is_file():
         artifacts = (yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
                      .get("artifacts") or {})
+        if "tfidf" in artifacts:
+            folder = path / artifacts["tfidf"]["path"]
+            if not (folder / "tfidf.json").is_file() or not (folder / "tfidf.safetensors").is_file():
+                raise MllmError(f"{uri}: the TF-IDF model's files are missing or incomplete",
+                                "delete that version (MLflow UI); the next mllm evaluate fits it again")
+            return folder
         if "checkpoint" not in artifacts:
             raise MllmError(f"{uri} is an ensemble or not an mllm classifier: it holds no checkpoint to load",
                             "evaluate an ensemble through its members (mllm evaluate scores ensembles), or pass "

@@ -38,6 +38,7 @@ PACKAGES = ("mllm", "torch", "transformers", "mergekit", "mlflow", "optuna", "da
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # logged as "model from code", never imported here
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml")
+TFIDF_REQUIREMENTS = ("scikit-learn", "scipy")  # what the TF-IDF baseline's features need besides
 
 
 def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
@@ -160,10 +161,11 @@ class RunLog:
                 mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
 
     def model(self, name: str, checkpoint: Path | None, labels: tuple[str, ...], examples: list[str],
-              config: dict[str, Any], params: dict[str, Any]) -> tuple[str, str]:
+              config: dict[str, Any], params: dict[str, Any], kind: str = "checkpoint") -> tuple[str, str]:
         """Log an MLflow model (pyfunc, `mllm/pyfunc_model.py`) in this run: a classifier whose Hugging Face
-        folder `checkpoint` becomes its one copy of the weights, or (checkpoint None) the ensemble that
-        `config["members"]` lists. `name` is how the UI's Models tab lists it, `params` what it shows beside it
+        folder `checkpoint` becomes its one copy of the weights, a TF-IDF baseline folder (`kind="tfidf"`), or
+        (checkpoint None) the ensemble that `config["members"]` lists.
+        `name` is how the UI's Models tab lists it, `params` what it shows beside it
         (method, weights, parents, ...). Returns (model URI `models:/m-...`, model id)."""
         import mlflow
 
@@ -173,8 +175,8 @@ class RunLog:
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=str(MODEL_CODE), model_config={**config, "labels": list(labels)},
                 params={k: redact(str(v))[:6000] for k, v in params.items()},
-                artifacts={"checkpoint": str(checkpoint)} if checkpoint is not None else None,
-                input_example=examples, pip_requirements=requirements())
+                artifacts={kind: str(checkpoint)} if checkpoint is not None else None,
+                input_example=examples, pip_requirements=requirements(TFIDF_REQUIREMENTS if kind == "tfidf" else ()))
         return info.model_uri, info.model_id
 
     def model_metrics(self, metrics: dict[str, float], model_id: str, frame: Any, dataset: str) -> None:
@@ -215,9 +217,9 @@ class MetricLogger:
             self.pending = []
 
 
-def requirements() -> list[str]:
+def requirements(extra: tuple[str, ...] = ()) -> list[str]:
     """The exact versions in use of what the served model imports (no torchvision, no mllm)."""
-    return [f"{p}=={metadata.version(p)}" for p in MODEL_REQUIREMENTS]
+    return [f"{p}=={metadata.version(p)}" for p in (*MODEL_REQUIREMENTS, *extra)]
 
 
 @contextmanager

@@ -87,7 +87,7 @@ def _error(tmp_path: Path, text: str | None = None, overrides: list[str] = ()) -
         ("merge:\n  weights: [0, 0]\n", [], "not all zero"),
         ("merge:\n  weights: [.nan, 1]\n", [], "merge.weights"),
         ("merge:\n  lambda: 0\n", [], "merge.lambda"),
-        ("search:\n  objective_split: test\n", [], "test split is read only by promote"),
+        ("search:\n  objective_split: test\n", [], "test split decides nothing"),
         ("search:\n  sampler: nsgaii\n", [], "second_objective"),
         ("data:\n  label_scheme: rating10\n", [], "cannot become rating10"),
         ("data:\n  datasets: []\n", [], "data.datasets"),

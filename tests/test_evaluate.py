@@ -131,11 +131,13 @@ def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment)
     cfg, trained, merged = merged_experiment
     result = evaluate.run(cfg, split="validation")
     roles = [(e.candidate.role, e.candidate.uri) for e in result.evaluations]
-    members = [m.model_uri for m in trained.members]
-    assert roles == [*(("member", m) for m in members), ("ensemble", "ensemble:" + ",".join(members)),
-                     ("base", trained.base_uri), ("merged", merged.model_uri)]
+    members = [m.model_uri for m in trained.members if m.name != "full"]
+    full = next(m.model_uri for m in trained.members if m.name == "full")  # include_full is on by default
+    assert roles == [*(("member", m) for m in members), ("ensemble", "models:/tiny-ensemble/1"), ("full", full),
+                     ("base", trained.base_uri), ("merged", merged.model_uri), ("majority", "majority"),
+                     ("tfidf", "models:/tiny-tfidf/1")]
     by_uri = {e.candidate.uri: e for e in result.evaluations}
-    ensemble = by_uri["ensemble:" + ",".join(members)]
+    ensemble = by_uri["models:/tiny-ensemble/1"]
     np.testing.assert_allclose(ensemble.logits, np.mean([by_uri[m].logits for m in members], axis=0), rtol=1e-6)
     assert ensemble.metrics["forward_passes"] == 3
     assert ensemble.metrics["num_params"] == 3 * by_uri[members[0]].metrics["num_params"]
@@ -159,7 +161,19 @@ def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment)
     again = evaluate.run(cfg, split="validation")
     assert all(e.reused for e in again.evaluations)
     assert [e.run_id for e in again.evaluations] == [e.run_id for e in result.evaluations]
-    assert again.evaluations[-1].metrics["macro_f1"] == pytest.approx(by_uri[merged.model_uri].metrics["macro_f1"])
+    assert again.evaluations[4].metrics["macro_f1"] == pytest.approx(by_uri[merged.model_uri].metrics["macro_f1"])
+    # The baselines a reviewer tries first: the majority class scores exactly the majority rate; the TF-IDF model
+    # is a registered MLflow model (its C chosen on validation) whose validation evaluation is on its version.
+    from mllm.data import load_splits
+
+    majority, top = by_uri["majority"], int(np.bincount(load_splits(cfg.data).train["label"]).argmax())
+    assert (majority.logits.argmax(1) == top).all() and majority.metrics["num_params"] == 0
+    assert majority.metrics["accuracy"] == pytest.approx((majority.labels == top).mean())
+    tfidf = Store(cfg).resolve("models:/tiny-tfidf/1")[1]
+    assert float(tfidf.tags["C"]) in cfg.evaluate.tfidf_c and "validation macro-F1" in tfidf.description
+    # Scoring a merge on validation records its figures on the version: what later choices read.
+    version = Store(cfg).resolve(merged.model_uri)[1]
+    assert float(version.tags["val_macro_f1"]) == pytest.approx(by_uri[merged.model_uri].metrics["macro_f1"], abs=1e-6)
 
     # The report: every model once, the best member by validation macro-F1, the paired test for the merge.
     rep = report.run(cfg, split="validation")
@@ -170,7 +184,11 @@ def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment)
     merged_row = next(r for r in rep.rows if r.role == "merged")
     assert merged_row.versus_best_member is not None and merged_row.cost == 1.0
     assert next(r for r in rep.rows if r.role == "ensemble").cost == 3.0
-    assert "| models:/tiny-merged/1 | merged | ties |" in rep.markdown and "K times" in rep.markdown
+    assert next(r for r in rep.rows if r.role == "majority").cost == 0.0
+    assert "| models:/tiny-merged/1 | merged | ties |" in rep.markdown and "K forward passes" in rep.markdown
+    assert {r.role for r in rep.rows} >= {"majority", "tfidf", "full", "ensemble", "base"}
+    assert rep.selected_merge == merged.model_uri and rep.verdicts[0].startswith("Merge vs the best member")
+    assert "Holm-adjusted" in rep.markdown and "p=0.000" not in rep.markdown
     assert (Store(cfg).client.download_artifacts(rep.run_id, "report.md", str(cfg.output_dir)))
 
 

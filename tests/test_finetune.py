@@ -48,15 +48,15 @@ def test_finetune_registers_base_and_members(in_tmp: Path) -> None:
 
     cfg = tiny_cfg(in_tmp)
     result = run(cfg, progress=False)
-    assert [m.name for m in result.members] == ["shard-0", "shard-1", "shard-2"]
-    assert [m.version for m in result.members] == ["1", "2", "3"] and not any(m.reused for m in result.members)
+    assert [m.name for m in result.members] == ["shard-0", "shard-1", "shard-2", "full"]  # include_full: default on
+    assert [m.version for m in result.members] == ["1", "2", "3", "4"] and not any(m.reused for m in result.members)
     assert result.base_uri == "models:/tiny-base/1"
 
     all_runs = runs(cfg)
     assert {r.info.status for r in all_runs} == {"FINISHED"}
     parent = next(r for r in all_runs if r.info.run_name == "finetune")
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["base", "shard-0", "shard-1", "shard-2"]
+    assert sorted(r.info.run_name for r in children) == ["base", "full", "shard-0", "shard-1", "shard-2"]
     member_run = next(r for r in children if r.info.run_name == "shard-1")
     assert member_run.data.params["finetune.batch_size"] == "16" and member_run.data.params["member.shard"] == "1"
     assert member_run.data.tags["mllm.dataset_fingerprint"] == result.fingerprint
@@ -82,7 +82,7 @@ def test_finetune_registers_base_and_members(in_tmp: Path) -> None:
     assert not (cfg.output_dir / "members" / "shard-0" / "checkpoints").exists()  # cleaned once registered
 
     again = run(cfg, progress=False)
-    assert all(m.reused for m in again.members) and [m.version for m in again.members] == ["1", "2", "3"]
+    assert all(m.reused for m in again.members) and [m.version for m in again.members] == ["1", "2", "3", "4"]
     assert len(Store(cfg).find_versions("tiny-base", {})) == 1
 
 
@@ -98,7 +98,8 @@ def test_members_by_seed_and_domain(in_tmp: Path, shared_data: Path) -> None:
         ("full", 42, 0.001, len(splits.train))]
     yelp = {"name": "yelp", "path": str(shared_data / "yelp" / "yelp.csv.gz"), "label_column": "stars",
             "label_kind": "stars5"}
-    cfg = tiny_cfg(in_tmp, "finetune.strategy=domains", f"data.datasets=[{{preset: drugscom-sample}}, {yelp}]")
+    cfg = tiny_cfg(in_tmp, "finetune.strategy=domains", f"data.datasets=[{{preset: drugscom-sample}}, {yelp}]",
+                   "finetune.include_full=false")
     specs = plan_members(cfg, load_splits(cfg.data))
     assert [s.name for s in specs] == ["domain-drugscom-sample", "domain-yelp"]
     assert all(set(s.rows["domain"]) == {s.domain} for s in specs)

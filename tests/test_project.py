@@ -237,7 +237,7 @@ def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not a registry an earlier test set
     versions = client.search_model_versions("name = 'tiny-finetuned'")
-    assert sorted(v.tags["member"] for v in versions) == ["shard-0", "shard-1", "shard-2"]
+    assert sorted(v.tags["member"] for v in versions) == ["full", "shard-0", "shard-1", "shard-2"]
     assert len(client.search_model_versions("name = 'tiny-base'")) == 1
     all_runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     assert {r.info.status for r in all_runs} == {"FINISHED"}
@@ -252,7 +252,8 @@ def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
     assert merged.returncode == 0, merged.stderr[-3000:]
     [version] = client.search_model_versions("name = 'tiny-merged'")
     parents = version.tags["parents"].split(",")
-    assert sorted(parents) == sorted(f"models:/tiny-finetuned/{v.version}" for v in versions)
+    assert sorted(parents) == sorted(f"models:/tiny-finetuned/{v.version}" for v in versions
+                                     if v.tags["member"] != "full")
     assert version.tags["method"] == "ties"
 
     for entry, params in (("evaluate", ["-P", "split=validation"]), ("report", ["-P", "split=validation"])):
@@ -264,4 +265,4 @@ def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
     assert f"| models:/tiny-merged/{version.version} | merged | ties |" in done.stdout
     evaluations = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`mllm.stage` = 'evaluation'",
                                      output_format="list")
-    assert len(evaluations) == 6  # 3 members, their ensemble, the base, the merge
+    assert len(evaluations) == 9  # 3 members, ensemble, full-data member, base, the merge, majority, TF-IDF

@@ -39,10 +39,31 @@ class Collect(logging.Handler):
         MLFLOW_WARNINGS.append(f"{record.name}: {record.getMessage()}")
 
 
+TEST_READS: dict[str, int] = {"sealed": 0, "final": 0}  # load_splits calls with the test split hidden / shown
+
+
+def readers_of_splits() -> list[object]:
+    """Every mllm module that reads the data (imports load_splits): each one is given the sealed splits."""
+    import importlib
+    import pkgutil
+
+    import mllm
+
+    found = []
+    for info in pkgutil.walk_packages(mllm.__path__, "mllm."):
+        module = importlib.import_module(info.name)
+        if getattr(module, "load_splits", None) is not None and info.name != "mllm.data":
+            found.append(module)
+    return found
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """The tiny pipeline, run once for this module in its own stores."""
-    from mllm.pipeline import run
+    """The tiny pipeline, run once for this module in its own stores, with the test split unreadable (None) to
+    every stage but the final evaluation: a stage that read it would crash the pipeline."""
+    import dataclasses
+
+    from mllm import data, pipeline
 
     tmp = tmp_path_factory.mktemp("serving")
     cwd = os.getcwd()
@@ -51,11 +72,30 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple:
 
     collect = Collect(logging.WARNING)
     logging.getLogger("mlflow").addHandler(collect)
+    state = {"final": False}
+    real_splits, real_final = data.load_splits, pipeline.final_evaluation
+
+    def sealed(cfg: object) -> object:
+        splits = real_splits(cfg)
+        TEST_READS["final" if state["final"] else "sealed"] += 1
+        return splits if state["final"] else dataclasses.replace(splits, test=None)
+
+    def final(*args: object, **kwargs: object) -> object:
+        state["final"] = True
+        try:
+            return real_final(*args, **kwargs)
+        finally:
+            state["final"] = False
+
     try:
-        cfg = load_config(REPO / "configs" / "tiny.yaml", [
-            f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", f"output_dir={tmp}/out",
-            f"search.storage=sqlite:///{tmp}/optuna.db", "search.n_trials=4", "evaluate.bootstrap_samples=200"])
-        result = run(cfg)
+        with pytest.MonkeyPatch.context() as patch:
+            for module in readers_of_splits():
+                patch.setattr(module, "load_splits", sealed)
+            patch.setattr(pipeline, "final_evaluation", final)
+            cfg = load_config(REPO / "configs" / "tiny.yaml", [
+                f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", f"output_dir={tmp}/out",
+                f"search.storage=sqlite:///{tmp}/optuna.db", "search.n_trials=4", "evaluate.bootstrap_samples=200"])
+            result = pipeline.run(cfg)
     finally:
         os.chdir(cwd)
         logging.getLogger("mlflow").removeHandler(collect)
@@ -102,6 +142,34 @@ def test_champion_loads_with_pyfunc_and_agrees_with_evaluate(pipeline) -> None:
     assert champion.tags["promotion_replaced"] == "none (first champion)"
     meta = store.client.get_model_version("tiny-merged", champion.version)
     assert meta.source.startswith("models:/m-")
+
+
+@pytest.mark.slow
+def test_only_the_final_evaluation_reads_test_and_promotion_used_validation(pipeline) -> None:
+    cfg, result, tmp = pipeline
+    assert {m.__name__ for m in readers_of_splits()} >= {"mllm.finetune", "mllm.evaluate", "mllm.scorer", "mllm.merge"}
+    assert TEST_READS["sealed"] >= 5 and TEST_READS["final"] == 1  # every stage ran sealed; test was read once
+    store = Store(cfg)
+    promote_run = store.find_runs({"mllm.stage": "promote"})[0]
+    test_runs = store.find_runs({"mllm.stage": "evaluation", "mllm.split": "test"})
+    assert test_runs and min(r.info.start_time for r in test_runs) >= promote_run.info.end_time
+    # The decision is tagged with the validation figures it used, and they are the validation evaluations'.
+    version = store.resolve(promote_run.data.tags["mllm.model_uri"])[1]
+    assert version.tags["promotion_split"] == "validation" and version.tags["promotion_outcome"] == "became champion"
+    val = {r.data.tags["mllm.model_uri"]: r.data.metrics["macro_f1"]
+           for r in store.find_runs({"mllm.stage": "evaluation", "mllm.split": "validation"})}
+    challenger = promote_run.data.tags["mllm.model_uri"]
+    assert float(version.tags["promotion_challenger_macro_f1"]) == pytest.approx(val[challenger])
+    best = version.tags["promotion_best_member"]
+    assert float(version.tags["promotion_best_member_macro_f1"]) == pytest.approx(val[best])
+    assert float(version.tags["promotion_p_non_inferior"]) >= 1 / 10_001  # never 0
+    assert "promotion gate (validation): became champion" in result.report_markdown
+    # The report carries every baseline a reviewer asks for, and says what the numbers allow.
+    for needle in ("| majority | majority |", "| tfidf |", "| full |", "uniform soup", "greedy soup", "| ensemble |",
+                   "Holm-adjusted", "## What the numbers allow", "Merge vs the best member", "Merge vs the logit "
+                   "ensemble", "Merge vs the bigger model: not answered"):
+        assert needle in result.report_markdown, needle
+    assert "p=0.000" not in result.report_markdown
 
 
 @pytest.mark.slow

@@ -47,15 +47,15 @@ def test_slurm_array_trains_each_member_under_one_parent(tmp_path: Path) -> None
                            "tiny.yaml"), "--set", f"tracking.tracking_uri={uri}", "--set", f"output_dir={tmp_path}/out",
                            "--set", "data.max_rows=150"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "members: shard-0 shard-1 shard-2" in proc.stdout
+    assert "members: shard-0 shard-1 shard-2 full" in proc.stdout  # the full-data member: one more array task
     log = (tmp_path / "sbatch.log").read_text().splitlines()
-    assert len(log) == 2 and "--array=0-2" in log[1] and "--dependency=afterok:" in log[1]
+    assert len(log) == 2 and "--array=0-3" in log[1] and "--dependency=afterok:" in log[1]
     parent = (tmp_path / "slurm-logs" / "parent_run_id").read_text().strip()
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     members = [r for r in runs if r.data.tags.get("mllm.stage") == "finetune-member"]
-    assert sorted(r.info.run_name for r in members) == ["shard-0", "shard-1", "shard-2"]
+    assert sorted(r.info.run_name for r in members) == ["full", "shard-0", "shard-1", "shard-2"]
     assert {r.data.tags["mlflow.parentRunId"] for r in members} == {parent}
     assert {r.info.status for r in runs} == {"FINISHED"}
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    assert len(client.search_model_versions("name = 'tiny-finetuned'")) == 3
+    assert len(client.search_model_versions("name = 'tiny-finetuned'")) == 4

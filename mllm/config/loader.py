@@ -164,6 +164,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             shown = e.get("input")
+            if key == "<top level>" and isinstance(shown, dict):  # a check across sections: its message names them
+                problems.append(msg)
+                continue
             got = f" (got {shown!r})" if not isinstance(shown, dict | list) or key == "<top level>" else ""
             problems.append(f"{key}: {msg}{got}")
     return f"{source}: invalid config: " + "; ".join(problems)

@@ -99,6 +99,8 @@ class DataConfig(Section):
     sentiment_cuts: SentimentCuts = Field(default_factory=SentimentCuts)
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows in the validation split.")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of rows in the test split.")
+    selection_fraction: float = Field(0.0, ge=0, lt=0.5, description="Share of rows held out of training as a "
+                                      "selection split for promote.split=selection (0: none).")
     seed: int = Field(42, description="Seed of the split and the shards.")
     max_rows: int | None = Field(None, gt=0, description="Stratified subsample per dataset (None: all).")
 
@@ -111,6 +113,9 @@ class DataConfig(Section):
                     f"datasets[{i}] ({ds.name}) has {ds.label_kind} labels, which cannot become "
                     f"{self.label_scheme}; set data.label_scheme=sentiment3 or use another dataset"
                 )
+        if self.val_fraction + self.test_fraction + self.selection_fraction >= 0.9:
+            raise ValueError("data.val_fraction + test_fraction + selection_fraction leave under 10% of rows for "
+                             "training; lower them")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"dataset names must be unique, got {names}; set data.datasets[i].name")
@@ -138,7 +143,8 @@ class FinetuneConfig(Section):
 
     strategy: Literal["shards", "seeds", "domains"] = Field("shards", description="What varies per member.")
     members: int = Field(3, ge=1, le=64, description="K, the number of members (shards/seeds).")
-    include_full: bool = Field(False, description="Also train one member on all training data.")
+    include_full: bool = Field(True, description="Also train one member on all training data: the model a merge "
+                               "of shard members stands in for (a baseline, never merged).")
     epochs: float = Field(1.0, gt=0, le=100)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
     learning_rate: float = Field(5e-5, gt=0, lt=1)
@@ -195,12 +201,24 @@ class EvaluateConfig(Section):
 
     split: Literal["train", "validation", "test"] = Field("test", description="The split evaluate scores.")
     batch_size: int = Field(32, ge=1, le=8192, description="Reviews per forward pass (length-sorted).")
-    bootstrap_samples: int = Field(1000, ge=100, le=100_000, description="Resamples for CIs and paired tests.")
+    bootstrap_samples: int = Field(10_000, ge=100, le=1_000_000, description="Resamples for CIs and the report's "
+                                   "paired tests.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
     ece_bins: int = Field(15, ge=2, le=100, description="Equal-width confidence bins for ECE.")
-    baselines: bool = Field(True, description="Also score the members, their logit ensemble, the base and "
+    baselines: bool = Field(True, description="Also score the members, their logit ensemble, the full-data "
+                            "member, the majority class, TF-IDF + logistic regression, the base and "
                             "model.bigger_model.")
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the paired test.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Family-wise significance level of the report's tests (Holm).")
+    tfidf_c: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+                                 min_length=1, description="Inverse regularisation strengths the TF-IDF baseline "
+                                 "tries; the one with the best validation macro-F1 is kept.")
+
+    @field_validator("tfidf_c")
+    @classmethod
+    def _positive_c(cls, v: list[float]) -> list[float]:
+        if any(c <= 0 for c in v):
+            raise ValueError(f"every C must be > 0, got {v}")
+        return v
     seed: int = Field(0, description="Seed of the bootstrap resampling.")
 
 
@@ -228,7 +246,8 @@ class SearchConfig(Section):
     @classmethod
     def _no_test(cls, v: str) -> str:
         if v == "test":
-            raise ValueError("the test split is read only by promote; set search.objective_split=validation")
+            raise ValueError("the test split decides nothing (only the final evaluation reads it); "
+                             "set search.objective_split=validation")
         return v
 
     @model_validator(mode="after")
@@ -248,13 +267,25 @@ class TrackingConfig(Section):
 
 
 class PromoteConfig(Section):
-    """The champion gate."""
+    """The champion gate: decided on validation (or a selection split), never on test."""
 
-    margin: float = Field(0.0, ge=0, lt=1, description="Required test macro-F1 gain over the champion.")
-    test: Literal["bootstrap", "mcnemar"] = Field("bootstrap", description="Paired test of the gate: bootstrap "
-                                                  "of the macro-F1 difference, or McNemar on accuracy.")
-    alpha: float = Field(0.05, gt=0, lt=1)
-    bootstrap_samples: int = Field(1000, ge=100, le=100_000)
+    split: Literal["validation", "selection"] = Field("validation", description="The split the gate decides on: "
+                                                     "validation, or selection (data.selection_fraction > 0).")
+    margin: float = Field(0.0, ge=0, lt=1, description="The one-sided lower confidence bound of the macro-F1 gain "
+                          "over the current champion must exceed this.")
+    non_inferiority_margin: float = Field(0.05, ge=0, lt=1, description="The one-sided lower confidence bound of the "
+                                          "macro-F1 difference to the best member must exceed minus this.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="One-sided level of both bounds.")
+    bootstrap_samples: int = Field(10_000, ge=10_000, le=1_000_000, description="Paired bootstrap resamples of a "
+                                   "decision (at least 10,000).")
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _no_test(cls, v: Any) -> Any:
+        if v == "test":
+            raise ValueError("the test split decides nothing; use validation, or selection with "
+                             "data.selection_fraction > 0")
+        return v
 
 
 class ExperimentConfig(Section):
@@ -271,6 +302,13 @@ class ExperimentConfig(Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+
+    @model_validator(mode="after")
+    def _selection_split(self) -> ExperimentConfig:
+        if self.promote.split == "selection" and self.data.selection_fraction <= 0:
+            raise ValueError("promote.split=selection needs a selection split; set data.selection_fraction "
+                             "(e.g. 0.15) or promote.split=validation")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-safe values (aliases such as `lambda` used), the form `load_config` reads."""
