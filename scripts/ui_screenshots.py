@@ -56,6 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(args.tracking_uri, args.tracking_uri)
     experiment = client.get_experiment_by_name(args.experiment)
@@ -85,12 +86,19 @@ def main() -> None:
                 time.sleep(1)
         eid = experiment.experiment_id
         merged = f"{args.experiment}-merged"
-        champion = client.get_model_version_by_alias(merged, "champion")
+        alias, version = "champion", None
+        for alias in ("champion", "challenger"):  # the gate may have refused every merge: show the challenger then
+            try:
+                version = client.get_model_version_by_alias(merged, alias)
+                break
+            except MlflowException:
+                continue
         ml = "workflowType=machine_learning"  # the UI's model-training view (its default is the GenAI view)
         pages = {"runs": f"{base}/#/experiments/{eid}/runs?{ml}",
                  "models": f"{base}/#/experiments/{eid}/models?{ml}",
-                 "registered-model": f"{base}/#/models/{merged}?{ml}",
-                 "champion-version": f"{base}/#/models/{merged}/versions/{champion.version}?{ml}"}
+                 "registered-model": f"{base}/#/models/{merged}?{ml}"}
+        if version is not None:
+            pages[f"{alias}-version"] = f"{base}/#/models/{merged}/versions/{version.version}?{ml}"
         for name, url in pages.items():
             shoot(chrome, url, args.out / f"{name}.png", args.width, args.height, args.wait_ms)
     finally:
