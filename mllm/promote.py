@@ -61,40 +61,47 @@ class PromoteResult:
     test_evaluation_run_id: str | None = None
 
 
+def versus(labels: np.ndarray, challenger: np.ndarray, other: np.ndarray, k: int, cfg: ExperimentConfig,
+           threshold: float, name: str) -> tuple[float, dict[str, float], str]:
+    """(p-value of H0: challenger - other <= threshold, figures, a summary) of a paired bootstrap on `promote.split`.
+    H0 is rejected (p < alpha) exactly when the one-sided (1 - alpha) lower bound of the difference is above the
+    threshold."""
+    p = cfg.promote
+    t = paired_test(labels, challenger, other, k, p.bootstrap_samples, 1 - 2 * p.alpha, cfg.evaluate.seed)
+    bound, p_value, score = t.lower_bound(p.alpha), t.p_at_most(threshold), macro_f1(labels, other, k)
+    summary = (f"{p.split} macro-F1 {macro_f1(labels, challenger, k):.4f} vs {name} {score:.4f} (diff "
+               f"{t.macro_f1_diff:+.4f}, one-sided {1 - p.alpha:.0%} lower bound {bound:+.4f} against {threshold:+g}, "
+               f"p={p_value:.4g})")
+    return p_value, {"macro_f1": round(score, 6), "diff": round(t.macro_f1_diff, 6), "lower_bound": round(bound, 6)}, \
+        summary
+
+
 def decide(labels: np.ndarray, challenger: np.ndarray, reference: tuple[str, np.ndarray] | None,
            champion: tuple[str, np.ndarray] | None, k: int, cfg: ExperimentConfig) -> Decision:
     """The gate, on predictions (class ids) of `promote.split`: non-inferiority to the best member, then
     superiority over the champion by `promote.margin`, each as a one-sided (1 - alpha) lower confidence bound."""
-    p, split = cfg.promote, cfg.promote.split
-    level = f"one-sided {1 - p.alpha:.0%} lower bound"
-    figures: dict[str, Any] = {"split": split, "rows": len(labels), "alpha": p.alpha,
+    p = cfg.promote
+    figures: dict[str, Any] = {"split": p.split, "rows": len(labels), "alpha": p.alpha,
                                "bootstrap_samples": p.bootstrap_samples,
                                "challenger_macro_f1": round(macro_f1(labels, challenger, k), 6)}
     notes = []
     if reference is not None:  # the best member
         uri, preds = reference
-        t = paired_test(labels, challenger, preds, k, p.bootstrap_samples, 1 - 2 * p.alpha, cfg.evaluate.seed)
-        bound, p_ni = t.lower_bound(p.alpha), t.p_at_most(-p.non_inferiority_margin)
-        figures.update(best_member=uri, best_member_macro_f1=round(macro_f1(labels, preds, k), 6),
-                       diff_vs_best_member=round(t.macro_f1_diff, 6), lower_bound_vs_best_member=round(bound, 6),
-                       p_non_inferior=p_ni, non_inferiority_margin=p.non_inferiority_margin)
-        summary = (f"{split} macro-F1 {figures['challenger_macro_f1']:.4f} vs best member {uri} "
-                   f"{figures['best_member_macro_f1']:.4f} (diff {t.macro_f1_diff:+.4f}, {level} {bound:+.4f}, "
-                   f"margin -{p.non_inferiority_margin:g}, p={p_ni:.4g})")
+        p_ni, found, summary = versus(labels, challenger, preds, k, cfg, -p.non_inferiority_margin,
+                                      f"best member {uri}")
+        figures.update({"best_member": uri, "p_non_inferior": p_ni, "non_inferiority_margin": p.non_inferiority_margin,
+                        **{f"{key}_vs_best_member" if key != "macro_f1" else "best_member_macro_f1": v
+                           for key, v in found.items()}})
         if p_ni >= p.alpha:
             return Decision(False, f"not shown non-inferior to the best member: {summary}", figures)
         notes.append(f"non-inferior to the best member: {summary}")
     if champion is None:
         return Decision(True, "; ".join(["no champion yet", *notes]), figures)
     version, preds = champion
-    t = paired_test(labels, challenger, preds, k, p.bootstrap_samples, 1 - 2 * p.alpha, cfg.evaluate.seed)
-    bound, p_sup = t.lower_bound(p.alpha), t.p_at_most(p.margin)
-    figures.update(champion=version, champion_macro_f1=round(macro_f1(labels, preds, k), 6),
-                   diff_vs_champion=round(t.macro_f1_diff, 6), lower_bound_vs_champion=round(bound, 6),
-                   p_better_than_champion=p_sup, margin=p.margin)
-    summary = (f"{split} macro-F1 {figures['challenger_macro_f1']:.4f} vs champion version {version} "
-               f"{figures['champion_macro_f1']:.4f} (diff {t.macro_f1_diff:+.4f}, {level} {bound:+.4f}, margin "
-               f"{p.margin:g}, p={p_sup:.4g})")
+    p_sup, found, summary = versus(labels, challenger, preds, k, cfg, p.margin, f"champion version {version}")
+    figures.update({"champion": version, "p_better_than_champion": p_sup, "margin": p.margin,
+                    **{f"{key}_vs_champion" if key != "macro_f1" else "champion_macro_f1": v
+                       for key, v in found.items()}})
     if p_sup >= p.alpha:
         return Decision(False, "; ".join([f"not better than the champion by the margin: {summary}", *notes]), figures)
     return Decision(True, "; ".join([f"better than the champion: {summary}", *notes]), figures)

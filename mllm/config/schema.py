@@ -26,6 +26,13 @@ MergeMethod = Literal[
     "della", "della_linear", "slerp", "nuslerp", "karcher", "model_stock", "sce",
 ]
 
+def refuse_test(split: Any, fix: str) -> Any:
+    """A split that takes a decision (search objective, promotion gate) may be anything but test."""
+    if split == "test":
+        raise ValueError(f"the test split decides nothing (only the final evaluation reads it); {fix}")
+    return split
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys, NaN and infinity are refused; values are frozen."""
 
@@ -245,10 +252,7 @@ class SearchConfig(Section):
     @field_validator("objective_split")
     @classmethod
     def _no_test(cls, v: str) -> str:
-        if v == "test":
-            raise ValueError("the test split decides nothing (only the final evaluation reads it); "
-                             "set search.objective_split=validation")
-        return v
+        return refuse_test(v, "set search.objective_split=validation")
 
     @model_validator(mode="after")
     def _objectives(self) -> SearchConfig:
@@ -282,10 +286,7 @@ class PromoteConfig(Section):
     @field_validator("split", mode="before")
     @classmethod
     def _no_test(cls, v: Any) -> Any:
-        if v == "test":
-            raise ValueError("the test split decides nothing; use validation, or selection with "
-                             "data.selection_fraction > 0")
-        return v
+        return refuse_test(v, "use validation, or selection with data.selection_fraction > 0")
 
 
 class ExperimentConfig(Section):
