@@ -112,12 +112,24 @@ def _float(tags: dict[str, str], key: str) -> float | None:
     return float(tags[key]) if tags.get(key) else None
 
 
-def decisions(role: str, uri: str, store: Store) -> list[str]:
-    """The validation decisions a registered model took part in, from its version's tags."""
+def version_tags(uri: str, store: Store) -> dict[str, str]:
+    """A registered version's tags ({} for anything else)."""
     if not uri.startswith("models:/"):
-        return []
+        return {}
     _, version = store.resolve(uri)
-    tags = version.tags if version is not None else {}
+    return dict(version.tags) if version is not None else {}
+
+
+def single_member(tags: dict[str, str]) -> str | None:
+    """The one parent a "merge" puts all its weight on (a greedy soup that kept one member), else None."""
+    weights = json.loads(tags.get("weights") or "null")
+    parents = [p for p in tags.get("parents", "").split(",") if p]
+    kept = [p for p, w in zip(parents, weights or [], strict=False) if w]
+    return kept[0] if weights and len(kept) == 1 else None
+
+
+def decisions(role: str, tags: dict[str, str]) -> list[str]:
+    """The validation decisions a registered model took part in, from its version's tags."""
     out = []
     if tags.get("trial"):
         out.append(f"search winner (trial {tags['trial']})")
@@ -150,8 +162,11 @@ def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store) -> R
     by_role: dict[str, list[Any]] = {}
     for r in runs:
         by_role.setdefault(r.data.tags.get("mllm.role", "model"), []).append(r)
+    tags = {r.data.tags["mllm.model_uri"]: version_tags(r.data.tags["mllm.model_uri"], store) for r in runs}
     best, refused = best_member([val(r) for r in by_role.get("member", [])])
-    selected, _ = best_member([val(r) for r in by_role.get("merged", [])])
+    # A "merge" with all its weight on one member is that member: listed, never selected as the merge.
+    selected, _ = best_member([val(r) for r in by_role.get("merged", [])
+                               if not single_member(tags[r.data.tags["mllm.model_uri"]])])
     run_of = {r.data.tags["mllm.model_uri"]: r for r in runs}
     e = cfg.evaluate
 
@@ -180,11 +195,13 @@ def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store) -> R
         classes = set(preds[r.info.run_id]["predicted"])
         if len(classes) == 1 and role != "majority":
             notes.append(f"**predicts one class** ({next(iter(classes))})")
+        if role == "merged" and single_member(tags[uri]):
+            notes.append(f"**a single member** (all weight on {single_member(tags[uri])}): not a merge, never selected")
         if role == "member":
             chosen.append("best member" if uri == best else "ranked for best member, not chosen")
-        if role == "merged":
+        if role == "merged" and not single_member(tags[uri]):
             chosen.append("selected merge" if uri == selected else "ranked for selected merge, not chosen")
-        chosen += decisions(role, uri, store)
+        chosen += decisions(role, tags[uri])
         cost = m.get("num_params", 0.0) / unit if unit else m.get("forward_passes", 1.0)
         rows.append(Row(uri, role, t.get("mllm.method", ""), t.get("mllm.recipe", ""), dict(m), cost, r.info.run_id,
                         _float(t, "mllm.val_macro_f1"), tuple(notes), tuple(chosen), tests.get((uri, best or "")),
@@ -249,8 +266,10 @@ def render(result: ReportResult, experiment: str, split: str, cfg: ExperimentCon
               f"{result.comparisons} comparisons of this report (each row against the best member, and the selected "
               f"merge against the ensemble and the bigger model). **differs**: adjusted p < {e.alpha}. "
               f"Non-inferiority margin: {cfg.promote.non_inferiority_margin:g} macro-F1.",
-              f"Decisions: every choice in the last column read validation ({cfg.promote.split} for the promotion "
-              f"gate); no decision read the {split} split." if split == "test" else
+              f"Decisions: every choice in the last column read validation"
+              f"{'' if cfg.promote.split == 'validation' else ' (the promotion gate: the selection split)'}; no "
+              f"decision read the {split} split. The CIs are per comparison (not adjusted); the p-values are."
+              if split == "test" else
               f"Decisions: the last column's choices read validation ({cfg.promote.split} for the promotion gate).",
               "", "## What the numbers allow",
               ""]

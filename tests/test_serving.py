@@ -26,7 +26,7 @@ from mllm.config import load_config
 from mllm.errors import MllmError
 from mllm.store import Store
 
-from .conftest import REPO
+from .conftest import REPO, readers_of_splits
 
 REVIEWS = ["This medicine worked within a week and I have no side effects at all.",
            "Terrible headaches and nausea, I stopped after three days.",
@@ -40,21 +40,6 @@ class Collect(logging.Handler):
 
 
 TEST_READS: dict[str, int] = {"sealed": 0, "final": 0}  # load_splits calls with the test split hidden / shown
-
-
-def readers_of_splits() -> list[object]:
-    """Every mllm module that reads the data (imports load_splits): each one is given the sealed splits."""
-    import importlib
-    import pkgutil
-
-    import mllm
-
-    found = []
-    for info in pkgutil.walk_packages(mllm.__path__, "mllm."):
-        module = importlib.import_module(info.name)
-        if getattr(module, "load_splits", None) is not None and info.name != "mllm.data":
-            found.append(module)
-    return found
 
 
 @pytest.fixture(scope="module")
