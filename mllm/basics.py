@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import sys
 
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@\s]+)@")
 _SECRET_PARAMS = re.compile(r"(password|secret|token|access_key)=([^&\s]+)", re.IGNORECASE)
@@ -50,3 +51,5 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # two lines per run on a server
     for name in ("alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if "mlflow" in sys.modules:  # imported before this ran: MLFLOW_LOGGING_LEVEL was read already
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
