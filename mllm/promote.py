@@ -142,12 +142,12 @@ def paragraph(uri: str, trial: int, method: str, split: str, score: float, befor
             f"{replaced}. Gate ({split} split only): {decision.reason}.")
 
 
-def record(store: Store, uri: str, version: str, before: str | None, decision: Decision) -> None:
+def record(store: Store, uri: str, before: str | None, decision: Decision) -> None:
     """The promotion decision where people look: the version's description and tags (with the figures it used)."""
     replaced = f"version {before}" if before else "none (first champion)"
     outcome = "became champion" if decision.promote else "stays challenger"
     store.note_version(uri, "promotion", f"{outcome}; champion before: {replaced}; {decision.reason}")
-    store.set_version_tags("merged", version, {
+    store.tag_version(uri, {
         "promotion_outcome": outcome, "promotion_replaced": replaced,
         **{f"promotion_{k}": v for k, v in decision.figures.items()}})
 
@@ -197,7 +197,7 @@ def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = N
                                 (top_member, found[top_member].logits.argmax(1)) if top_member else None, k,
                                 lambda v: scored([store.model_uri("merged", v)])[0].logits.argmax(1))
         after = store.alias_version("merged", "champion")
-        record(store, merged.model_uri, merged.version, before, decision)
+        record(store, merged.model_uri, before, decision)
         run_.tags({"mllm.promoted": decision.promote, "mllm.promotion": decision.reason,
                    "mllm.model_uri": merged.model_uri})
         run_.metrics({f"{split}_macro_f1": challenger.metrics["macro_f1"],

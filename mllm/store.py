@@ -335,10 +335,6 @@ class Store:
             for k, v in tags.items():
                 self.client.set_model_version_tag(version.name, version.version, k, redact(str(v)))
 
-    def set_version_tags(self, role: Role, version: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_model_version_tag(self.model_name(role), version, k, redact(str(v)))
-
 
 def checkpoint_of(path: Path, uri: str) -> Path:
     """The Hugging Face folder of a downloaded model: the `checkpoint` artifact of an mllm MLflow model, or the
