@@ -144,7 +144,7 @@ def paragraph(uri: str, trial: int, method: str, split: str, score: float, befor
 
 def record(store: Store, uri: str, before: str | None, decision: Decision) -> None:
     """The promotion decision where people look: the version's description and tags (with the figures it used)."""
-    replaced = f"version {before}" if before else "none (first champion)"
+    replaced = f"version {before}" if before else "none (first champion)" if decision.promote else "none"
     outcome = "became champion" if decision.promote else "stays challenger"
     store.note_version(uri, "promotion", f"{outcome}; champion before: {replaced}; {decision.reason}")
     store.tag_version(uri, {
