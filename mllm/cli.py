@@ -50,6 +50,7 @@ CONFIG_OPTIONS: dict[str, str] = {
     "storage": "search.storage",
     "study_name": "search.study_name",
     "sampler": "search.sampler",
+    "layer_groups": "search.layer_groups",
 }
 
 
@@ -212,6 +213,8 @@ def search(
     storage: Annotated[str | None, field_option("storage", "Optuna storage URL shared by all workers.")] = None,
     study_name: Annotated[str | None, field_option("study_name", "Study name (default <experiment>-search).")] = None,
     sampler: Annotated[str | None, field_option("sampler", "tpe, cmaes, random or nsgaii.")] = None,
+    layer_groups: Annotated[int | None, field_option("layer_groups", "0: one weight per member; N: per-layer-group "
+                                                     "weights and densities over N groups of trained blocks.")] = None,
     member: Annotated[list[str] | None, typer.Option(
         "--member", "-m", help="Member URI; repeatable (default: the experiment's registered members).")] = None,
     base: Annotated[str | None, typer.Option(help="Base URI (with --member).")] = None,
@@ -228,7 +231,8 @@ def search(
     from mllm.search import run
 
     cfg = load_config(config, set_ or [], values=config_values(
-        n_trials=n_trials, workers=workers, storage=storage, study_name=study_name, sampler=sampler))
+        n_trials=n_trials, workers=workers, storage=storage, study_name=study_name, sampler=sampler,
+        layer_groups=layer_groups))
     if worker_index is None:
         worker_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
     result = run(cfg, member or None, base, parent_run_id=parent_run_id, create_only=create_only,

@@ -37,6 +37,7 @@ from mllm.basics import short_hash, slug
 from mllm.config.schema import EvaluateConfig, ExperimentConfig
 from mllm.data import SplitData, load_splits
 from mllm.errors import MllmError, ModelError
+from mllm.finetune import bigger_uri
 from mllm.methods import METHODS, info
 from mllm.metrics import bootstrap_ci, confusion, log_softmax
 from mllm.modeling import encode, iter_logits, load_classifier, resolve_device
@@ -194,8 +195,7 @@ def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool, store
     logits."""
     for m in models or []:  # before any run is opened: unknown names, versions, runs, unusable folders
         store.check_uri(m, "--model")
-    if baselines and cfg.model.bigger_model:
-        store.check_uri(cfg.model.bigger_model, "model.bigger_model")
+    bigger = bigger_uri(cfg, store) if baselines and cfg.model.bigger_model else None
     if models:
         chosen = [describe(m, store) for m in models]
     else:
@@ -225,8 +225,8 @@ def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool, store
     if baselines:
         out += [Candidate("majority", "majority", "majority class", label="majority class"),
                 Candidate("tfidf", "tfidf", "tf-idf + logistic regression", label="tfidf")]  # fitted when scored
-    if baselines and cfg.model.bigger_model:
-        out.append(describe(cfg.model.bigger_model, store, "bigger"))
+    if bigger:
+        out.append(describe(bigger, store, "bigger"))
     unique: dict[str, Candidate] = {}
     for c in out:
         unique.setdefault(c.uri, c)  # a member shared by several merges is scored once

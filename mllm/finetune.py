@@ -24,11 +24,13 @@ from mllm.basics import short_hash
 from mllm.config.schema import ExperimentConfig
 from mllm.data import SplitData, load_splits, make_shards
 from mllm.errors import MllmError
-from mllm.modeling import build_base, check_pretrained, read_source, update_source
-from mllm.prefix import PrefixCache
-from mllm.store import Store
+from mllm.modeling import bigger_needs_training, build_base, check_pretrained, read_source, update_source
+from mllm.prefix import ExampleCache, PrefixCache
+from mllm.store import Role, Store
 from mllm.tracking import git_sha
 from mllm.train import train_member
+
+BIGGER = "bigger"  # the member name of model.bigger_model, fine-tuned on all training rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,7 +85,7 @@ def plan_members(cfg: ExperimentConfig, splits: SplitData) -> list[MemberSpec]:
         for i, domain in enumerate(domains):
             rows = splits.train[splits.train["domain"] == domain].reset_index(drop=True)
             specs.append(MemberSpec(f"domain-{domain}", "domains", rows, ft.seed + i, ft.learning_rate, domain=domain))
-    if ft.include_full:
+    if ft.include_full and ft.strategy != "seeds":  # seed members already train on all rows: each is a full member
         specs.append(MemberSpec("full", "full", splits.train, ft.seed, ft.learning_rate))
     return specs
 
@@ -102,9 +104,9 @@ def member_key(cfg: ExperimentConfig, spec: MemberSpec, base: str, fingerprint: 
                        cfg.model.max_length, cfg.model.dtype, code])
 
 
-def select(specs: list[MemberSpec], names: list[str] | None) -> list[MemberSpec]:
-    """The members named (all when None), refusing unknown names in one line."""
-    unknown = sorted(set(names or []) - {s.name for s in specs})
+def select(specs: list[MemberSpec], names: list[str] | None, extra: tuple[str, ...] = ()) -> list[MemberSpec]:
+    """The members named (all when None), refusing unknown names in one line (`extra`: other names allowed)."""
+    unknown = sorted(set(names or []) - {s.name for s in specs} - set(extra))
     if unknown:
         raise MllmError(f"--member {', '.join(unknown)}: no such member",
                         f"choose from {', '.join(s.name for s in specs)}")
@@ -117,16 +119,25 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, *, parent_run_i
     """Build/reuse the base, then train (or reuse) each selected member; return their registered versions.
     `parent_run_id`: nest the member runs under a run started elsewhere (a Slurm array) instead of a new one."""
     check_pretrained(cfg.model)  # before any run is opened
+    bigger = bigger_needs_training(cfg.model.bigger_model) and not base_only and (not members or BIGGER in members)
+    if bigger:
+        check_pretrained(cfg.bigger_config().model)
     splits = load_splits(cfg.data)
-    specs = select(plan_members(cfg, splits), members)
+    specs = select(plan_members(cfg, splits), members, (BIGGER,) if bigger_needs_training(cfg.model.bigger_model)
+                   else ())
     store = store or Store(cfg)
 
     def stage(parent: str) -> FinetuneResult:
         base_dir, base_version = ensure_base(cfg, splits, store)
         # Members with frozen embeddings + lowest layers share them: validation computes them once (mllm.prefix).
-        prefix = PrefixCache(cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0)
+        depth = cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0
+        prefix = PrefixCache(depth)
+        # ... and so do their training examples' frozen states (seed members, the full member after the shards).
+        examples = ExampleCache(depth)
         outcomes = [] if base_only else [member(cfg, s, splits, base_dir, base_version, parent, store, force=force,
-                                                progress=progress, prefix=prefix) for s in specs]
+                                                progress=progress, prefix=prefix, examples=examples) for s in specs]
+        if bigger:
+            outcomes.append(train_bigger(cfg, splits, parent, store, force=force, progress=progress))
         return FinetuneResult(base_dir, store.model_uri("base", base_version), parent, outcomes, splits.fingerprint)
 
     if parent_run_id:
@@ -161,10 +172,27 @@ def ensure_base(cfg: ExperimentConfig, splits: SplitData, store: Store) -> tuple
     return local, str(version.version)
 
 
+def train_bigger(cfg: ExperimentConfig, splits: SplitData, parent: str | None, store: Store, *, force: bool = False,
+                 progress: bool = True) -> MemberOutcome:
+    """model.bigger_model (a pretrained body) fine-tuned on all training rows, registered as `<experiment>-bigger`.
+    Its base (the body + a seeded head) stays a local folder: it is not the members' base, and task vectors are
+    never taken against it."""
+    big = cfg.bigger_config()
+    key = base_key(big, splits.label_names)
+    base_dir = cfg.output_dir / "bigger-base" / key
+    if read_source(base_dir).get("base_key") != key if base_dir.exists() else True:
+        build_base(big.model, splits.label_names, big.finetune.seed, base_dir)
+        update_source(base_dir, base_key=key)
+    spec = MemberSpec(BIGGER, "full", splits.train, big.finetune.seed, big.finetune.learning_rate)
+    return member(big, spec, splits, base_dir, f"{cfg.model.bigger_model}:{key}", parent, store, force=force,
+                  progress=progress, role="bigger")
+
+
 def member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir: Path, base_version: str,
            parent: str | None, store: Store, *, force: bool = False, progress: bool = True,
-           prefix: Any = None) -> MemberOutcome:
-    """Train one member (or reuse the registered version with the same key) and register it."""
+           prefix: Any = None, examples: Any = None, role: Role = "member") -> MemberOutcome:
+    """Train one member (or reuse the registered version with the same key) and register it (`role`: member, or
+    bigger for model.bigger_model)."""
     key = member_key(cfg, spec, base_version, splits.fingerprint, git_sha())
     trained: dict[str, Any] = {}
 
@@ -173,19 +201,20 @@ def member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir:
                 "mllm.base_version": base_version, "mllm.dataset_fingerprint": splits.fingerprint}
         with store.run(spec.name, stage="finetune-member", parent_run_id=parent, tags=tags) as run_:
             trained["run_id"], trained["result"] = run_.id, _train(cfg, spec, splits, base_dir, key, run_, force,
-                                                                   progress, prefix)
+                                                                   progress, prefix, examples)
             result = trained["result"]
             update_source(result.model_dir, base_key=base_key(cfg, splits.label_names), base_version=base_version)
-            return store.register("member", run_, result.model_dir, {
+            return store.register(role, run_, result.model_dir, {
                 "member": spec.name, "strategy": spec.strategy, "shard": spec.shard, "domain": spec.domain,
                 "seed": spec.seed, "learning_rate": spec.learning_rate, "base_version": base_version,
                 "dataset_fingerprint": splits.fingerprint, "member_key": key,
+                **({"pretrained": cfg.model.name_or_path} if role == "bigger" else {}),
                 **{f"val_{k}": round(v, 6) for k, v in result.best.items() if k != "step"},
             }, description=member_description(cfg, spec, base_version, result.best), examples=splits.examples(),
                 title=spec.name)
 
-    version, reused = store.find_or_run("member", key, make, force=force)
-    uri = store.model_uri("member", version.version)
+    version, reused = store.find_or_run(role, key, make, force=force)
+    uri = store.model_uri(role, version.version)
     if reused:
         metrics = {k.removeprefix("val_"): float(t) for k, t in version.tags.items() if k.startswith("val_")}
         print(f"finetune {spec.name}: reusing {uri} (same config, data, base and code)")
@@ -204,14 +233,16 @@ def member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir:
 def member_description(cfg: ExperimentConfig, spec: MemberSpec, base_version: str, best: dict[str, float]) -> str:
     what = {"shards": f"shard {spec.shard}", "seeds": f"seed {spec.seed}", "domains": f"domain {spec.domain}",
             "full": "all training rows"}[spec.strategy]
+    source = (f"`{cfg.model.name_or_path}` with a seeded head (the bigger model; not merged)" if spec.name == BIGGER
+              else f"`{cfg.name}-base` version {base_version}")
     return (f"**Member {spec.name}** ({what}, {len(spec.rows)} training reviews, learning rate {spec.learning_rate:g}),"
-            f" fine-tuned from `{cfg.name}-base` version {base_version}.\n\n"
+            f" fine-tuned from {source}.\n\n"
             f"- validation macro-F1 {best.get('macro_f1', float('nan')):.4f}, accuracy "
             f"{best.get('accuracy', float('nan')):.4f} (best evaluation, step {int(best.get('step', 0))})")
 
 
 def _train(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir: Path, key: str, run_: Any,
-           force: bool, progress: bool, prefix: Any) -> Any:
+           force: bool, progress: bool, prefix: Any, examples: Any = None) -> Any:
     """The member's training inside its run: params, inputs, per-step metrics, summary."""
     run_.params({"member.name": spec.name, "member.seed": spec.seed, "member.shard": spec.shard,
                  "member.learning_rate": spec.learning_rate, "member.domain": spec.domain,
@@ -225,9 +256,28 @@ def _train(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir:
         base_dir, spec.rows["text"].tolist(), spec.rows["label"].to_numpy(), splits.validation["text"].tolist(),
         splits.validation["label"].to_numpy(), cfg.finetune, cfg.model, work, seed=spec.seed,
         learning_rate=spec.learning_rate, key=key, log=logger, progress=progress, name=spec.name, prefix=prefix,
+        example_cache=examples,
     )
     logger.flush()
+    run_.params({f"member.class_weight.{name}": round(w, 6)
+                 for name, w in zip(splits.label_names, result.class_weights, strict=True)})
     run_.metrics({"wall_s": result.wall_s, "train_samples_per_s": result.train_samples_per_s, "steps": result.steps,
                   "resumed_from_step": result.resumed_from, **{f"best_val_{k}": v for k, v in result.best.items()}})
     run_.tags({"mllm.stopped_early": result.stopped_early, "mllm.resumed_from_step": result.resumed_from})
     return result
+
+
+def bigger_uri(cfg: ExperimentConfig, store: Store) -> str:
+    """model.bigger_model as a scoreable URI: a classifier as given (checked), or for a pretrained body the newest
+    `<experiment>-bigger` version fine-tuned from it (mllm finetune trains it)."""
+    name = cfg.model.bigger_model
+    assert name is not None
+    if not bigger_needs_training(name):
+        store.check_uri(name, "model.bigger_model")
+        return name
+    found = store.newest("bigger", {"pretrained": name, "dataset_fingerprint": load_splits(cfg.data).fingerprint})
+    if found is None:
+        raise MllmError(f"model.bigger_model={name} is a pretrained body that has not been fine-tuned in experiment "
+                        f"{cfg.name}", "run mllm finetune (it trains the bigger model on all training rows), or give "
+                        "a classifier URI")
+    return store.model_uri("bigger", found.version)

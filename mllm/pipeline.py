@@ -57,7 +57,8 @@ def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METH
 
     with store.run("pipeline", stage="pipeline") as parent:
         trained = timed("finetune", finetune.run, cfg)
-        members = [m.model_uri for m in sorted(trained.members, key=lambda m: m.name) if m.name != "full"]
+        members = [m.model_uri for m in sorted(trained.members, key=lambda m: m.name)
+                   if m.name not in ("full", finetune.BIGGER)]  # reference models, never merged
         merges = [timed("merge", merge.run, cfg.model_copy(update={"merge": cfg.merge.model_copy(
             update={"method": method})}), members, trained.base_uri,
             tags={"soup": "uniform"} if method == "linear" else None).model_uri for method in standard_methods]

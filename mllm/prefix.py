@@ -186,23 +186,27 @@ class ExampleCache:
     """Training-time reuse: the states entering block `depth` per training example, recorded in the first
     epoch and replayed in later ones (frozen, dropout-free prefix only). Positions beyond an example's length
     are zero-filled: they are padding, masked (bidirectional models) or never attended to by real tokens
-    (causal models, right padding), and the classifier pools the last real token."""
+    (causal models, right padding), and the classifier pools the last real token. Keyed by `keys` (an example's
+    token ids) when given, so members of one base with the same frozen layers share one cache: a seed member, or
+    the full-data member after the shards, replays what an earlier member recorded, in its first epoch too."""
 
     def __init__(self, depth: int) -> None:
         self.depth = depth
-        self.states: dict[int, torch.Tensor] = {}
+        self.states: dict[Any, torch.Tensor] = {}
         self.bytes = 0
         self.replayed_batches = 0
 
     @contextmanager
-    def forward(self, model: Any, index: Sequence[int], lengths: Sequence[int]) -> Iterator[None]:
+    def forward(self, model: Any, index: Sequence[int], lengths: Sequence[int],
+                keys: Sequence[Any] | None = None) -> Iterator[None]:
         rows = [int(i) for i in index]
+        names = [keys[i] if keys is not None else i for i in rows]
         layers = blocks(model)
-        if all(i in self.states for i in rows):
+        if all(k in self.states for k in names):
             def padded(like: torch.Tensor) -> torch.Tensor:
                 out = like.new_zeros(like.shape)
-                for r, i in enumerate(rows):
-                    out[r, : lengths[i]] = self.states[i].to(like.dtype)
+                for r, (i, k) in enumerate(zip(rows, names, strict=True)):
+                    out[r, : lengths[i]] = self.states[k].to(like.dtype)
                 return out
 
             self.replayed_batches += 1
@@ -211,10 +215,10 @@ class ExampleCache:
             return
 
         def keep(module: torch.nn.Module, args: Any) -> None:
-            for r, i in enumerate(rows):
+            for r, (i, k) in enumerate(zip(rows, names, strict=True)):
                 state = args[0][r, : lengths[i]]
-                if i not in self.states and self.bytes + state.numel() * state.element_size() <= MAX_CACHE_BYTES:
-                    self.states[i] = state.detach().clone()
+                if k not in self.states and self.bytes + state.numel() * state.element_size() <= MAX_CACHE_BYTES:
+                    self.states[k] = state.detach().clone()
                     self.bytes += state.numel() * state.element_size()
 
         handle = layers[self.depth].register_forward_pre_hook(keep)

@@ -30,6 +30,14 @@ from mllm.prefix import PrefixCache, prefix_state
 STAGES = (0.25, 0.5, 1.0)  # shares of the validation split scored before each pruning decision
 
 
+def stage_shares(rows: int, prune: bool, min_rows: int) -> tuple[float, ...]:
+    """The STAGES a search scores: those whose row count is at least `min_rows` (a pruning decision never reads
+    fewer reviews), always the whole split; (1.0,), no pruning, when validation is too small for two stages."""
+    if not prune:
+        return (1.0,)
+    return tuple(s for s in STAGES if s == 1.0 or round(s * rows) >= min_rows)
+
+
 class ValidationSet:
     """The validation split tokenised once, cut into stages (a seeded permutation), each stage's rows
     length-sorted into batches that are collated once and reused by every trial."""
@@ -78,7 +86,7 @@ class Scorer:
             reviews = (validation["text"].tolist(), validation["label"].to_numpy())
         self.num_labels = self.model.config.num_labels
         self.data = ValidationSet(reviews[0], np.asarray(reviews[1]), tokenizer, cfg, self.device,
-                                  STAGES if cfg.search.prune else (1.0,))
+                                  stage_shares(len(reviews[0]), cfg.search.prune, cfg.search.prune_min_rows))
         self.prefix = self._frozen_prefix(cfg)
 
     def _frozen_prefix(self, cfg: ExperimentConfig) -> Any:
@@ -89,7 +97,7 @@ class Scorer:
         if depth <= 0:
             return None
         names = prefix_state(self.model, depth)
-        if any(n not in d or bool(d[n].any()) for d in self.stack.deltas for n in names):
+        if any(n not in d or d[n] is not None for d in self.stack.deltas for n in names):
             return None  # some member changed a weight below the trained blocks: score every trial in full
         cache = PrefixCache(depth)
         with cache.record(self.model, "validation"):

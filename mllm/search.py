@@ -26,10 +26,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from mllm.basics import quiet_libraries, redact
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.fastmerge import IN_MEMORY
+from mllm.groups import LayerGroup, plan_groups
 from mllm.merge import check_members, registered_members
 from mllm.methods import info
 from mllm.scorer import Scorer, TrialScore
@@ -40,17 +43,63 @@ from mllm.tracking import RunLog, owner
 __all__ = ["SearchResult", "best", "finished", "open_storage", "run", "study_name", "suggest_recipe", "work"]
 
 
-def suggest_recipe(trial: Any, cfg: ExperimentConfig, k: int) -> MergeConfig:
-    """The trial's merge recipe: method, per-member weights and the parameters that method reads."""
-    methods = [m for m in cfg.search.methods if m in IN_MEMORY]
+def weights_from(raw: list[float], zero_below: float) -> list[float]:
+    """Suggested weights with those below `zero_below` set to 0 (the member left out); if that leaves none, the
+    largest stays, so a single member (and any subset) is in the space and no recipe is empty."""
+    out = [0.0 if w < zero_below else w for w in raw]
+    if not any(out):
+        top = max(range(len(raw)), key=raw.__getitem__)
+        out[top] = max(raw[top], 1e-3)
+    return out
+
+
+def suggest_recipe(trial: Any, cfg: ExperimentConfig, k: int, groups: list[LayerGroup] | None = None
+                   ) -> MergeConfig:
+    """The trial's merge recipe: method, per-member weights in [0, 1] (below search.zero_below: 0), the density and
+    lambda (up to search.max_lambda, default K) the method reads, and per-layer-group weights and densities."""
+    s = cfg.search
+    methods = [m for m in s.methods if m in IN_MEMORY]
     method = trial.suggest_categorical("method", methods)
     values: dict[str, Any] = {"method": method, "seed": cfg.merge.seed, "normalize": cfg.merge.normalize}
-    values["weights"] = [trial.suggest_float(f"weight_{i}", 0.05, 1.0) for i in range(k)]
-    if info(method).uses("density"):
+    values["weights"] = weights_from([trial.suggest_float(f"weight_{i}", 0.0, 1.0) for i in range(k)], s.zero_below)
+    dense = info(method).uses("density")
+    if dense:
         values["density"] = trial.suggest_float("density", 0.1, 1.0)
-    if info(method).task_vector:
-        values["lambda"] = trial.suggest_float("lambda", 0.5, 1.5)
+    if info(method).task_vector:  # normalised weights: lambda K with equal weights is the sum of the task vectors
+        values["lambda"] = trial.suggest_float("lambda", 0.5, max(1.0, s.max_lambda or float(k)))
+    if groups:
+        values["groups"] = [{
+            "name": g.name, "filters": list(g.filters),
+            "weights": weights_from([trial.suggest_float(f"g{j}_weight_{i}", 0.0, 1.0) for i in range(k)],
+                                    s.zero_below),
+            "density": trial.suggest_float(f"g{j}_density", 0.1, 1.0) if dense else None,
+        } for j, g in enumerate(groups)]
     return MergeConfig.model_validate(values)
+
+
+def standard_trials(cfg: ExperimentConfig, k: int, soup: list[float] | None = None) -> list[dict[str, Any]]:
+    """Parameters to enqueue as a new study's first trials: each searched method at equal weights with
+    merge.density and merge.lambda (the standard merges), and the greedy soup's 1/0 weights as a linear merge.
+    With layer groups every group repeats the recipe's weights and density (parameters for groups a worker does
+    not have are ignored: up to search.layer_groups block groups + embeddings + head)."""
+    s = cfg.search
+    out = []
+    recipes = [(m, [1.0] * k) for m in s.methods if m in IN_MEMORY]
+    if soup is not None and "linear" in s.methods and len(soup) == k:
+        recipes.append(("linear", [float(w) for w in soup]))
+    top = max(1.0, s.max_lambda or float(k))
+    for method, weights in recipes:
+        params: dict[str, Any] = {"method": method, **{f"weight_{i}": w for i, w in enumerate(weights)}}
+        if info(method).uses("density"):
+            params["density"] = min(1.0, max(0.1, cfg.merge.density))
+        if info(method).task_vector:
+            params["lambda"] = min(top, max(0.5, cfg.merge.lambda_))
+        for j in range(cfg.search.layer_groups + 2 if cfg.search.layer_groups else 0):
+            params.update({f"g{j}_weight_{i}": w for i, w in enumerate(weights)})
+            if "density" in params:
+                params[f"g{j}_density"] = params["density"]
+        out.append(params)
+    return out
 
 
 @dataclass(frozen=True)
@@ -73,6 +122,12 @@ def _value(score: TrialScore, recipe: MergeConfig, cfg: ExperimentConfig) -> flo
     return score.macro_f1, recipe.density if info(recipe.method).uses("density") else 1.0
 
 
+def worker_groups(cfg: ExperimentConfig, scorer: Scorer) -> list[LayerGroup]:
+    """search.layer_groups groups over the blocks (and embeddings, head) some member trained."""
+    changed = set(scorer.stack.names) - scorer.stack.unchanged
+    return plan_groups(scorer.model, scorer.stack.names, changed, cfg.search.layer_groups)
+
+
 def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members: list[str], base: str) -> None:
     """One search worker: load the members once, then run trials until the study has search.n_trials."""
     import optuna
@@ -82,20 +137,27 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
         return  # the study is complete (a rerun of a finished search): nothing to load
     store = Store(cfg)
     scorer = Scorer(cfg, store.download(base), [store.download(u) for u in members])
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if cfg.search.prune else optuna.pruners.NopPruner()
+    groups = worker_groups(cfg, scorer)
+    dims = len(members) * (1 + len(groups)) + 3 + len(groups)  # weights, method, density, lambda, group densities
+    if worker == 0 and groups:
+        print(f"search: {len(groups)} layer groups ({', '.join(g.name for g in groups)}), up to {dims} dimensions"
+              + ("; search.sampler=cmaes suits more than about 10" if cfg.search.sampler == "tpe" and dims > 10
+                 else ""))
+    prunable = cfg.search.prune and len(scorer.data.stages) > 1  # a decision never reads < prune_min_rows reviews
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if prunable else optuna.pruners.NopPruner()
     study = optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg),
                               sampler=sampler(cfg, worker), pruner=pruner)
     single = cfg.search.second_objective == "none"
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
-        recipe = suggest_recipe(trial, cfg, len(members))
-        trial.set_user_attr("recipe", recipe.model_dump(mode="json", by_alias=True))
+        recipe = suggest_recipe(trial, cfg, len(members), groups)
         trial.set_user_attr("owner", owner())  # which process ran it (a killed one?)
         tags = {"mllm.study": study.study_name, "mllm.trial": trial.number, "mllm.worker": worker}
         with store.run(f"trial-{trial.number}", stage="search-trial", parent_run_id=parent_run_id, tags=tags,
                        log_config=False, system_metrics=False) as run:
             trial.set_user_attr("mlflow_run_id", run.id)
-            score, pruned = _trial(trial, recipe, scorer, run, single)
+            score, recipe, pruned = _trial(trial, recipe, scorer, run, single and prunable, cfg.search.mask_seeds)
+        trial.set_user_attr("recipe", recipe.model_dump(mode="json", by_alias=True))  # with the chosen mask seed
         if pruned:
             raise optuna.TrialPruned()
         return _value(score, recipe, cfg)
@@ -108,22 +170,43 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
                        gc_after_trial=False, show_progress_bar=worker == 0)
 
 
-def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, single: bool) -> tuple[TrialScore, bool]:
-    """Score one recipe stage by stage inside its run; (last score, whether the pruner stopped it)."""
+def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: bool, mask_seeds: int
+           ) -> tuple[TrialScore, MergeConfig, bool]:
+    """Score one recipe stage by stage inside its run; (score, recipe, whether the pruner stopped it).
+
+    A random-mask method (DARE, DELLA) is scored with `mask_seeds` seeds (merge.seed, +1, ...): the first seed stage
+    by stage (the pruner reads it), the others on the whole split; the score is the mean over seeds (macro-F1,
+    worst-class F1, accuracy), the spread is logged, and the recipe keeps the seed whose macro-F1 is nearest the
+    mean (what promote materialises)."""
+    seeds = [recipe.seed + j for j in range(mask_seeds)] if info(recipe.method).random else [recipe.seed]
     run.params({"method": recipe.method, "weights": json.dumps([round(w, 4) for w in recipe.weights or []]),
-                "density": recipe.density, "lambda": recipe.lambda_, "seed": recipe.seed, "trial": trial.number})
+                "density": recipe.density, "lambda": recipe.lambda_, "seed": recipe.seed, "trial": trial.number,
+                "mask_seeds": len(seeds), "layer_groups": len(recipe.groups or [])})
+    if recipe.groups:
+        run.json([g.model_dump(mode="json", exclude={"filters"}) for g in recipe.groups], "groups.json")
     start, pruned, merge_s = time.perf_counter(), False, 0.0
     for step, (score, merge_s) in enumerate(scorer.stages(recipe)):  # noqa: B007 (merge_s is read after the loop)
         run.metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
                      "val_accuracy": score.accuracy, "val_rows": score.rows}, step=step)
-        if single and step < len(scorer.data.stages) - 1:
+        if prune and step < len(scorer.data.stages) - 1:
             trial.report(score.macro_f1, step)
             if trial.should_prune():
                 pruned = True
                 break
+    if not pruned and len(seeds) > 1:
+        scores = [score] + [list(scorer.stages(recipe.model_copy(update={"seed": s})))[-1][0] for s in seeds[1:]]
+        f1 = np.array([x.macro_f1 for x in scores])
+        nearest = int(np.argmin(np.abs(f1 - f1.mean())))
+        recipe = recipe.model_copy(update={"seed": seeds[nearest]})
+        score = TrialScore(float(f1.mean()), float(np.mean([x.worst_class_f1 for x in scores])),
+                           float(np.mean([x.accuracy for x in scores])), score.rows)
+        run.metrics({"val_macro_f1_mean": score.macro_f1, "val_macro_f1_std": float(f1.std(ddof=1)),
+                     "val_macro_f1_min": float(f1.min()), "val_macro_f1_max": float(f1.max()),
+                     **{f"val_macro_f1_seed_{s}": float(v) for s, v in zip(seeds, f1, strict=True)}})
+        run.tags({"mllm.mask_seed": recipe.seed})
     run.metrics({"merge_s": merge_s, "trial_s": time.perf_counter() - start})
     run.tags({"mllm.trial_state": "PRUNED" if pruned else "COMPLETE"})
-    return score, pruned
+    return score, recipe, pruned
 
 
 def _worker_main(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members: list[str],
@@ -238,7 +321,17 @@ def open_study(cfg: ExperimentConfig, members: list[str] | None, base: str | Non
                         "set search.study_name to a new name, or pass the same members")
     if [d.name for d in study.directions] != [d.upper() for d in objectives(cfg)]:
         raise MllmError(f"study {name} has other objectives", "set search.study_name to a new name")
+    if cfg.search.enqueue and not study.get_trials(deepcopy=False) and not study.user_attrs.get("enqueued"):
+        study.set_user_attr("enqueued", True)  # once per study, even if a worker is already running
+        for params in standard_trials(cfg, len(members), greedy_soup_weights(store, members, base)):
+            study.enqueue_trial(params, skip_if_exists=True)
     return study, members, base
+
+
+def greedy_soup_weights(store: Store, members: list[str], base: str) -> list[float] | None:
+    """The 1/0 weights of the newest greedy soup registered over these members and base, if any."""
+    soup = store.newest("merged", {"soup": "greedy", "parents": ",".join(members), "base": base})
+    return json.loads(soup.tags["weights"]) if soup is not None and soup.tags.get("weights") else None
 
 
 def run_workers(cfg: ExperimentConfig, parent_run_id: str, worker_index: int, members: list[str], base: str) -> None:

@@ -34,16 +34,18 @@ from mllm.preflight import preflight
 if TYPE_CHECKING:
     import numpy as np
 
-Role = Literal["base", "member", "merged", "ensemble", "tfidf"]
+Role = Literal["base", "member", "merged", "ensemble", "tfidf", "bigger"]
 SUFFIX: dict[str, str] = {"base": "base", "member": "finetuned", "merged": "merged", "ensemble": "ensemble",
-                          "tfidf": "tfidf"}
+                          "tfidf": "tfidf", "bigger": "bigger"}
 KEY_TAG: dict[str, str] = {"base": "base_key", "member": "member_key", "merged": "merge_key",
-                           "ensemble": "ensemble_key", "tfidf": "tfidf_key"}
+                           "ensemble": "ensemble_key", "tfidf": "tfidf_key", "bigger": "member_key"}
 ROLE_DESCRIPTION = {
     "base": "The shared base classifier of experiment `{e}`: pretrained body + one seeded head (mllm).",
     "member": "Members of experiment `{e}`, each fine-tuned from `{e}-base` (mllm finetune).",
     "merged": "Merges of `{e}-finetuned` members (mllm merge, search, promote); `@champion` is the promoted one.",
     "ensemble": "Logit-average ensembles of `{e}-finetuned` members: the cost-free baseline a merge must beat.",
+    "bigger": "The bigger model of experiment `{e}`: `model.bigger_model` fine-tuned on all training rows with the "
+              "members' recipe (mllm finetune), the single model a merge of small members is compared with.",
     "tfidf": "TF-IDF + logistic regression (class-balanced, C chosen on validation) on `{e}`'s training split: the "
              "bag-of-words baseline every language model here must beat.",
 }
@@ -123,7 +125,8 @@ class Store:
             self.client.set_terminated(run_id, status)
 
     # --- reuse -------------------------------------------------------------------------------------------------
-    def find_or_run(self, kind: Literal["base", "member", "merged", "ensemble", "tfidf", "evaluation"], key: str,
+    def find_or_run(self, kind: Literal["base", "member", "merged", "ensemble", "tfidf", "bigger", "evaluation"],
+                    key: str,
                     fn: Callable[[], Any],
                     force: bool = False) -> tuple[Any, bool]:
         """(what carries `key`, True) when it exists: the newest registered version of that role tagged with the

@@ -29,14 +29,22 @@ def objectives(cfg: ExperimentConfig) -> list[str]:
     return ["maximize"] + ([] if second == "none" else ["minimize" if second == "density" else "maximize"])
 
 
+def startup_trials(cfg: ExperimentConfig) -> int:
+    """Random start-up trials before TPE / CMA-ES model the space: search.startup_trials, else n_trials // 4 and
+    at least 4 (TPE's fixed 10 would leave a 10-trial search all random)."""
+    s = cfg.search
+    return s.startup_trials if s.startup_trials is not None else max(4, s.n_trials // 4)
+
+
 def sampler(cfg: ExperimentConfig, worker: int) -> Any:
     import optuna
 
     seed = cfg.search.seed + worker  # workers of one study must not propose the same sequence
-    if cfg.search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # liar: parallel workers spread out
-    if cfg.search.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)  # method: independent
+    startup = startup_trials(cfg)
+    if cfg.search.sampler == "tpe":  # liar: parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
+    if cfg.search.sampler == "cmaes":  # the method (categorical) is sampled independently
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
     if cfg.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.NSGAIISampler(seed=seed)

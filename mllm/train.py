@@ -52,6 +52,16 @@ class TrainResult:
     wall_s: float
     train_samples_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    class_weights: list[float] = field(default_factory=list)  # per label id, as used by the loss
+
+
+def balanced_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """n / (classes x count_c) for each class seen in `labels` (scikit-learn's "balanced"); 1 for an unseen class."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    weights = np.ones(n_classes)
+    seen = counts > 0
+    weights[seen] = counts.sum() / (n_classes * counts[seen])
+    return weights
 
 
 def freeze(model: Any, embeddings: bool, layers: int) -> None:
@@ -94,8 +104,10 @@ def train_member(
     name: str = "member",
     prefix: Any = None,
     reuse_frozen: bool = True,
+    example_cache: ExampleCache | None = None,
 ) -> TrainResult:
-    """Fine-tune the base classifier at `base_dir` on (texts, labels); write the best weights to `work/final`."""
+    """Fine-tune the base classifier at `base_dir` on (texts, labels); write the best weights to `work/final`.
+    `example_cache`: frozen-prefix states shared with other members of the same base (same freeze settings)."""
     import torch
     from safetensors.torch import load_model, save_model
     from tqdm.auto import tqdm
@@ -112,6 +124,10 @@ def train_member(
     enc_val = encode(tokenizer, val_texts, model_cfg.max_length)
     lengths = [len(e) for e in enc_train]
     labels_t = torch.tensor(np.array(train_labels), dtype=torch.long)
+    n_classes = int(model.config.num_labels)
+    class_weights = (balanced_weights(np.asarray(train_labels), n_classes) if ft.class_weights == "balanced"
+                     else np.ones(n_classes))
+    loss_weight = torch.tensor(class_weights, dtype=torch.float32, device=device)
 
     batches_per_epoch = math.ceil(len(enc_train) / ft.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / ft.grad_accum)
@@ -165,7 +181,10 @@ def train_member(
     # Frozen embeddings + lowest layers with no dropout in them: their output per example is fixed, so it is
     # recorded in the first epoch and replayed afterwards (mllm.prefix.ExampleCache).
     depth = min(ft.freeze_layers, model.config.num_hidden_layers - 1) if ft.freeze_embeddings else 0
-    examples = ExampleCache(depth) if reuse_frozen and depth > 0 and dropout_free(model) else None
+    examples = None
+    if reuse_frozen and depth > 0 and dropout_free(model):
+        examples = example_cache if example_cache is not None and example_cache.depth == depth else ExampleCache(depth)
+    keys = [tuple(e) for e in enc_train]  # an example's token ids: its key in a cache other members share
     model.train()
     bar = tqdm(total=total, initial=state["step"], desc=f"finetune {name}", unit="step", disable=not progress,
                dynamic_ncols=True)
@@ -179,10 +198,11 @@ def train_member(
             loss_sum = 0.0
             for index in group:
                 inputs = collate(enc_train, index, pad, device)
-                with (examples.forward(model, index, lengths) if examples else nullcontext()), \
+                with (examples.forward(model, index, lengths, keys) if examples else nullcontext()), \
                         torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     logits = model(**inputs).logits
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels_t[index].to(device), reduction="sum")
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels_t[index].to(device),
+                                                       weight=loss_weight, reduction="sum")
                 (loss / n_group).backward()
                 loss_sum += loss.item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -228,6 +248,7 @@ def train_member(
         model_dir=final, best={k: float(v) for k, v in state["best_metrics"].items()}, steps=state["step"],
         resumed_from=resumed_from, stopped_early=state["stopped_early"], wall_s=time.perf_counter() - start,
         train_samples_per_s=state["samples"] / max(state["train_s"], 1e-9), history=state["history"],
+        class_weights=[float(w) for w in class_weights],
     )
 
 

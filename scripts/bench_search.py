@@ -1,10 +1,15 @@
 """Search-trial cost: the original study's trial against mllm's, same recipe and validation set, in one run.
 
     python scripts/bench_search.py                          # CPU: 256 validation reviews, K=3
+    python scripts/bench_search.py --members default-recipe # + members trained with configs/default.yaml's recipe
     python scripts/bench_search.py --reviews 2048           # on a GPU (mllm's trial then merges on the GPU, bf16)
 
 Members: K randomly perturbed copies of a randomly initialised GPT-2-124M-sized classifier (12 layers, hidden
-768, vocab 50257; no GPT-2 weights exist offline) and the base they share, as safetensors folders. Reviews:
+768, vocab 50257; no GPT-2 weights exist offline) and the base they share, as safetensors folders. With
+`--members default-recipe`, also K members trained from that base with configs/default.yaml's finetune recipe
+(class weights, frozen embeddings and the same share of frozen lower blocks, SmolLM2's 16 of 30 being 6 of 12
+here; `--train-steps` optimiser steps each, seeds 0..K-1), as users train them: their frozen weights are exactly
+the base's, so mllm skips merging them and computes the frozen prefix of the validation set once. Reviews:
 the Drugs.com sample, 128 tokens at most. Recipe: TIES, density 0.5, equal weights.
 
 - original: write the mergekit YAML, run the `mergekit-yaml` CLI (merged model written to disk; `--cuda` on a
@@ -82,6 +87,34 @@ def build(root: Path) -> tuple[Path, list[Path], int]:
     return base, members, size
 
 
+def build_trained(root: Path, base: Path, steps: int) -> tuple[list[Path], dict]:
+    """K members trained from `base` with configs/default.yaml's finetune recipe (frozen share scaled to 12 blocks)."""
+    import json as _json
+
+    import numpy as np
+
+    from mllm.config import load_config
+    from mllm.train import train_member
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    frozen = round(cfg.finetune.freeze_layers * 12 / 30)
+    ft = cfg.finetune.model_copy(update={"freeze_layers": frozen, "max_steps": steps, "eval_every_steps": steps,
+                                         "early_stopping_patience": None})
+    texts, labels = reviews(979)
+    members = []
+    for i in range(K):
+        rows = np.random.default_rng(i).permutation(len(texts))[: 8 * steps]
+        result = train_member(base, [texts[j] for j in rows], np.array([labels[j] for j in rows]), texts[:64],
+                              np.array(labels[:64]), ft, cfg.model.model_copy(update={"device": "cpu"}),
+                              root / f"work-{i}", seed=i, learning_rate=ft.learning_rate, key=f"bench-{i}",
+                              progress=False, name=f"trained-{i}")
+        out = root / f"trained-{i}"
+        result.model_dir.rename(out)
+        (out / "mllm-source.json").write_text(_json.dumps({"role": "member", "base_key": "bench"}))
+        members.append(out)
+    return members, {"freeze_embeddings": ft.freeze_embeddings, "freeze_layers": frozen}
+
+
 def original_trial(base: Path, members: list[Path], texts: list[str], labels: list[int], work: Path,
                    cuda: bool) -> float:
     import datasets
@@ -122,8 +155,9 @@ def original_trial(base: Path, members: list[Path], texts: list[str], labels: li
     return time.perf_counter() - start
 
 
-def run_way(way: str, root: Path, n: int, trials: int, cuda: bool) -> dict[str, float]:
-    base, members = root / "base", sorted(root.glob("member-*"))
+def run_way(way: str, root: Path, n: int, trials: int, cuda: bool, members_glob: str = "member-*",
+            frozen: dict | None = None) -> dict[str, float]:
+    base, members = root / "base", sorted(root.glob(members_glob))
     texts, labels = reviews(n)
     if way == "original":
         times = []
@@ -138,7 +172,7 @@ def run_way(way: str, root: Path, n: int, trials: int, cuda: bool) -> dict[str, 
     from mllm.scorer import Scorer
 
     cfg = ExperimentConfig.model_validate({"model": {"name_or_path": str(base), "device": "cuda" if cuda else "cpu"},
-                                          "search": {"prune": False},
+                                          "search": {"prune": False}, "finetune": frozen or {},
                                           "evaluate": {"batch_size": 64 if cuda else 32}})
     start = time.perf_counter()
     scorer = Scorer(cfg, base, members, reviews=(texts, np.array(labels)))  # as a search worker builds it
@@ -156,40 +190,58 @@ def run_way(way: str, root: Path, n: int, trials: int, cuda: bool) -> dict[str, 
     return {"s_per_trial": min(times), "peak_rss_gb": peak_rss_gb(), "load_s": load_s, "macro_f1": score.macro_f1}
 
 
+def compare(root: Path, args: argparse.Namespace, members_glob: str, frozen: dict | None) -> dict[str, dict]:
+    """Both ways on one member set, each in its own process (its own peak RSS)."""
+    results = {}
+    for way in ("original", "mllm"):
+        proc = subprocess.run([sys.executable, __file__, "--way", way, "--root", str(root), "--reviews",
+                               str(args.reviews), "--trials", str(args.trials), "--members-glob", members_glob,
+                               "--frozen", json.dumps(frozen or {})], capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{way} failed:\n{proc.stderr[-3000:]}")
+        results[way] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reviews", type=int, default=256)
     parser.add_argument("--trials", type=int, default=3, help="trials per way (the fastest is reported)")
+    parser.add_argument("--members", choices=["random", "default-recipe"], default="random",
+                        help="default-recipe: also members trained with configs/default.yaml's recipe")
+    parser.add_argument("--train-steps", type=int, default=6, help="optimiser steps per trained member")
     parser.add_argument("--way", choices=["original", "mllm"], help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--members-glob", default="member-*", help=argparse.SUPPRESS)
+    parser.add_argument("--frozen", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
     cuda = torch.cuda.is_available()
     if args.way:  # a child process: one way, JSON on the last line
-        print(json.dumps(run_way(args.way, args.root, args.reviews, args.trials, cuda)))
+        print(json.dumps(run_way(args.way, args.root, args.reviews, args.trials, cuda, args.members_glob,
+                                 json.loads(args.frozen))))
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _, _, size = build(root)
-        results = {}
-        for way in ("original", "mllm"):
-            proc = subprocess.run([sys.executable, __file__, "--way", way, "--root", str(root), "--reviews",
-                                   str(args.reviews), "--trials", str(args.trials)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"{way} failed:\n{proc.stderr[-3000:]}")
-            results[way] = json.loads(proc.stdout.strip().splitlines()[-1])
-    o, m = results["original"], results["mllm"]
+        sets = {"random members": compare(root, args, "member-*", None)}
+        if args.members == "default-recipe":
+            _, frozen = build_trained(root, root / "base", args.train_steps)
+            sets[f"trained members ({frozen})"] = compare(root, args, "trained-*", frozen)
     device = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"device: {device}; K={K} GPT-2-124M-sized members ({size / 1e9:.2f} GB each in fp32); "
           f"{args.reviews} reviews; ties density 0.5; fastest of {args.trials} trials per way")
-    print(f"original (mergekit-yaml to disk, reload, Trainer.evaluate fp32 batch 8): {o['s_per_trial']:.2f} s/trial, "
-          f"peak RSS {o['peak_rss_gb']:.2f} GB")
-    print(f"mllm (in-memory merge, resident model, length-sorted batches): {m['s_per_trial']:.2f} s/trial "
-          f"(+ {m['load_s']:.1f} s once per worker), peak RSS {m['peak_rss_gb']:.2f} GB")
     bound = 1.5 * (K + 2) * size / 1e9
-    print(f"ratio: {o['s_per_trial'] / m['s_per_trial']:.1f}x; worker RSS bound 1.5 x (K+2) x size = {bound:.2f} GB "
-          f"({'within' if m['peak_rss_gb'] <= bound else 'ABOVE'})")
+    for name, results in sets.items():
+        o, m = results["original"], results["mllm"]
+        print(f"{name}:")
+        print(f"  original (mergekit-yaml to disk, reload, Trainer.evaluate fp32 batch 8): {o['s_per_trial']:.2f} "
+              f"s/trial, peak RSS {o['peak_rss_gb']:.2f} GB")
+        print(f"  mllm (in-memory merge, resident model, length-sorted batches): {m['s_per_trial']:.2f} s/trial "
+              f"(+ {m['load_s']:.1f} s once per worker), peak RSS {m['peak_rss_gb']:.2f} GB")
+        print(f"  ratio: {o['s_per_trial'] / m['s_per_trial']:.1f}x; worker RSS bound 1.5 x (K+2) x size = "
+              f"{bound:.2f} GB ({'within' if m['peak_rss_gb'] <= bound else 'ABOVE'})")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,39 @@ def test_finetune_registers_base_and_members(in_tmp: Path) -> None:
     assert len(Store(cfg).find_versions("tiny-base", {})) == 1
 
 
+def test_a_pretrained_bigger_model_is_fine_tuned_on_all_rows_and_registered_apart(in_tmp: Path) -> None:
+    """model.bigger_model naming a pretrained body (here tiny-llama next to tiny-gpt2 members): finetune trains it
+    on all training rows with the members' recipe + model.bigger_finetune, registers it as <exp>-bigger (not a
+    member, and its base is not the members' base), and evaluate finds it there."""
+    import json
+
+    from mllm.finetune import bigger_uri, run
+
+    cfg = tiny_cfg(in_tmp, "model.bigger_model=tiny-llama", "model.bigger_finetune={freeze_layers: 1}",
+                   "finetune.members=2", "finetune.include_full=false")
+    result = run(cfg, progress=False)
+    assert [m.name for m in result.members] == ["shard-0", "shard-1", "bigger"]
+    assert result.members[-1].model_uri == "models:/tiny-bigger/1"
+    store = Store(cfg)
+    version = store.client.get_model_version("tiny-bigger", "1")
+    assert version.tags["pretrained"] == "tiny-llama" and version.tags["strategy"] == "full"
+    assert store.client.get_run(version.run_id).data.params["member.train_rows"] == str(len(load_splits(
+        cfg.data).train))
+    assert sorted(v.tags["member"] for v in store.find_versions("tiny-finetuned", {})) == ["shard-0", "shard-1"]
+    assert len(store.find_versions("tiny-base", {})) == 1  # the bigger model's own base is not registered
+    folder = store.download("models:/tiny-bigger/1")
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    frozen = load_file(folder / "model.safetensors")
+    base = load_file(next((cfg.output_dir / "bigger-base").iterdir()) / "model.safetensors")
+    assert torch.equal(frozen["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(frozen["model.layers.1.mlp.up_proj.weight"], base["model.layers.1.mlp.up_proj.weight"])
+    assert bigger_uri(cfg, store) == "models:/tiny-bigger/1"
+    again = run(cfg, members=["bigger"], progress=False)  # --member bigger: only it, reused
+    assert [(m.name, m.reused) for m in again.members] == [("bigger", True)]
+    with pytest.raises(MllmError, match="has not been fine-tuned"):
+        bigger_uri(tiny_cfg(in_tmp, "model.bigger_model=tiny-bert"), store)
+
+
 def test_members_by_seed_and_domain(in_tmp: Path, shared_data: Path) -> None:
     from mllm.finetune import plan_members
 
@@ -93,9 +126,9 @@ def test_members_by_seed_and_domain(in_tmp: Path, shared_data: Path) -> None:
                    "finetune.learning_rates=[0.001, 0.0001]")
     splits = load_splits(cfg.data)
     specs = plan_members(cfg, splits)
+    # Every seed member trains on all rows: no separate full member (it would be seed-0 again).
     assert [(s.name, s.seed, s.learning_rate, len(s.rows)) for s in specs] == [
-        ("seed-0", 42, 0.001, len(splits.train)), ("seed-1", 43, 0.0001, len(splits.train)),
-        ("full", 42, 0.001, len(splits.train))]
+        ("seed-0", 42, 0.001, len(splits.train)), ("seed-1", 43, 0.0001, len(splits.train))]
     yelp = {"name": "yelp", "path": str(shared_data / "yelp" / "yelp.csv.gz"), "label_column": "stars",
             "label_kind": "stars5"}
     cfg = tiny_cfg(in_tmp, "finetune.strategy=domains", f"data.datasets=[{{preset: drugscom-sample}}, {yelp}]",

@@ -117,6 +117,38 @@ def test_training_with_replayed_frozen_states_matches_full_forward(tmp_path) -> 
     assert any(not torch.equal(a[n], load_file(base / "model.safetensors")[n]) for n in a)  # it did train
 
 
+def test_members_sharing_one_example_cache_train_as_if_alone(tmp_path) -> None:
+    """Seed members of one base see the same examples: with one ExampleCache (keyed by token ids) the second
+    member replays the first one's frozen states from its first epoch on, and ends with the weights it gets alone."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mllm.config import FinetuneConfig, ModelConfig
+    from mllm.prefix import ExampleCache
+    from mllm.train import train_member
+
+    base = build_tiny_classifier("llama", tmp_path / "base", LABELS, seed=0, layers=3)
+    labels = np.array([0, 1, 2] * 6)
+    ft = FinetuneConfig(epochs=2, batch_size=4, learning_rate=1e-3, freeze_embeddings=True, freeze_layers=2,
+                        early_stopping_patience=None)
+    model_cfg = ModelConfig(name_or_path=str(base), max_length=32)
+    kw = dict(learning_rate=1e-3, key="k", progress=False)
+    cache = ExampleCache(2)
+    train_member(base, TEXTS, labels, TEXTS[:9], labels[:9], ft, model_cfg, tmp_path / "a", seed=1,
+                 example_cache=cache, **kw)
+    recorded = len(cache.states)
+    assert recorded == len(set(TEXTS))
+    before = cache.replayed_batches
+    shared = train_member(base, TEXTS[::-1], labels[::-1], TEXTS[:9], labels[:9], ft, model_cfg, tmp_path / "b",
+                          seed=2, example_cache=cache, **kw)
+    assert len(cache.states) == recorded and cache.replayed_batches - before == shared.steps  # every batch replayed
+    alone = train_member(base, TEXTS[::-1], labels[::-1], TEXTS[:9], labels[:9], ft, model_cfg, tmp_path / "c",
+                         seed=2, **kw)
+    a, b = load_file(shared.model_dir / "model.safetensors"), load_file(alone.model_dir / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
 def test_gpt2_with_dropout_does_not_cache_training_states(tmp_path) -> None:
     from mllm.prefix import dropout_free
 

@@ -80,6 +80,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "config": ("c.yaml", Path("c.yaml")), "overrides": ("a.b=1 c.d='x y'", ["a.b=1", "c.d=x y"]),
     "density": ("0.4", 0.4), "n_trials": ("5", 5), "workers": ("2", 2), "worker_index": ("1", 1),
     "split": ("validation", "validation"), "format": ("json", "json"), "sampler": ("random", "random"),
+    "layer_groups": ("3", 3),
 }
 
 

@@ -61,6 +61,19 @@ def test_search_tracks_every_trial_never_reads_test_and_resumes(trained, monkeyp
     assert all("val_macro_f1" in r.data.metrics and not any("test" in m for m in r.data.metrics) for r in trials)
     best = study(cfg).best_trial
     assert best.number == result.best_trial and best.user_attrs["recipe"]["method"] in cfg.search.methods
+    # The study started from the standard merges: each searched method at equal weights, enqueued first.
+    first = sorted(study(cfg).trials, key=lambda t: t.number)[:4]
+    assert [t.params["method"] for t in first] == cfg.search.methods
+    assert all(t.params[f"weight_{i}"] == 1.0 for t in first for i in range(3))
+    # DARE trials are scored over search.mask_seeds seeds: the mean, its spread, and the seed nearest the mean.
+    dare = next(r for r in trials if r.data.params["method"] == "dare_ties")
+    seeds = sorted(k for k in dare.data.metrics if k.startswith("val_macro_f1_seed_"))
+    assert len(seeds) == cfg.search.mask_seeds and "val_macro_f1_std" in dare.data.metrics
+    per_seed = [dare.data.metrics[k] for k in seeds]
+    assert dare.data.metrics["val_macro_f1"] == pytest.approx(float(np.mean(per_seed)))
+    chosen = int(dare.data.tags["mllm.mask_seed"])
+    assert abs(dare.data.metrics[f"val_macro_f1_seed_{chosen}"] - np.mean(per_seed)) == pytest.approx(
+        min(abs(v - np.mean(per_seed)) for v in per_seed))
 
     # A rerun with a higher target continues the same study: 2 more trials, numbers 0..7, no duplicates.
     more = search.run(cfg.model_copy(update={"search": cfg.search.model_copy(update={"n_trials": 8})}))
@@ -122,6 +135,32 @@ def test_two_local_workers_share_one_study(trained) -> None:
     runs = [mlflow.get_run(r) for r in workers]
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {result.run_id}
     assert {r.data.tags["mllm.worker"] for r in runs} <= {"0", "1"} and len(runs) == len(trials)
+
+
+@pytest.mark.slow
+def test_layer_group_search_and_its_mergekit_merge(trained) -> None:
+    """search.layer_groups: trials carry per-group weights and densities; the best recipe, materialised by
+    mergekit through merge.run, is the merge the trial scored (same tensors as the in-memory merge)."""
+    from safetensors.torch import load_file
+
+    from mllm import merge, search
+    from mllm.fastmerge import MemberStack
+
+    cfg, ft = trained
+    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={
+        "study_name": "groups", "n_trials": 3, "layer_groups": 2, "methods": ["dare_ties"], "mask_seeds": 2,
+        "sampler": "cmaes"})})
+    result = search.run(cfg)
+    recipe = result.best_recipe
+    assert recipe is not None and [g.name for g in recipe.groups] == ["embeddings", "block 0", "block 1", "head"]
+    assert all(g.density is not None for g in recipe.groups) and recipe.seed in (cfg.merge.seed, cfg.merge.seed + 1)
+    members = [m.model_uri for m in ft.members if m.name != "full"]
+    made = merge.run(cfg.model_copy(update={"merge": recipe}), members, ft.base_uri)
+    store = Store(cfg)
+    stack = MemberStack(store.download(ft.base_uri), [store.download(u) for u in members])
+    ours = stack.merged(recipe)
+    reference = load_file(store.download(made.model_uri) / "model.safetensors")
+    assert max((ours[n] - reference[n]).abs().max().item() for n in reference) < 2e-6
 
 
 def test_search_refuses_bad_storage_and_methods(tmp_path) -> None:

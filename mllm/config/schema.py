@@ -134,15 +134,20 @@ class ModelConfig(Section):
 
     name_or_path: str = Field(
         "smollm2-135m",
-        description="smollm2-135m (offline default), tiny-gpt2/tiny-llama/tiny-bert (random, for tests), "
+        description="smollm2-135m (offline default), all-minilm-l6-v2 (offline, BERT), tiny-gpt2/tiny-llama/"
+        "tiny-bert (random, for tests), "
         "a Hugging Face hub id or a local directory.",
     )
     revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per review (truncated beyond).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, else fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
-    bigger_model: str | None = Field(None, description="A bigger classifier (models:/, runs:/ or folder) that "
-                                     "evaluate adds to the baselines, e.g. a fine-tuned SmolLM2-360M.")
+    bigger_model: str | None = Field(None, description="The bigger model a merge is compared with: a classifier "
+                                     "(models:/, runs:/ or a classifier folder) scored as it is, or a pretrained body "
+                                     "(smollm2-135m, all-minilm-l6-v2, a hub id or folder) that mllm finetune "
+                                     "trains on all training rows (the members' recipe + model.bigger_finetune).")
+    bigger_finetune: dict[str, Any] = Field(default_factory=dict, description="finetune.* values for training the "
+                                            "bigger model (e.g. freeze_layers: 16 for SmolLM2 on a CPU).")
 
 
 class FinetuneConfig(Section):
@@ -151,7 +156,8 @@ class FinetuneConfig(Section):
     strategy: Literal["shards", "seeds", "domains"] = Field("shards", description="What varies per member.")
     members: int = Field(3, ge=1, le=64, description="K, the number of members (shards/seeds).")
     include_full: bool = Field(True, description="Also train one member on all training data: the model a merge "
-                               "of shard members stands in for (a baseline, never merged).")
+                               "of shard or domain members stands in for (a baseline, never merged). Strategy seeds "
+                               "trains none: every seed member is one.")
     epochs: float = Field(1.0, gt=0, le=100)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
     learning_rate: float = Field(5e-5, gt=0, lt=1)
@@ -164,6 +170,9 @@ class FinetuneConfig(Section):
     eval_every_steps: int | None = Field(None, ge=1, description="Validate every N steps (None: per epoch).")
     freeze_embeddings: bool = Field(False, description="Keep the token embeddings fixed.")
     freeze_layers: int = Field(0, ge=0, description="Keep the lowest N transformer layers fixed.")
+    class_weights: Literal["balanced", "none"] = Field(
+        "balanced", description="Cross-entropy class weights: balanced = n / (classes x count) from the member's "
+        "training rows (all 1 on balanced data), or none.")
     seed: int = Field(42)
 
     @model_validator(mode="after")
@@ -179,6 +188,24 @@ class FinetuneConfig(Section):
         return self
 
 
+class GroupRecipe(Section):
+    """Weights (and density) of one group of tensors: mergekit's conditional parameters. A tensor belongs to the
+    first group with a filter that is a substring of its name (mergekit's rule); other tensors use the recipe's
+    own weights and density."""
+
+    name: str = Field(..., min_length=1, description="e.g. blocks 16-20, embeddings, head.")
+    filters: list[str] = Field(..., min_length=1, description="Substrings of tensor names, e.g. model.layers.16.")
+    weights: list[float] = Field(..., min_length=1, description="Per-member weights in this group.")
+    density: float | None = Field(None, gt=0, le=1, description="This group's density (None: the recipe's).")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_usable(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(w) and w >= 0 for w in v) or all(w == 0 for w in v):
+            raise ValueError(f"group weights must be finite, non-negative and not all zero, got {v}")
+        return v
+
+
 class MergeConfig(Section):
     """One merge recipe, in mergekit's terms."""
 
@@ -191,6 +218,24 @@ class MergeConfig(Section):
     gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: share of largest entries removed.")
     normalize: bool = Field(True, description="Divide by the weight sum (always passed to mergekit).")
     seed: int = Field(0, description="Seed of random drops (DARE, della).")
+    groups: list[GroupRecipe] | None = Field(None, description="Per-layer-group weights and densities "
+                                             "(search.layer_groups); tensors outside every group use the above.")
+
+    def at(self, tensor: str) -> tuple[list[float] | None, float]:
+        """(weights, density) for one tensor: its group's (first filter that is a substring of the name), else
+        the recipe's own. mergekit resolves conditional parameters the same way."""
+        for group in self.groups or []:
+            if any(f in tensor for f in group.filters):
+                return group.weights, self.density if group.density is None else group.density
+        return self.weights, self.density
+
+    @model_validator(mode="after")
+    def _groups_per_member(self) -> MergeConfig:
+        for group in self.groups or []:
+            if self.weights is not None and len(group.weights) != len(self.weights):
+                raise ValueError(f"group {group.name!r} has {len(group.weights)} weights for "
+                                 f"{len(self.weights)} members; give one per member")
+        return self
 
     @field_validator("weights")
     @classmethod
@@ -244,7 +289,22 @@ class SearchConfig(Section):
     study_name: str | None = Field(None, description="Default: <experiment>-search.")
     workers: int = Field(1, ge=1, le=256, description="Local worker processes.")
     timeout_s: float | None = Field(None, gt=0)
-    prune: bool = Field(True, description="Score growing validation subsets and prune hopeless trials.")
+    prune: bool = Field(True, description="Score growing validation subsets and prune hopeless trials (a pruning "
+                        "decision never reads fewer than prune_min_rows reviews; off when validation is smaller).")
+    prune_min_rows: int = Field(100, ge=1, description="Fewest validation reviews a pruning decision may read.")
+    startup_trials: int | None = Field(None, ge=0, description="TPE/CMA-ES random start-up trials (None: "
+                                       "n_trials // 4, at least 4); enqueued trials count toward them.")
+    max_lambda: float | None = Field(None, gt=0, description="Upper end of lambda (None: K, the number of members: "
+                                     "lambda K with equal weights is the sum of the task vectors).")
+    zero_below: float = Field(0.05, ge=0, lt=1, description="A suggested weight below this is 0 (the member is "
+                              "left out), so single members and subsets are in the space.")
+    layer_groups: int = Field(0, ge=0, le=64, description="0: one weight per member. N: the trained transformer "
+                              "blocks in N contiguous groups plus embeddings and head (when trained), each with "
+                              "its own weight per member and density (CMA-ES suits more than about 10 dimensions).")
+    mask_seeds: int = Field(3, ge=1, le=32, description="Random-mask methods (DARE, DELLA) are scored over this "
+                            "many mask seeds: the objective is the mean; the recipe keeps the seed nearest it.")
+    enqueue: bool = Field(True, description="Start a new study from the standard merges (equal weights, "
+                          "merge.density / merge.lambda) and the greedy soup, if registered.")
     heartbeat_s: int = Field(10, ge=1, le=3600, description="Workers' heartbeat interval (seconds).")
     grace_s: int = Field(30, ge=2, le=86400, description="A trial without a heartbeat for this long is retried.")
     seed: int = Field(0)
@@ -303,6 +363,22 @@ class ExperimentConfig(Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
+
+    @model_validator(mode="after")
+    def _bigger_recipe(self) -> ExperimentConfig:
+        bad = sorted(set(self.model.bigger_finetune) - set(FinetuneConfig.model_fields))
+        if bad:
+            raise ValueError(f"model.bigger_finetune: unknown finetune key(s) {', '.join(bad)}; use finetune.* names "
+                             "such as freeze_layers, learning_rate, epochs")
+        FinetuneConfig.model_validate({**self.finetune.model_dump(), **self.model.bigger_finetune})
+        return self
+
+    def bigger_config(self) -> ExperimentConfig:
+        """This config with model.bigger_model as the body and the finetune recipe for it (model.bigger_finetune)."""
+        ft = FinetuneConfig.model_validate({**self.finetune.model_dump(), **self.model.bigger_finetune})
+        model = self.model.model_copy(update={"name_or_path": self.model.bigger_model, "revision": None,
+                                              "bigger_model": None, "bigger_finetune": {}})
+        return self.model_copy(update={"model": model, "finetune": ft})
 
     @model_validator(mode="after")
     def _selection_split(self) -> ExperimentConfig:

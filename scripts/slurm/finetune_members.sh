@@ -21,11 +21,13 @@ members=$("$venv/bin/python" - "$config" "$@" <<'PY'
 import sys
 from mllm.config import load_config
 from mllm.data import load_splits
-from mllm.finetune import plan_members
+from mllm.finetune import BIGGER, plan_members
+from mllm.modeling import bigger_needs_training
 args = sys.argv[2:]
 sets = [args[i + 1] for i in range(len(args)) if args[i] in ("--set", "-s")]
 cfg = load_config(sys.argv[1], sets)
-print(" ".join(s.name for s in plan_members(cfg, load_splits(cfg.data))))
+names = [s.name for s in plan_members(cfg, load_splits(cfg.data))]
+print(" ".join(names + ([BIGGER] if bigger_needs_training(cfg.model.bigger_model) else [])))
 PY
 )
 read -r -a names <<< "$members"
