@@ -200,6 +200,9 @@ def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: 
         recipe = recipe.model_copy(update={"seed": seeds[nearest]})
         score = TrialScore(float(f1.mean()), float(np.mean([x.worst_class_f1 for x in scores])),
                            float(np.mean([x.accuracy for x in scores])), score.rows)
+        # The objective, logged last (one step on) so the run's val_macro_f1 is the mean the study optimised.
+        run.metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
+                     "val_accuracy": score.accuracy, "val_rows": score.rows}, step=len(scorer.data.stages))
         run.metrics({"val_macro_f1_mean": score.macro_f1, "val_macro_f1_std": float(f1.std(ddof=1)),
                      "val_macro_f1_min": float(f1.min()), "val_macro_f1_max": float(f1.max()),
                      **{f"val_macro_f1_seed_{s}": float(v) for s, v in zip(seeds, f1, strict=True)}})
@@ -323,7 +326,9 @@ def open_study(cfg: ExperimentConfig, members: list[str] | None, base: str | Non
         raise MllmError(f"study {name} has other objectives", "set search.study_name to a new name")
     if cfg.search.enqueue and not study.get_trials(deepcopy=False) and not study.user_attrs.get("enqueued"):
         study.set_user_attr("enqueued", True)  # once per study, even if a worker is already running
-        for params in standard_trials(cfg, len(members), greedy_soup_weights(store, members, base)):
+        # At most n_trials of them: the budget's first trials (a smaller budget keeps the first methods).
+        for params in standard_trials(cfg, len(members), greedy_soup_weights(store, members, base))[
+                : cfg.search.n_trials]:
             study.enqueue_trial(params, skip_if_exists=True)
     return study, members, base
 

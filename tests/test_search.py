@@ -91,8 +91,10 @@ def test_stale_trial_of_a_killed_worker_is_retried_with_its_parameters(trained) 
     from mllm import search, tracking
 
     cfg, _ = trained
+    # Not enqueued: Optuna runs waiting trials first come, first served, so the standard merges would take the
+    # three trials before the re-queued one (a real study's budget is larger than its enqueued trials).
     cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={
-        "study_name": "stale", "n_trials": 3, "heartbeat_s": 1, "grace_s": 2})})
+        "study_name": "stale", "n_trials": 3, "heartbeat_s": 1, "grace_s": 2, "enqueue": False})})
     search.run(cfg, create_only=True)
     # A worker that started a trial (heartbeat recorded, MLflow run open) and then died with SIGKILL:
     st = search.open_storage(cfg)
