@@ -162,7 +162,7 @@ def run_way(way: str, root: Path, n: int, trials: int, cuda: bool, members_glob:
     if way == "original":
         times = []
         for t in range(trials):
-            work = root / f"original-{t}"
+            work = root / f"original-{members_glob.rstrip('-*')}-{t}"  # one folder per member set and trial
             work.mkdir()
             times.append(original_trial(base, members, texts, labels, work, cuda))
         return {"s_per_trial": min(times), "peak_rss_gb": peak_rss_gb(), "load_s": 0.0}
