@@ -180,7 +180,7 @@ def train_bigger(cfg: ExperimentConfig, splits: SplitData, parent: str | None, s
     big = cfg.bigger_config()
     key = base_key(big, splits.label_names)
     base_dir = cfg.output_dir / "bigger-base" / key
-    if read_source(base_dir).get("base_key") != key if base_dir.exists() else True:
+    if not base_dir.exists() or read_source(base_dir).get("base_key") != key:
         build_base(big.model, splits.label_names, big.finetune.seed, base_dir)
         update_source(base_dir, base_key=key)
     spec = MemberSpec(BIGGER, "full", splits.train, big.finetune.seed, big.finetune.learning_rate)

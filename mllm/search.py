@@ -53,6 +53,11 @@ def weights_from(raw: list[float], zero_below: float) -> list[float]:
     return out
 
 
+def max_lambda(cfg: ExperimentConfig, k: int) -> float:
+    """The upper end of a searched lambda: search.max_lambda, else K (at least 1)."""
+    return max(1.0, cfg.search.max_lambda or float(k))
+
+
 def suggest_recipe(trial: Any, cfg: ExperimentConfig, k: int, groups: list[LayerGroup] | None = None
                    ) -> MergeConfig:
     """The trial's merge recipe: method, per-member weights in [0, 1] (below search.zero_below: 0), the density and
@@ -66,7 +71,7 @@ def suggest_recipe(trial: Any, cfg: ExperimentConfig, k: int, groups: list[Layer
     if dense:
         values["density"] = trial.suggest_float("density", 0.1, 1.0)
     if info(method).task_vector:  # normalised weights: lambda K with equal weights is the sum of the task vectors
-        values["lambda"] = trial.suggest_float("lambda", 0.5, max(1.0, s.max_lambda or float(k)))
+        values["lambda"] = trial.suggest_float("lambda", 0.5, max_lambda(cfg, k))
     if groups:
         values["groups"] = [{
             "name": g.name, "filters": list(g.filters),
@@ -87,7 +92,7 @@ def standard_trials(cfg: ExperimentConfig, k: int, soup: list[float] | None = No
     recipes = [(m, [1.0] * k) for m in s.methods if m in IN_MEMORY]
     if soup is not None and "linear" in s.methods and len(soup) == k:
         recipes.append(("linear", [float(w) for w in soup]))
-    top = max(1.0, s.max_lambda or float(k))
+    top = max_lambda(cfg, k)
     for method, weights in recipes:
         params: dict[str, Any] = {"method": method, **{f"weight_{i}": w for i, w in enumerate(weights)}}
         if info(method).uses("density"):
