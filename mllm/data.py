@@ -144,19 +144,28 @@ def subsample(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def split_rows(rows: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int,
-               selection_fraction: float = 0.0) -> dict[str, pd.DataFrame]:
+               selection_fraction: float = 0.0, folds: int | None = None, fold: int = 0) -> dict[str, pd.DataFrame]:
     """Seeded, label-stratified train/validation/test (and selection, when `selection_fraction` > 0) split that
     keeps equal texts in one split. The selection rows come out of train: test and validation are the same rows
-    with or without it."""
+    with or without it.
+
+    With `folds`, the text groups of each label are dealt round-robin (in seeded order) into that many folds and
+    fold `fold` is the test split, so over the folds every review is tested exactly once; validation (and
+    selection) are carved, in the same order, from the other folds' groups."""
     keys = rows["text"].map(_key)
     groups = pd.DataFrame({"key": keys, "label": rows["label"]}).drop_duplicates("key")  # first label per text
     groups["rank"] = _order(seed, groups["key"])
     assign: dict[str, str] = {}
     for _, g in groups.groupby("label"):
-        g = g.sort_values("rank")
-        n_test, n_val = round(len(g) * test_fraction), round(len(g) * val_fraction)
-        n_sel = round(len(g) * selection_fraction)
-        for i, key in enumerate(g["key"]):
+        ordered = list(g.sort_values("rank")["key"])
+        if folds:
+            test = [k for i, k in enumerate(ordered) if i % folds == fold]
+            rest = [k for i, k in enumerate(ordered) if i % folds != fold]
+            ordered, n_test = test + rest, len(test)
+        else:
+            n_test = round(len(ordered) * test_fraction)
+        n_val, n_sel = round(len(ordered) * val_fraction), round(len(ordered) * selection_fraction)
+        for i, key in enumerate(ordered):
             assign[key] = ("test" if i < n_test else "validation" if i < n_test + n_val
                            else SELECTION if i < n_test + n_val + n_sel else "train")
     where = keys.map(assign)
@@ -226,7 +235,8 @@ def split_dataset(rows: pd.DataFrame, cfg: DataConfig) -> tuple[dict[str, pd.Dat
     dropped = len(rows) - len(unique)
     if cfg.max_rows is not None:
         unique = subsample(unique, cfg.max_rows, cfg.seed)
-    return split_rows(unique, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.selection_fraction), dropped
+    return split_rows(unique, cfg.val_fraction, cfg.test_fraction, cfg.seed, cfg.selection_fraction, cfg.folds,
+                      cfg.fold), dropped
 
 
 def load_splits(cfg: DataConfig) -> SplitData:

@@ -55,7 +55,7 @@ def _macro_f1_rows(cms: np.ndarray) -> np.ndarray:
     return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
 
 
-def _resampled_scores(labels: np.ndarray, preds: np.ndarray, num_labels: int, index: np.ndarray
+def resampled_scores(labels: np.ndarray, preds: np.ndarray, num_labels: int, index: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(accuracy, macro-F1) for each row of `index` (B, n), a resample of the rows."""
     codes = labels[index] * num_labels + preds[index]  # (B, n)
@@ -79,7 +79,7 @@ def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, num_labels: int, samples
     """Percentile bootstrap intervals (rows resampled with replacement) for accuracy and macro-F1."""
     acc, f1 = [], []
     for index in _resamples(len(labels), samples, seed):
-        a, f = _resampled_scores(labels, preds, num_labels, index)
+        a, f = resampled_scores(labels, preds, num_labels, index)
         acc.append(a)
         f1.append(f)
     tail = (1 - confidence) / 2 * 100
@@ -141,8 +141,8 @@ def paired_test(labels: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray, nu
 
     diffs = []
     for index in _resamples(len(labels), samples, seed):
-        diffs.append(_resampled_scores(labels, preds_a, num_labels, index)[1]
-                     - _resampled_scores(labels, preds_b, num_labels, index)[1])
+        diffs.append(resampled_scores(labels, preds_a, num_labels, index)[1]
+                     - resampled_scores(labels, preds_b, num_labels, index)[1])
     d = np.concatenate(diffs)
     tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(d, [tail, 100 - tail])

@@ -129,3 +129,13 @@ class Scorer:
             yield score_rows(np.concatenate(logits), self.data.labels[seen], self.num_labels), merge_s
 
 
+
+    def logits(self, recipe: MergeConfig) -> np.ndarray:
+        """The merge's logits on every review, in the order the reviews were given (a study scores fixed recipes
+        this way; build the scorer with search.prune off so there is one stage)."""
+        self.stack.merge_into(self.model, recipe)
+        out = np.zeros((len(self.data.labels), self.num_labels), dtype=np.float32)
+        for s, stage in enumerate(self.data.stages):
+            for (index, _), batch in zip(stage, self._forward([s], self.prefix), strict=True):
+                out[index] = batch
+        return out

@@ -22,7 +22,7 @@ from mllm.data import (
     make_shards,
     split_rows,
 )
-from mllm.errors import DataError
+from mllm.errors import ConfigError, DataError
 
 
 def data_cfg(*datasets: dict, **kw) -> DataConfig:
@@ -223,6 +223,34 @@ def test_duplicate_texts_never_cross_splits() -> None:
     keys = {name: set(f["text"].str.lower().str.split().str.join(" ")) for name, f in split.items()}
     assert not keys["train"] & keys["test"] and not keys["train"] & keys["validation"]
     assert not keys["validation"] & keys["test"]
+
+
+def test_folds_test_every_review_once_and_keep_equal_texts_together() -> None:
+    texts = [f"review number {i}" for i in range(90)]
+    rows = pd.DataFrame({"text": texts + [t.upper() for t in texts[:30]],  # 30 texts twice, other case
+                         "label": [i % 3 for i in range(90)] + [i % 3 for i in range(30)], "domain": "x"})
+    folds = [split_rows(rows, 0.15, 0.2, seed=0, folds=3, fold=k) for k in range(3)]
+    tested = pd.concat([f["test"] for f in folds])
+    assert len(tested) == len(rows) and tested["text"].is_unique  # each row tested once, in exactly one fold
+    for f in folds:
+        keys = {name: set(part["text"].str.lower()) for name, part in f.items()}
+        assert not keys["test"] & keys["train"] and not keys["test"] & keys["validation"]
+        assert not keys["train"] & keys["validation"]
+        assert sum(len(part) for part in f.values()) == len(rows)
+        assert f["validation"]["text"].str.lower().nunique() == 3 * round(30 * 0.15)  # 4 texts per label
+        assert f["test"]["label"].value_counts().min() >= 10
+    assert not folds[0]["validation"]["text"].equals(folds[1]["validation"]["text"])
+    # Validation is carved from the other folds' texts, so the same seed gives the same test folds.
+    again = split_rows(rows.sample(frac=1, random_state=3), 0.15, 0.2, seed=0, folds=3, fold=1)
+    assert sorted(again["test"]["text"]) == sorted(folds[1]["test"]["text"])  # row order does not matter
+
+
+def test_fold_config_is_checked() -> None:
+    assert load_config(None, ["data.folds=5", "data.fold=4"]).data.fold == 4
+    with pytest.raises(ConfigError, match="data.fold=5 is not one of the 5 folds"):
+        load_config(None, ["data.folds=5", "data.fold=5"])
+    with pytest.raises(ConfigError, match="data.folds"):
+        load_config(None, ["data.folds=1"])
 
 
 def test_load_splits_dedupes_and_fingerprints() -> None:

@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_recall
 from mllm.config import EvaluateConfig
 from mllm.errors import MllmError
 from mllm.evaluate import metric_module, score
-from mllm.metrics import _resampled_scores, bootstrap_ci, classification_summary, paired_test
+from mllm.metrics import bootstrap_ci, classification_summary, paired_test, resampled_scores
 from mllm.store import Store
 
 from .test_finetune import tiny_cfg
@@ -67,7 +67,7 @@ def test_vectorised_resampling_matches_sklearn_per_resample() -> None:
     labels, logits = sample(80, seed=3)
     preds = logits.argmax(1)
     index = np.random.default_rng(0).integers(0, 80, size=(25, 80))
-    acc, f1 = _resampled_scores(labels, preds, 3, index)
+    acc, f1 = resampled_scores(labels, preds, 3, index)
     for row in range(25):
         i = index[row]
         assert acc[row] == pytest.approx(accuracy_score(labels[i], preds[i]))

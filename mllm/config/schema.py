@@ -110,6 +110,8 @@ class DataConfig(Section):
                                       "selection split for promote.split=selection (0: none).")
     seed: int = Field(42, description="Seed of the split and the shards.")
     max_rows: int | None = Field(None, gt=0, description="Stratified subsample per dataset (None: all).")
+    folds: int | None = Field(None, ge=2, le=20, description="Cross-validation folds (None: one split).")
+    fold: int = Field(0, ge=0, description="With data.folds: this fold is the test split (test_fraction unused).")
 
     @model_validator(mode="after")
     def _labels_fit_scheme(self) -> DataConfig:
@@ -123,6 +125,8 @@ class DataConfig(Section):
         if self.val_fraction + self.test_fraction + self.selection_fraction >= 0.9:
             raise ValueError("data.val_fraction + test_fraction + selection_fraction leave under 10% of rows for "
                              "training; lower them")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"data.fold={self.fold} is not one of the {self.folds} folds; use 0..{self.folds - 1}")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"dataset names must be unique, got {names}; set data.datasets[i].name")

@@ -1,0 +1,206 @@
+"""One study cell (an arm on one fold): its members, every comparison model, the search, one final scoring on test.
+
+    run_id = run_cell(study, study.arm("soup"), fold=0)     # the cell's MLflow run; reused once it finished
+
+In order, with every choice on validation and the test split read last:
+1. members: the registered members of the cell's data (any code version: a study resumes), trained when missing;
+2. validation: each member, the uniform soup, task arithmetic (lambda 1 and K), TIES, DARE-TIES and DARE-linear at
+   merge.density / merge.lambda over `mask_seeds` seeds, merged in memory (mllm.fastmerge) and scored; the best
+   member and the greedy soup are chosen on these figures; then the Optuna search (`trials`) on validation;
+3. test: the same fixed recipes, the greedy soup and the searched recipe scored once, with the members' logit
+   ensemble, the majority class and TF-IDF (C chosen on validation).
+Each model is one MLflow run nested under the cell's run: validation and test metrics, the recipe as params, and
+`predictions.csv` (split, row, label, one logit column per class), from which RESULTS.md is computed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mllm import finetune, search
+from mllm.baselines import ensure_tfidf, majority_logits
+from mllm.basics import short_hash
+from mllm.config.schema import ExperimentConfig, MergeConfig
+from mllm.data import SplitData, load_splits
+from mllm.evaluate import score
+from mllm.metrics import classification_summary
+from mllm.promote import best_recipe
+from mllm.scorer import Scorer
+from mllm.soups import greedy_weights
+from mllm.store import Store
+from mllm.studyconf import Arm, StudyConfig, cell_config
+
+MERGES = ("uniform", "ta-1", "ta-k", "ties")  # fixed recipes, then DARE per seed, greedy and searched
+
+
+def fixed_recipes(cfg: ExperimentConfig, k: int, mask_seeds: int) -> dict[str, tuple[str, MergeConfig]]:
+    """name -> (kind, recipe) of every model scored from the members with a recipe fixed before any scoring."""
+    m = cfg.merge
+
+    def recipe(method: str, **update: Any) -> MergeConfig:
+        return m.model_copy(update={"method": method, "weights": None, "normalize": True, "groups": None, **update})
+
+    out: dict[str, tuple[str, MergeConfig]] = {
+        f"member:{i}": ("member", recipe("linear", weights=[1.0 if j == i else 0.0 for j in range(k)]))
+        for i in range(k)}
+    out["uniform"] = ("merge", recipe("linear"))
+    out["ta-1"] = ("merge", recipe("task_arithmetic", **{"lambda_": 1.0}))
+    out["ta-k"] = ("merge", recipe("task_arithmetic", **{"lambda_": float(k)}))
+    out["ties"] = ("merge", recipe("ties"))
+    for method in ("dare_ties", "dare_linear"):
+        for s in range(mask_seeds):
+            out[f"{method}:{s}"] = ("dare", recipe(method, seed=s))
+    return out
+
+
+def cell_members(cfg: ExperimentConfig, store: Store, data: SplitData) -> tuple[str, list[tuple[str, str]]]:
+    """(base URI, [(member name, URI)]): the newest registered member of each planned name trained on this cell's
+    data, training those that are missing."""
+    names = [s.name for s in finetune.plan_members(cfg, data) if s.name not in ("full", finetune.BIGGER)]
+
+    def found() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for v in store.find_versions(store.model_name("member"), {"dataset_fingerprint": data.fingerprint}):
+            out.setdefault(v.tags.get("member", ""), v)
+        return out
+
+    have = found()
+    missing = [n for n in names if n not in have]
+    if missing:
+        finetune.run(cfg, missing, store=store)
+        have = found()
+    bases = {have[n].tags["base_version"] for n in names}
+    if len(bases) != 1:
+        raise RuntimeError(f"{cfg.name}: members of several bases {sorted(bases)}")
+    return store.model_uri("base", bases.pop()), [(n, store.model_uri("member", have[n].version)) for n in names]
+
+
+def cell_key(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, fingerprint: str, members: list[str]) -> str:
+    """A finished cell with this key is reused: the arm's config, the data, the members and the study settings
+    that change a cell's figures."""
+    return short_hash([cfg.to_dict(), fingerprint, members, study.trials, study.mask_seeds, arm.name], 20)
+
+
+def _train_seconds(store: Store, uris: list[str]) -> float:
+    """Wall time of the members' training runs (recorded by finetune, whenever they ran)."""
+    total = 0.0
+    for uri in uris:
+        run = store.client.get_run(store.resolve(uri)[1].run_id)
+        total += ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
+    return total
+
+
+def _predictions(frames: dict[str, np.ndarray], labels: dict[str, np.ndarray], names: tuple[str, ...]
+                 ) -> pd.DataFrame:
+    parts = []
+    for split, logits in frames.items():
+        part = pd.DataFrame(logits, columns=[f"logit_{n}" for n in names])
+        part.insert(0, "label", labels[split])
+        part.insert(0, "row", np.arange(len(logits)))
+        part.insert(0, "split", split)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
+    """Run (or reuse) one cell; return its MLflow run id."""
+    cfg = cell_config(study, arm, fold)
+    store = Store(cfg)
+    data = load_splits(cfg.data)
+    start = time.perf_counter()
+    base, members = cell_members(cfg, store, data)
+    uris = [u for _, u in members]
+    key = cell_key(study, arm, cfg, data.fingerprint, uris)
+    done = store.find_runs({"mllm.study_cell": key})
+    if done:
+        print(f"study: {cfg.name} finished in run {done[0].info.run_id}, reused")
+        return done[0].info.run_id
+    trained_now = time.perf_counter() - start
+    tags = {"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": fold, "mllm.study_cell": key,
+            "mllm.parents": ",".join(uris), "mllm.base": base, "mllm.dataset_fingerprint": data.fingerprint}
+    seconds: dict[str, float] = {"members_train_s": _train_seconds(store, uris), "members_now_s": trained_now}
+    with store.run(f"study {arm.name} fold {fold}", stage="study-cell", tags=tags) as cell:
+        cell.params({"study": study.study, "arm": arm.name, "fold": fold, "folds": study.folds,
+                     "members": json.dumps([n for n, _ in members]), "trials": study.trials,
+                     "mask_seeds": study.mask_seeds, **{f"{s}_rows": n for s, n in data.sizes().items()}})
+        whole = cfg.model_copy(update={"search": cfg.search.model_copy(update={"prune": False})})
+        base_dir, dirs = store.download(base), [store.download(u) for u in uris]
+        recipes = fixed_recipes(cfg, len(uris), study.mask_seeds)
+        labels = {"validation": data.validation["label"].to_numpy(), "test": data.test["label"].to_numpy()}
+
+        tick = time.perf_counter()  # 1. validation: every choice is made here
+        scorer: Scorer | None = Scorer(whole, base_dir, dirs)
+        assert scorer is not None
+        val = {name: scorer.logits(r) for name, (_, r) in recipes.items()}
+        member_f1 = [classification_summary(val[f"member:{i}"], labels["validation"]) for i in range(len(uris))]
+        order = sorted(range(len(uris)), key=lambda i: (-member_f1[i]["macro_f1"], member_f1[i]["nll"]))
+
+        def soup_f1(weights: list[float]) -> float:
+            assert scorer is not None
+            logits = scorer.logits(MergeConfig(method="linear", weights=weights, normalize=True))
+            return classification_summary(logits, labels["validation"])["macro_f1"]
+
+        weights, _, history = greedy_weights(order, soup_f1, len(uris))
+        recipes["greedy"] = ("merge", MergeConfig(method="linear", weights=weights, normalize=True))
+        val["greedy"] = scorer.logits(recipes["greedy"][1])
+        seconds["validation_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        search.run(cfg, uris, base, parent_run_id=cell.id, store=store)
+        top, searched, _, _ = best_recipe(cfg)
+        recipes["searched"] = ("searched", searched)
+        val["searched"] = scorer.logits(searched)
+        seconds["search_s"] = time.perf_counter() - tick
+        scorer = None
+        gc.collect()
+
+        tick = time.perf_counter()  # 2. test: read once, after every choice
+        scorer = Scorer(whole, base_dir, dirs, reviews=(data.test["text"].tolist(), labels["test"]))
+        test = {name: scorer.logits(r) for name, (_, r) in recipes.items()}
+        scorer = None
+        gc.collect()
+        for split, out in (("validation", val), ("test", test)):
+            out["ensemble"] = np.mean([out[f"member:{i}"] for i in range(len(uris))], axis=0).astype(np.float32)
+            out["majority"] = majority_logits(data.train["label"].to_numpy(), len(data.label_names),
+                                              len(labels[split]))
+        tfidf = store.model_uri("tfidf", ensure_tfidf(cfg, data, store).version)
+        for split, out in (("validation", val), ("test", test)):
+            probs = store.predict_proba(tfidf, data.split(split)["text"].tolist())
+            out["tfidf"] = np.log(np.clip(probs, 1e-30, None)).astype(np.float32)
+        recipes.update({"ensemble": ("ensemble", None), "majority": ("majority", None), "tfidf": ("tfidf", None)})
+        seconds["test_s"] = time.perf_counter() - tick
+
+        for name, (kind, recipe) in recipes.items():
+            index = int(name.split(":")[1]) if kind == "member" else None
+            params: dict[str, Any] = {"model": name, "kind": kind}
+            if kind == "member":
+                params.update(member=members[index][0], model_uri=uris[index])
+            elif kind == "tfidf":
+                params["model_uri"] = tfidf
+            elif recipe is not None:
+                params.update(method=recipe.method, weights=json.dumps(recipe.weights), density=recipe.density,
+                              lambda_=recipe.lambda_, seed=recipe.seed)
+            if kind == "searched":
+                params.update(trial=top.number, groups=json.dumps([g.model_dump(mode="json") for g in
+                                                                   recipe.groups or []]))
+            v = classification_summary(val[name], labels["validation"])
+            metrics = {f"val_{m}": x for m, x in v.items()}
+            metrics.update({f"test_{m}": x for m, x in score(test[name], labels["test"], data.label_names,
+                                                               cfg.evaluate).items()})
+            with store.run(f"{arm.name} f{fold} {name}", stage="study-model", parent_run_id=cell.id,
+                           tags={"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": fold,
+                                 "mllm.study_model": name, "mllm.kind": kind}, log_config=False,
+                           system_metrics=False) as run_:
+                run_.params(params)
+                run_.metrics(metrics)
+                run_.table(_predictions({"validation": val[name], "test": test[name]}, labels, data.label_names),
+                           "predictions.csv")
+        cell.json({"order": [members[i][0] for i in order], "greedy": history, "weights": weights}, "greedy.json")
+        cell.metrics(seconds)
+    print(f"study: {cfg.name} done ({', '.join(f'{k} {v:.0f}' for k, v in seconds.items())})")
+    return cell.id

@@ -1,0 +1,162 @@
+"""The study: its config, its statistics, and scripts/study.py end to end on tiny models (two folds, two arms)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mllm.errors import ConfigError
+from mllm.studyconf import cell_config, load_study
+from mllm.studystats import compare, fold_bootstrap, reading, t_interval, t_test_p
+
+from .conftest import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def write_study(tmp: Path, **update) -> Path:
+    raw = {
+        "study": "tiny-study", "experiment": str(TINY), "folds": 2, "store": str(tmp / "store"), "trials": 3,
+        "mask_seeds": 2, "bootstrap_samples": 200, "results": str(tmp / "docs" / "RESULTS.md"),
+        "set": ["data.max_rows=120", "finetune.members=2", "evaluate.bootstrap_samples=100"],
+        "arms": [{"name": "soup", "title": "two seed members", "set": ["finetune.strategy=seeds"]},
+                 {"name": "shards", "set": ["finetune.strategy=shards", "finetune.include_full=false"],
+                  "full_member": "soup", "bigger": "soup"}],
+        "notes": ["The cross-domain part did not run in this test."],
+        **update,
+    }
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+
+def test_study_config_names_the_arm_and_field_at_fault(tmp_path: Path) -> None:
+    study = load_study(write_study(tmp_path))
+    cfg = cell_config(study, study.arm("shards"), 1)
+    assert (cfg.name, cfg.data.folds, cfg.data.fold, cfg.finetune.strategy) == ("tiny-study-shards-f1", 2, 1, "shards")
+    assert cfg.search.n_trials == 3 and cfg.tracking.tracking_uri.endswith("store/mlflow.db")
+    assert cfg.tracking.artifact_location == str(tmp_path / "store" / "artifacts")  # the store is one folder
+    with pytest.raises(ConfigError, match=r"arms\[shards\]: .*finetune.strategy"):
+        load_study(write_study(tmp_path, arms=[{"name": "shards", "set": ["finetune.strategy=halves"]}]))
+    with pytest.raises(ConfigError, match="full_member: 'soup' is not an earlier arm"):
+        load_study(write_study(tmp_path, arms=[{"name": "shards", "full_member": "soup"}]))
+    with pytest.raises(ConfigError, match="--arm nope: no such arm"):
+        study.arm("nope")
+    with pytest.raises(ConfigError, match="folds"):
+        load_study(write_study(tmp_path, folds=1))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_study_configs_validate(path: Path) -> None:
+    study = load_study(path)
+    assert study.experiment.is_file() and all(cell_config(study, a, study.folds - 1) for a in study.arms)
+
+
+def test_study_script_refuses_bad_input_with_exit_code_2(tmp_path: Path) -> None:
+    script = REPO / "scripts" / "study.py"
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "none.yaml")], capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and "not found" in missing.stderr and len(missing.stderr.splitlines()) == 1
+    bad_fold = subprocess.run([sys.executable, str(script), str(write_study(tmp_path)), "--fold", "2"],
+                              capture_output=True, text=True)
+    assert bad_fold.returncode == 2 and "--fold 2: the study has folds 0..1" in bad_fold.stderr
+
+
+# --- statistics -----------------------------------------------------------------------------------------------
+
+
+def test_t_interval_and_p_match_scipy() -> None:
+    from scipy import stats
+
+    values = [0.02, -0.01, 0.05]
+    mean, lo, hi = t_interval(values)
+    ref = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values)) and (lo, hi) == pytest.approx(ref)
+    assert t_test_p(values) == pytest.approx(stats.ttest_1samp(values, 0).pvalue)
+    assert t_test_p([0.0, 0.0]) == 1.0 and np.isnan(t_interval([0.3])[1])
+
+
+def test_fold_bootstrap_resamples_within_folds_and_pairs_the_models() -> None:
+    rng = np.random.default_rng(0)
+    labels = [rng.integers(0, 3, 200), rng.integers(0, 3, 300)]
+    perfect = [y.copy() for y in labels]
+    assert np.all(fold_bootstrap(labels, perfect, 3, 300) == 1.0)  # a perfect model is perfect in every resample
+    noisy = [np.where(rng.random(len(y)) < 0.3, rng.integers(0, 3, len(y)), y) for y in labels]
+    same = compare(labels, noisy, noisy, 3, 300)
+    assert same.point == 0 and same.boot_ci == (0.0, 0.0) and same.p_boot == 1.0
+    better = compare(labels, perfect, noisy, 3, 500)
+    assert better.point > 0.2 and better.boot_ci[0] > 0 and better.p_boot < 0.01 and better.mde > 0
+    # The point is the mean of the per-fold differences, not the difference on the pooled reviews.
+    assert better.point == pytest.approx(np.mean(better.per_fold))
+    assert reading(better, 0.05, better.p_boot).startswith("better; better by more than 0.05")
+    assert reading(same, 0.05, 1.0) == "no significant difference; equivalent within +-0.05"
+
+
+# --- end to end -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from mllm import scorer, search, studycell
+    from mllm.studyrun import run_study, write_report
+
+    monkeypatch.chdir(tmp_path)
+    study = load_study(write_study(tmp_path))
+    events: list[str] = []
+    real_scorer, real_search = scorer.Scorer, search.run
+
+    class Recording(real_scorer):  # type: ignore[misc, valid-type]
+        def __init__(self, cfg, base_dir, member_dirs, reviews=None):
+            events.append("validation" if reviews is None else "test")
+            super().__init__(cfg, base_dir, member_dirs, reviews)
+
+    def recording_search(*args, **kwargs):
+        events.append("search")
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(studycell, "Scorer", Recording)
+    monkeypatch.setattr(studycell.search, "run", recording_search)
+    ids = run_study(study)
+    assert len(ids) == 4 and events.count("test") == 4
+    for cell in range(4):  # per cell: validation, the search, and only then the test split
+        assert events[3 * cell: 3 * cell + 3] == ["validation", "search", "test"]
+    assert run_study(study) == ids and events.count("test") == 4  # finished cells are reused
+
+    client = MlflowClient(cell_config(study, study.arms[0], 0).tracking.tracking_uri)
+    runs = [client.get_run(i) for i in ids]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    # Every review of the subsample is tested exactly once over the folds.
+    tested = sum(int(r.data.params["test_rows"]) for r in runs if r.data.tags["mllm.arm"] == "soup")
+    rows = sum(int(r.data.params[f"{s}_rows"]) for s in ("train", "validation", "test") for r in runs[:1])
+    assert tested == rows
+
+    out = write_report(study, "study.yaml")
+    text = out.read_text()
+    for heading in ("## Summary", "## Protocol", "## Arm `soup`", "## Arm `shards`", "## Wall time",
+                    "## Appendix: run ids", "searched merge minus the best member", "full-data member",
+                    "bigger model", "DARE-TIES (mean of 2 mask seeds)", "The cross-domain part did not run"):
+        assert heading in text
+    assert (out.parent / "results" / "tiny-study-soup.png").stat().st_size > 1000
+    appendix = text[text.index("## Appendix"):]
+    ids_listed = set(re.findall(r"`([0-9a-f]{32})`", appendix))
+    assert set(ids) <= ids_listed and len(ids_listed) > 40
+    for run_id in ids_listed:  # the appendix resolves in the study's store
+        assert client.get_run(run_id).info.status == "FINISHED"
+    # The table's numbers are the runs' numbers.
+    soup0 = next(r for r in runs if r.data.tags["mllm.arm"] == "soup" and r.data.tags["mllm.fold"] == "0")
+    searched = client.search_runs([soup0.info.experiment_id],
+                                  f"tags.mllm.study_model = 'searched' and tags.mlflow.parentRunId = "
+                                  f"'{soup0.info.run_id}'")[0]
+    line = next(x for x in text.splitlines() if x.startswith("| searched merge |"))
+    assert f"{searched.data.metrics['test_macro_f1']:.4f}" == line.split("|")[2].strip()
