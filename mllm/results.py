@@ -225,18 +225,23 @@ def figure(summary: ArmSummary, title: str) -> Any:
     for y, row in enumerate(rows):
         mean, lo, hi = interval(row.values())
         if np.isfinite(lo):
-            ax.plot([lo, hi], [y, y], color="0.35", lw=1.5)
-        ax.plot([mean], [y], "o", color="C3" if row.label == "searched merge" else "k", ms=6, zorder=3)
+            ax.plot([max(lo, 0.0), min(hi, 1.0)], [y, y], color="0.55", lw=1.0,
+                    label="95% t-interval over folds (clipped to 0-1)")
+        if row.label in summary.boot:
+            ax.plot(summary.boot[row.label], [y, y], color="0.1", lw=3.5, solid_capstyle="butt",
+                    label="95% bootstrap over reviews")
+        ax.plot([mean], [y], "o", color="crimson" if row.label == "searched merge" else "black", ms=6, zorder=3)
         for f, fold in zip(row.folds, summary.folds, strict=True):
             if f is not None:
                 ax.plot([f.macro_f1], [y + 0.18], markers[fold % len(markers)], color=f"C{fold}", ms=4, alpha=0.8,
                         label=f"fold {fold}")
     ax.set_yticks(range(len(rows)), [r.label for r in rows], fontsize=8)
-    ax.set_xlabel("test macro-F1 (mean over folds, 95% t-interval; coloured: each fold)")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test macro-F1: mean over folds (dot), intervals, each fold (coloured)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
     fig.tight_layout()
     return fig

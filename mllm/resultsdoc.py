@@ -127,7 +127,8 @@ def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Ce
              + "; ".join(f"fold {f}: {a} / {b} / {c}" for f, a, b, c in sizes) + ".",
              f"- **Arms** (each from `{study.experiment}` with the overrides shown):"]
     for arm in study.arms:
-        lines.append(f"  - `{arm.name}`: {arm.title or arm.name}. Overrides: "
+        kind = " (reference arm: its members are trained and scored, nothing is merged)" if arm.reference else ""
+        lines.append(f"  - `{arm.name}`: {arm.title or arm.name}{kind}. Overrides: "
                      + (", ".join(f"`{x}`" for x in [*study.set, *arm.set]) or "none") + ".")
     lines += [
         "- **In every cell**: each member; the best member by validation macro-F1 (then NLL); the mean member; the "

@@ -134,6 +134,8 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
         recipes = fixed_recipes(cfg, len(uris), study.mask_seeds)
         labels = {"validation": data.validation["label"].to_numpy(), "test": data.test["label"].to_numpy()}
 
+        if arm.reference:  # members only: another arm's reference model
+            recipes = {k: v for k, v in recipes.items() if v[0] == "member"}
         tick = time.perf_counter()  # 1. validation: every choice is made here
         scorer: Scorer | None = Scorer(whole, base_dir, dirs)
         assert scorer is not None
@@ -146,15 +148,18 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
             logits = scorer.logits(MergeConfig(method="linear", weights=weights, normalize=True))
             return classification_summary(logits, labels["validation"])["macro_f1"]
 
-        weights, _, history = greedy_weights(order, soup_f1, len(uris))
-        recipes["greedy"] = ("merge", MergeConfig(method="linear", weights=weights, normalize=True))
-        val["greedy"] = scorer.logits(recipes["greedy"][1])
+        weights, history, top = [1.0] * len(uris), [], None
+        if not arm.reference:
+            weights, _, history = greedy_weights(order, soup_f1, len(uris))
+            recipes["greedy"] = ("merge", MergeConfig(method="linear", weights=weights, normalize=True))
+            val["greedy"] = scorer.logits(recipes["greedy"][1])
         seconds["validation_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        search.run(cfg, uris, base, parent_run_id=cell.id, store=store)
-        top, searched, _, _ = best_recipe(cfg)
-        recipes["searched"] = ("searched", searched)
-        val["searched"] = scorer.logits(searched)
+        if not arm.reference:
+            search.run(cfg, uris, base, parent_run_id=cell.id, store=store)
+            top, searched, _, _ = best_recipe(cfg)
+            recipes["searched"] = ("searched", searched)
+            val["searched"] = scorer.logits(searched)
         seconds["search_s"] = time.perf_counter() - tick
         scorer = None
         gc.collect()
@@ -165,14 +170,19 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
         scorer = None
         gc.collect()
         for split, out in (("validation", val), ("test", test)):
+            if arm.reference:
+                continue
             out["ensemble"] = np.mean([out[f"member:{i}"] for i in range(len(uris))], axis=0).astype(np.float32)
             out["majority"] = majority_logits(data.train["label"].to_numpy(), len(data.label_names),
                                               len(labels[split]))
-        tfidf = store.model_uri("tfidf", ensure_tfidf(cfg, data, store).version)
-        for split, out in (("validation", val), ("test", test)):
-            probs = store.predict_proba(tfidf, data.split(split)["text"].tolist())
-            out["tfidf"] = np.log(np.clip(probs, 1e-30, None)).astype(np.float32)
-        recipes.update({"ensemble": ("ensemble", None), "majority": ("majority", None), "tfidf": ("tfidf", None)})
+        tfidf = ""
+        if not arm.reference:
+            tfidf = store.model_uri("tfidf", ensure_tfidf(cfg, data, store).version)
+            for split, out in (("validation", val), ("test", test)):
+                probs = store.predict_proba(tfidf, data.split(split)["text"].tolist())
+                out["tfidf"] = np.log(np.clip(probs, 1e-30, None)).astype(np.float32)
+            recipes.update({"ensemble": ("ensemble", None), "majority": ("majority", None),
+                            "tfidf": ("tfidf", None)})
         seconds["test_s"] = time.perf_counter() - tick
 
         for name, (kind, recipe) in recipes.items():
@@ -185,7 +195,7 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
             elif recipe is not None:
                 params.update(method=recipe.method, weights=json.dumps(recipe.weights), density=recipe.density,
                               lambda_=recipe.lambda_, seed=recipe.seed)
-            if kind == "searched":
+            if kind == "searched" and top is not None:
                 params.update(trial=top.number, groups=json.dumps([g.model_dump(mode="json") for g in
                                                                    recipe.groups or []]))
             v = classification_summary(val[name], labels["validation"])

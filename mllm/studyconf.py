@@ -39,6 +39,8 @@ class Arm(Strict):
                                     "finetune.seed, the same recipe) is this arm's full-data member.")
     bigger: str | None = Field(None, description="An earlier seeds arm whose seed-0 member is this arm's bigger "
                                "model (one fine-tuning of a larger body on the same rows).")
+    reference: bool = Field(False, description="Only train and score the members (e.g. one fine-tuning of a "
+                            "bigger body for another arm's `bigger`): no merges, no search, no table of its own.")
 
 
 class StudyConfig(Strict):
@@ -75,6 +77,8 @@ class StudyConfig(Strict):
                 ref = getattr(arm, key)
                 if ref is not None and ref not in seen:
                     raise ValueError(f"arms[{i}].{key}: {ref!r} is not an earlier arm (arms run in order)")
+            if arm.reference and (arm.full_member or arm.bigger):
+                raise ValueError(f"arms[{i}] ({arm.name}) is a reference arm: it has no full_member or bigger")
             seen.append(arm.name)
         return self
 

@@ -39,7 +39,8 @@ def write_report(study: StudyConfig, config_path: str) -> Path:
     """RESULTS.md and one figure per arm (beside it, in results/), also logged to a report run in the experiment
     named after the study."""
     cells = collect(study)
-    summaries = [summarise(study, arm, cells) for arm in study.arms if any(a == arm.name for a, _ in cells)]
+    summaries = [summarise(study, arm, cells) for arm in study.arms
+                 if not arm.reference and any(a == arm.name for a, _ in cells)]
     out = study.results
     figdir = out.parent / "results"
     figdir.mkdir(parents=True, exist_ok=True)

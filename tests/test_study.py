@@ -26,8 +26,10 @@ def write_study(tmp: Path, **update) -> Path:
         "mask_seeds": 2, "bootstrap_samples": 200, "results": str(tmp / "docs" / "RESULTS.md"),
         "set": ["data.max_rows=120", "finetune.members=2", "evaluate.bootstrap_samples=100"],
         "arms": [{"name": "soup", "title": "two seed members", "set": ["finetune.strategy=seeds"]},
+                 {"name": "ref", "reference": True, "set": ["finetune.strategy=seeds", "finetune.members=1",
+                                                            "finetune.learning_rate=0.003"]},
                  {"name": "shards", "set": ["finetune.strategy=shards", "finetune.include_full=false"],
-                  "full_member": "soup", "bigger": "soup"}],
+                  "full_member": "soup", "bigger": "ref"}],
         "notes": ["The cross-domain part did not run in this test."],
         **update,
     }
@@ -128,21 +130,23 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
     monkeypatch.setattr(studycell, "Scorer", Recording)
     monkeypatch.setattr(studycell.search, "run", recording_search)
     ids = run_study(study)
-    assert len(ids) == 4 and events.count("test") == 4
-    for cell in range(4):  # per cell: validation, the search, and only then the test split
-        assert events[3 * cell: 3 * cell + 3] == ["validation", "search", "test"]
-    assert run_study(study) == ids and events.count("test") == 4  # finished cells are reused
+    # Per cell: validation, the search, and only then the test split (the reference arm: members, no search).
+    per_fold = ["validation", "search", "test", "validation", "test", "validation", "search", "test"]
+    assert len(ids) == 6 and events == per_fold * 2
+    assert run_study(study) == ids and events.count("test") == 6  # finished cells are reused
 
     client = MlflowClient(cell_config(study, study.arms[0], 0).tracking.tracking_uri)
     runs = [client.get_run(i) for i in ids]
     assert {r.info.status for r in runs} == {"FINISHED"}
     # Every review of the subsample is tested exactly once over the folds.
     tested = sum(int(r.data.params["test_rows"]) for r in runs if r.data.tags["mllm.arm"] == "soup")
+    assert {r.data.tags["mllm.arm"] for r in runs} == {"soup", "ref", "shards"}
     rows = sum(int(r.data.params[f"{s}_rows"]) for s in ("train", "validation", "test") for r in runs[:1])
     assert tested == rows
 
     out = write_report(study, "study.yaml")
     text = out.read_text()
+    assert "## Arm `ref`" not in text and "reference arm" in text
     for heading in ("## Summary", "## Protocol", "## Arm `soup`", "## Arm `shards`", "## Wall time",
                     "## Appendix: run ids", "searched merge minus the best member", "full-data member",
                     "bigger model", "DARE-TIES (mean of 2 mask seeds)", "The cross-domain part did not run"):
