@@ -134,11 +134,14 @@ def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Ce
         "- **In every cell**: each member; the best member by validation macro-F1 (then NLL); the mean member; the "
         "members' logit ensemble; majority class; TF-IDF + logistic regression (C chosen on validation); the uniform "
         "soup; the greedy soup (members added best-first while validation macro-F1 does not drop); task arithmetic "
-        "with lambda 1 and lambda K on normalised weights (lambda 1 is the uniform soup's average of task vectors; "
-        f"lambda K their sum); TIES, DARE-TIES and DARE-linear at merge.density {first.merge.density:g} and lambda "
-        f"{first.merge.lambda_:g}, DARE over {study.mask_seeds} mask seeds; the searched recipe, the best of "
-        f"{study.trials} Optuna trials ({first.search.sampler}, methods {', '.join(first.search.methods)}) on "
-        "validation.",
+        "with lambda 1 and lambda K on normalised weights (lambda 1 is base + the mean task vector: the uniform "
+        "soup's merge, scored once and listed under both names; lambda K is base + their sum); TIES, DARE-TIES and "
+        f"DARE-linear at merge.density {first.merge.density:g} and lambda {first.merge.lambda_:g}, DARE over "
+        f"{study.mask_seeds} mask seeds (scored on test only: their validation counterparts are the search's "
+        f"enqueued trials); the searched recipe, the best of {study.trials} Optuna trials ({first.search.sampler}, "
+        f"methods {', '.join(first.search.methods)}, {first.search.startup_trials or max(4, study.trials // 4)} "
+        f"start-up trials after the enqueued standard merges, DARE trials scored over {first.search.mask_seeds} "
+        "mask seed(s)) on validation.",
         "- **The test split decides nothing**: every choice above reads validation; each cell scores test once, "
         "after its search.",
         f"- **Statistics**: per fold, the searched merge's macro-F1 minus each reference's. Over folds: the mean, a "

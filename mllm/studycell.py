@@ -4,11 +4,12 @@
 
 In order, with every choice on validation and the test split read last:
 1. members: the registered members of the cell's data (any code version: a study resumes), trained when missing;
-2. validation: each member, the uniform soup, task arithmetic (lambda 1 and K), TIES, DARE-TIES and DARE-linear at
-   merge.density / merge.lambda over `mask_seeds` seeds, merged in memory (mllm.fastmerge) and scored; the best
-   member and the greedy soup are chosen on these figures; then the Optuna search (`trials`) on validation;
-3. test: the same fixed recipes, the greedy soup and the searched recipe scored once, with the members' logit
-   ensemble, the majority class and TF-IDF (C chosen on validation).
+2. validation: each member, the uniform soup, task arithmetic at lambda K and TIES, merged in memory
+   (mllm.fastmerge) and scored; the best member and the greedy soup are chosen on these figures; then the Optuna
+   search (`trials`) on validation;
+3. test: those recipes, DARE-TIES and DARE-linear at merge.density / merge.lambda over `mask_seeds` seeds, the
+   greedy soup and the searched recipe scored once, with the members' logit ensemble, the majority class and
+   TF-IDF (C chosen on validation). Task arithmetic at lambda 1 is the uniform soup's merge (SAME).
 Each model is one MLflow run nested under the cell's run: validation and test metrics, the recipe as params, and
 `predictions.csv` (split, row, label, one logit column per class), from which RESULTS.md is computed.
 """
@@ -36,7 +37,13 @@ from mllm.soups import greedy_weights
 from mllm.store import Store
 from mllm.studyconf import Arm, StudyConfig, cell_config
 
-MERGES = ("uniform", "ta-1", "ta-k", "ties")  # fixed recipes, then DARE per seed, greedy and searched
+# Task arithmetic at lambda 1 on normalised weights is base + mean(task vectors): the uniform soup's weights (equal
+# up to float rounding, tests/test_study.py), so it is scored once and recorded under both names.
+SAME = {"ta-1": "uniform"}
+# Scored on validation: what a choice reads (members: best member, greedy order) and the merges a reader compares
+# with their search trials. DARE's per-seed merges are scored on test only (their validation figures are the
+# search's enqueued DARE trials).
+VALIDATION_KINDS = ("member", "merge", "searched")
 
 
 def fixed_recipes(cfg: ExperimentConfig, k: int, mask_seeds: int) -> dict[str, tuple[str, MergeConfig]]:
@@ -50,7 +57,7 @@ def fixed_recipes(cfg: ExperimentConfig, k: int, mask_seeds: int) -> dict[str, t
         f"member:{i}": ("member", recipe("linear", weights=[1.0 if j == i else 0.0 for j in range(k)]))
         for i in range(k)}
     out["uniform"] = ("merge", recipe("linear"))
-    out["ta-1"] = ("merge", recipe("task_arithmetic", **{"lambda_": 1.0}))
+    out["ta-1"] = ("merge", recipe("task_arithmetic", **{"lambda_": 1.0}))  # the uniform soup's weights: see SAME
     out["ta-k"] = ("merge", recipe("task_arithmetic", **{"lambda_": float(k)}))
     out["ties"] = ("merge", recipe("ties"))
     for method in ("dare_ties", "dare_linear"):
@@ -139,7 +146,8 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
         tick = time.perf_counter()  # 1. validation: every choice is made here
         scorer: Scorer | None = Scorer(whole, base_dir, dirs)
         assert scorer is not None
-        val = {name: scorer.logits(r) for name, (_, r) in recipes.items()}
+        val = {name: scorer.logits(r) for name, (kind, r) in recipes.items()
+               if kind in VALIDATION_KINDS and name not in SAME}
         member_f1 = [classification_summary(val[f"member:{i}"], labels["validation"]) for i in range(len(uris))]
         order = sorted(range(len(uris)), key=lambda i: (-member_f1[i]["macro_f1"], member_f1[i]["nll"]))
 
@@ -166,8 +174,11 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
 
         tick = time.perf_counter()  # 2. test: read once, after every choice
         scorer = Scorer(whole, base_dir, dirs, reviews=(data.test["text"].tolist(), labels["test"]))
-        test = {name: scorer.logits(r) for name, (_, r) in recipes.items()}
+        test = {name: scorer.logits(r) for name, (_, r) in recipes.items() if name not in SAME}
         scorer = None
+        for name, same in SAME.items():
+            if same in test:
+                val[name], test[name] = val[same], test[same]
         gc.collect()
         for split, out in (("validation", val), ("test", test)):
             if arm.reference:
@@ -198,8 +209,10 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
             if kind == "searched" and top is not None:
                 params.update(trial=top.number, groups=json.dumps([g.model_dump(mode="json") for g in
                                                                    recipe.groups or []]))
-            v = classification_summary(val[name], labels["validation"])
-            metrics = {f"val_{m}": x for m, x in v.items()}
+            if name in SAME:
+                params["scored_as"] = SAME[name]
+            metrics = {f"val_{m}": x for m, x in classification_summary(val[name], labels["validation"]).items()
+                       } if name in val else {}
             metrics.update({f"test_{m}": x for m, x in score(test[name], labels["test"], data.label_names,
                                                                cfg.evaluate).items()})
             with store.run(f"{arm.name} f{fold} {name}", stage="study-model", parent_run_id=cell.id,
@@ -208,8 +221,8 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
                            system_metrics=False) as run_:
                 run_.params(params)
                 run_.metrics(metrics)
-                run_.table(_predictions({"validation": val[name], "test": test[name]}, labels, data.label_names),
-                           "predictions.csv")
+                run_.table(_predictions({**({"validation": val[name]} if name in val else {}), "test": test[name]},
+                                        labels, data.label_names), "predictions.csv")
         cell.json({"order": [members[i][0] for i in order], "greedy": history, "weights": weights}, "greedy.json")
         cell.metrics(seconds)
     print(f"study: {cfg.name} done ({', '.join(f'{k} {v:.0f}' for k, v in seconds.items())})")

@@ -159,6 +159,16 @@ def test_a_zero_weight_leaves_the_member_out(family, stack) -> None:  # noqa: F8
         assert max((ours[n] - m0[n]).abs().max().item() for n in m0) < 1e-5
 
 
+def test_task_arithmetic_at_lambda_1_is_the_uniform_soup(stack) -> None:
+    """Normalised task arithmetic at lambda 1 is base + mean(task vectors) = the members' average, which is why a
+    study scores it once under both names (mllm.studycell.SAME); at lambda K it is the sum, another merge."""
+    uniform = stack.merged(MergeConfig(method="linear"))
+    ta1 = stack.merged(MergeConfig(method="task_arithmetic", **{"lambda": 1.0}))
+    ta3 = stack.merged(MergeConfig(method="task_arithmetic", **{"lambda": 3.0}))
+    assert max((uniform[n] - ta1[n]).abs().max().item() for n in uniform) < 1e-6
+    assert max((uniform[n] - ta3[n]).abs().max().item() for n in uniform) > 1e-3
+
+
 def test_magnitude_pruning_of_large_weights_keeps_the_same_entries(monkeypatch) -> None:
     """Weights above LARGE entries find the k largest by bisection on the float bits (no topk copies): the same
     entries as topk, ties at the threshold and runs of zeros included."""
