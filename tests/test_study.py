@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from mllm.errors import ConfigError
+from mllm.errors import ConfigError, MllmError
 from mllm.studyconf import cell_config, load_study
 from mllm.studystats import compare, fold_bootstrap, reading, t_interval, t_test_p
 
@@ -112,6 +114,7 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
 
     from mllm import scorer, search, studycell
     from mllm.studyrun import run_study, write_report
+    from mllm.studystore import export_store, import_store
 
     monkeypatch.chdir(tmp_path)
     study = load_study(write_study(tmp_path))
@@ -164,3 +167,20 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
                                   f"'{soup0.info.run_id}'")[0]
     line = next(x for x in text.splitlines() if x.startswith("| searched merge |"))
     assert f"{searched.data.metrics['test_macro_f1']:.4f}" == line.split("|")[2].strip()
+
+    # The light store (databases and small artifacts, no weights) rebuilds the same report elsewhere.
+    archive = export_store(study, tmp_path / "light.tar.gz")
+    with tarfile.open(archive) as tar:
+        assert not [n for n in tar.getnames() if n.endswith(".safetensors")]
+    with pytest.raises(MllmError, match="exists"):
+        import_store(study, archive)
+    shutil.move(tmp_path / "store", tmp_path / "store-before")
+    out.unlink()
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(tmp_path / "study.yaml"),
+                           "--import", str(archive), "--report-only"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = out.read_text()
+    def tables(doc: str) -> str:
+        return doc[doc.index("## Arm `soup`"):doc.index("## Wall time")]
+
+    assert tables(again) == tables(text)
