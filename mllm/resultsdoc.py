@@ -117,6 +117,10 @@ def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Ce
              f"Written by `python scripts/study.py {config_path}` on {when} (code `{code}`) from the study's MLflow "
              f"runs only (tracking store `{where}`); the appendix lists every run id. "
              "Test macro-F1 unless a column says otherwise.", "",
+             *([] if len(cells) == len(study.arms) * study.folds else [
+                 f"**Partial study: {len(cells)} of {len(study.arms) * study.folds} cells finished** (folds "
+                 f"{', '.join(str(f) for f in sorted({f for _, f in cells}))} of {study.folds}); every figure below "
+                 "covers the finished cells only, and the study resumes where it stopped.", ""]),
              "## Summary", "", *summary_lines(summaries), "",
              "## Protocol", "",
              f"- **Data**: {', '.join(d.name for d in data.datasets)}, labels `{data.label_scheme}`, "

@@ -74,7 +74,8 @@ def cell_members(cfg: ExperimentConfig, store: Store, data: SplitData) -> tuple[
     def found() -> dict[str, Any]:
         out: dict[str, Any] = {}
         for v in store.find_versions(store.model_name("member"), {"dataset_fingerprint": data.fingerprint}):
-            out.setdefault(v.tags.get("member", ""), v)
+            if v.tags.get("member_key"):  # a light store's import untags versions whose weights were not exported
+                out.setdefault(v.tags.get("member", ""), v)
         return out
 
     have = found()
@@ -88,10 +89,10 @@ def cell_members(cfg: ExperimentConfig, store: Store, data: SplitData) -> tuple[
     return store.model_uri("base", bases.pop()), [(n, store.model_uri("member", have[n].version)) for n in names]
 
 
-def cell_key(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, fingerprint: str, members: list[str]) -> str:
-    """A finished cell with this key is reused: the arm's config, the data, the members and the study settings
-    that change a cell's figures."""
-    return short_hash([cfg.to_dict(), fingerprint, members, study.trials, study.mask_seeds, arm.name], 20)
+def cell_key(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, fingerprint: str) -> str:
+    """A finished cell with this key is reused: the arm's config (which determines its members), the data and the
+    study settings that change a cell's figures."""
+    return short_hash([cfg.to_dict(), fingerprint, study.trials, study.mask_seeds, arm.name, arm.reference], 20)
 
 
 def _train_seconds(store: Store, uris: list[str]) -> float:
@@ -120,14 +121,14 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
     cfg = cell_config(study, arm, fold)
     store = Store(cfg)
     data = load_splits(cfg.data)
-    start = time.perf_counter()
-    base, members = cell_members(cfg, store, data)
-    uris = [u for _, u in members]
-    key = cell_key(study, arm, cfg, data.fingerprint, uris)
+    key = cell_key(study, arm, cfg, data.fingerprint)
     done = store.find_runs({"mllm.study_cell": key})
     if done:
         print(f"study: {cfg.name} finished in run {done[0].info.run_id}, reused")
         return done[0].info.run_id
+    start = time.perf_counter()
+    base, members = cell_members(cfg, store, data)
+    uris = [u for _, u in members]
     trained_now = time.perf_counter() - start
     tags = {"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": fold, "mllm.study_cell": key,
             "mllm.parents": ",".join(uris), "mllm.base": base, "mllm.dataset_fingerprint": data.fingerprint}

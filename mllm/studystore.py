@@ -12,11 +12,12 @@ retrains what it misses. Only for SQLite stores: a tracking server keeps its own
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from pathlib import Path
 
 from mllm.errors import MllmError
-from mllm.store import Store
+from mllm.store import KEY_TAG, Store
 from mllm.studyconf import StudyConfig, cell_config
 
 MAX_BYTES = 2_000_000
@@ -71,3 +72,30 @@ def import_store(study: StudyConfig, archive: Path) -> None:
                             "import from the directory the study was exported from")
         tar.extractall("/", filter="data")
     print(f"study {study.study}: imported {len(names)} files into {study.store}")
+    untag_missing_weights(study)
+
+
+def untag_missing_weights(study: StudyConfig) -> list[str]:
+    """Registered versions whose weights were not exported lose their reuse key (base_key, member_key, ...), so a
+    resumed study rebuilds them instead of reusing a model it cannot load; finished cells need none of them."""
+    store = Store(cell_config(study, study.arms[0], 0))
+    check = study.store.resolve() / "downloads" / "check"
+    untagged = []
+    for model in store.client.search_registered_models():
+        if not model.name.startswith(f"{study.study}-"):
+            continue
+        for v in store.client.search_model_versions(f"name = '{model.name}'"):
+            uri = f"models:/{model.name}/{v.version}"
+            role = store.role_of(model.name)
+            key = KEY_TAG.get(role)
+            if key is None or role == "ensemble" or key not in v.tags:  # an ensemble has no weights of its own
+                continue
+            try:
+                store.download(uri, check / f"{model.name}-{v.version}")
+            except MllmError:
+                store.client.delete_model_version_tag(model.name, v.version, key)
+                store.client.set_model_version_tag(model.name, v.version, "weights", "not in the light store")
+                untagged.append(uri)
+    shutil.rmtree(check, ignore_errors=True)
+    print(f"study {study.study}: {len(untagged)} registered versions without weights will be rebuilt if needed")
+    return untagged

@@ -179,6 +179,11 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(tmp_path / "study.yaml"),
                            "--import", str(archive), "--report-only"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"[1-9]\d* registered versions without weights will be rebuilt", done.stdout)
+    resumed = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(tmp_path / "study.yaml"),
+                              "--no-report"], capture_output=True, text=True, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count(", reused") == 6 and "finetune" not in resumed.stdout  # nothing recomputed
     again = out.read_text()
     def tables(doc: str) -> str:
         return doc[doc.index("## Arm `soup`"):doc.index("## Wall time")]
