@@ -165,8 +165,9 @@ def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Ce
                   "over reviews (stratified by fold); 'validation' is the mean validation macro-F1.", "",
                   arm_table(s), "", "Comparisons of the searched merge:", "", comparison_table(s), "",
                   "Secondary figures (mean over folds and 95% t-interval):", "", secondary_table(s), ""]
+    whole = wall.round(0).astype({c: int for c in wall.columns if c != "arm"})
     lines += ["## Wall time", "", "Seconds on the machine that ran the study, summed over folds (members: their "
-              "training runs, whenever they ran).", "", md_table(wall.round(0)), "",
+              "training runs, whenever they ran).", "", md_table(whole), "",
               f"Total: {wall['total'].sum() / 60:.0f} minutes.", ""]
     if study.notes:
         lines += ["## Scope", "", *study.notes, ""]
