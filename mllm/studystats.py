@@ -109,7 +109,7 @@ def reading(c: Comparison, margin: float, p_adjusted: float, alpha: float = 0.05
     elif lo > -margin:
         second = f"not worse by {margin:g} (non-inferior)"
     elif hi < margin:
-        second = f"not better by {margin:g}"
+        second = f"not better by {margin:g}, possibly worse by up to {-lo:.3f}"
     else:
-        second = f"equivalence within +-{margin:g} not shown"
+        second = f"inconclusive: the interval reaches past both -{margin:g} and +{margin:g}"
     return f"{first}; {second}"
