@@ -5,13 +5,14 @@
     import_store(study, Path("docs/results/drugs-study-store.tar.gz"))   # e.g. on a fresh machine, then resume
 
 The archive holds the SQLite files of the study's store and every artifact file of the study's experiments up to
-`MAX_BYTES` that is not model weights, under their absolute paths (the tracking database records artifact
-locations as absolute paths). A finished cell needs nothing more to be reused or reported; an unfinished one
-retrains what it misses. Only for SQLite stores: a tracking server keeps its own.
+`MAX_BYTES` that is neither model weights nor part of a logged model, under their absolute paths (the tracking
+database records artifact locations as absolute paths). A finished cell needs nothing more to be reused or
+reported; an unfinished one retrains what it misses. Only for SQLite stores: a tracking server keeps its own.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from mllm.studyconf import StudyConfig, cell_config
 
 MAX_BYTES = 2_000_000
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".pkl")
+LOGGED_MODEL = re.compile(r"/models/m-[0-9a-f]+/")  # a logged model's folder: unusable without its weights
 
 
 def _databases(study: StudyConfig) -> list[Path]:
@@ -41,7 +43,7 @@ def export_store(study: StudyConfig, out: Path) -> Path:
              if e.name == study.study or e.name.startswith(f"{study.study}-")}
     for root in sorted(roots):
         files += sorted(p for p in root.rglob("*") if p.is_file() and p.stat().st_size <= MAX_BYTES
-                        and not p.name.endswith(WEIGHTS))
+                        and not p.name.endswith(WEIGHTS) and not LOGGED_MODEL.search(p.as_posix()))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     with tarfile.open(partial, "w:gz") as tar:
