@@ -38,7 +38,7 @@ from mllm.store import Store
 from mllm.studyconf import Arm, StudyConfig, cell_config
 
 # Task arithmetic at lambda 1 on normalised weights is base + mean(task vectors): the uniform soup's weights (equal
-# up to float rounding, tests/test_study.py), so it is scored once and recorded under both names.
+# up to float rounding, tests/test_fastmerge.py), so it is scored once and recorded under both names.
 SAME = {"ta-1": "uniform"}
 # Scored on validation: what a choice reads (members: best member, greedy order) and the merges a reader compares
 # with their search trials. DARE's per-seed merges are scored on test only (their validation figures are the
@@ -152,16 +152,19 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
         member_f1 = [classification_summary(val[f"member:{i}"], labels["validation"]) for i in range(len(uris))]
         order = sorted(range(len(uris)), key=lambda i: (-member_f1[i]["macro_f1"], member_f1[i]["nll"]))
 
+        soups: dict[tuple[float, ...], np.ndarray] = {}  # the greedy soup's validation logits, scored once
+
         def soup_f1(weights: list[float]) -> float:
             assert scorer is not None
             logits = scorer.logits(MergeConfig(method="linear", weights=weights, normalize=True))
+            soups[tuple(weights)] = logits
             return classification_summary(logits, labels["validation"])["macro_f1"]
 
         weights, history, top = [1.0] * len(uris), [], None
         if not arm.reference:
             weights, _, history = greedy_weights(order, soup_f1, len(uris))
             recipes["greedy"] = ("merge", MergeConfig(method="linear", weights=weights, normalize=True))
-            val["greedy"] = scorer.logits(recipes["greedy"][1])
+            val["greedy"] = soups[tuple(weights)]
         seconds["validation_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
         if not arm.reference:
@@ -181,14 +184,12 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
             if same in test:
                 val[name], test[name] = val[same], test[same]
         gc.collect()
-        for split, out in (("validation", val), ("test", test)):
-            if arm.reference:
-                continue
-            out["ensemble"] = np.mean([out[f"member:{i}"] for i in range(len(uris))], axis=0).astype(np.float32)
-            out["majority"] = majority_logits(data.train["label"].to_numpy(), len(data.label_names),
-                                              len(labels[split]))
         tfidf = ""
         if not arm.reference:
+            for split, out in (("validation", val), ("test", test)):
+                out["ensemble"] = np.mean([out[f"member:{i}"] for i in range(len(uris))], axis=0).astype(np.float32)
+                out["majority"] = majority_logits(data.train["label"].to_numpy(), len(data.label_names),
+                                                  len(labels[split]))
             tfidf = store.model_uri("tfidf", ensure_tfidf(cfg, data, store).version)
             for split, out in (("validation", val), ("test", test)):
                 probs = store.predict_proba(tfidf, data.split(split)["text"].tolist())
