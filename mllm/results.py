@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mllm import selection
 from mllm.errors import MllmError
 from mllm.metrics import holm
 from mllm.store import Store
@@ -133,8 +134,12 @@ def _members(cell: Cell) -> list[Model]:
 
 
 def best_member(cell: Cell) -> Model:
-    """The member with the best validation macro-F1 (then the lower validation NLL): read on validation only."""
-    return min(_members(cell), key=lambda m: (-m.metrics["val_macro_f1"], m.metrics["val_nll"]))
+    """The member with the best validation macro-F1 (then the lower validation NLL): mllm.selection's rule, the one
+    the report and the promotion gate use, read on validation only."""
+    members = {m.name: m for m in _members(cell)}
+    top, _ = selection.best_member([(n, m.metrics["val_macro_f1"], m.metrics["val_nll"]) for n, m in members.items()])
+    assert top is not None  # every study member is scored on validation
+    return members[top]
 
 
 def summarise(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell]) -> ArmSummary:

@@ -33,7 +33,7 @@ from mllm.evaluate import score
 from mllm.metrics import classification_summary
 from mllm.promote import best_recipe
 from mllm.scorer import Scorer
-from mllm.soups import greedy_weights
+from mllm.soups import greedy_order, greedy_weights
 from mllm.store import Store
 from mllm.studyconf import Arm, StudyConfig, cell_config
 
@@ -150,7 +150,7 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
         val = {name: scorer.logits(r) for name, (kind, r) in recipes.items()
                if kind in VALIDATION_KINDS and name not in SAME}
         member_f1 = [classification_summary(val[f"member:{i}"], labels["validation"]) for i in range(len(uris))]
-        order = sorted(range(len(uris)), key=lambda i: (-member_f1[i]["macro_f1"], member_f1[i]["nll"]))
+        order = [int(i) for i in greedy_order([(str(i), f["macro_f1"], f["nll"]) for i, f in enumerate(member_f1)])]
 
         soups: dict[tuple[float, ...], np.ndarray] = {}  # the greedy soup's validation logits, scored once
 
