@@ -91,8 +91,12 @@ def cell_members(cfg: ExperimentConfig, store: Store, data: SplitData) -> tuple[
 
 def cell_key(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, fingerprint: str) -> str:
     """A finished cell with this key is reused: the arm's config (which determines its members), the data and the
-    study settings that change a cell's figures."""
-    return short_hash([cfg.to_dict(), fingerprint, study.trials, study.mask_seeds, arm.name, arm.reference], 20)
+    study settings that change a cell's figures; not where the store lies, so an imported light store resumes."""
+    where_free = cfg.to_dict()
+    where_free.pop("output_dir")
+    where_free.pop("tracking")
+    where_free["search"].pop("storage")
+    return short_hash([where_free, fingerprint, study.trials, study.mask_seeds, arm.name, arm.reference], 20)
 
 
 def _train_seconds(store: Store, uris: list[str]) -> float:

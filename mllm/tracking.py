@@ -170,13 +170,17 @@ class RunLog:
         import mlflow
 
         # The signature comes from predict's type hints (list of review strings -> label + probabilities).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            info = mlflow.pyfunc.log_model(
-                name=name, python_model=str(MODEL_CODE), model_config={**config, "labels": list(labels)},
-                params={k: redact(str(v))[:6000] for k, v in params.items()},
-                artifacts={kind: str(checkpoint)} if checkpoint is not None else None,
-                input_example=examples, pip_requirements=requirements(TFIDF_REQUIREMENTS if kind == "tfidf" else ()))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info = mlflow.pyfunc.log_model(
+                    name=name, python_model=str(MODEL_CODE), model_config={**config, "labels": list(labels)},
+                    params={k: redact(str(v))[:6000] for k, v in params.items()},
+                    artifacts={kind: str(checkpoint)} if checkpoint is not None else None, input_example=examples,
+                    pip_requirements=requirements(TFIDF_REQUIREMENTS if kind == "tfidf" else ()))
+        except BaseException:  # an error or SIGTERM mid-upload: the Models tab must not show it as pending forever
+            fail_pending_models(self.client, self.id)
+            raise
         return info.model_uri, info.model_id
 
     def model_metrics(self, metrics: dict[str, float], model_id: str, frame: Any, dataset: str) -> None:
@@ -311,10 +315,30 @@ def end_orphaned_runs(client: Any, experiment_id: str) -> list[str]:
         if pid.isdigit() and not _alive(int(pid)):
             client.set_tag(run.info.run_id, "mllm.ended_by", f"orphan sweep of {prefix}{os.getpid()}")
             client.set_terminated(run.info.run_id, "KILLED")
+            fail_pending_models(client, run.info.run_id, experiment_id)
             ended.append(run.info.run_id)
     if ended:
         print(f"tracking: ended {len(ended)} run(s) left RUNNING by killed mllm processes on this host as KILLED")
     return ended
+
+
+def fail_pending_models(client: Any, run_id: str, experiment_id: str | None = None) -> list[str]:
+    """Mark FAILED the logged models of `run_id` still PENDING: MLflow creates a LoggedModel before uploading its
+    files and does not finalize it when the upload is cut short, so the UI's Models tab would list a model with
+    no files as pending. Best effort: the error that cut the upload is the one the user must see."""
+    from mlflow.entities import LoggedModelStatus
+
+    failed = []
+    try:
+        experiment_id = experiment_id or client.get_run(run_id).info.experiment_id
+        # (a `status = 'PENDING'` clause matches nothing on a SQL store: the status is filtered here)
+        for model in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+                failed.append(model.model_id)
+    except Exception as exc:  # noqa: BLE001 - a tracking outage here must not hide the original error
+        print(f"tracking: could not mark the pending models of run {run_id} FAILED: {exc}", file=sys.stderr)
+    return failed
 
 
 def _project_run(tracking_uri: str) -> str | None:

@@ -266,3 +266,31 @@ def test_failed_stage_ends_runs_failed(in_tmp: Path, monkeypatch: pytest.MonkeyP
     statuses = {r.info.run_name: r.info.status for r in runs(cfg)}
     assert statuses == {"finetune": "FAILED", "base": "FINISHED", "shard-0": "FAILED"}
     assert Store(cfg).find_versions("tiny-finetuned", {}) == []
+
+
+
+def test_cut_model_upload_leaves_no_pending_model(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow creates a LoggedModel before it uploads its files and marks it FAILED on an Exception, but not on
+    SIGTERM or Ctrl-C (BaseException) mid-upload: then mllm marks it FAILED, so the Models tab lists no model
+    with missing files as pending, and the run ends KILLED."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    from mllm.errors import Terminated
+
+    def sigterm(*args, **kwargs):
+        raise Terminated("signal 15")
+
+    monkeypatch.setattr(MlflowClient, "log_model_artifacts", sigterm)
+    cfg = tiny_cfg(in_tmp)
+    store = Store(cfg)
+    checkpoint = in_tmp / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    with pytest.raises(Terminated):
+        with store.run("cut", stage="test", system_metrics=False) as run:
+            run.model("tiny-cut", checkpoint, ("negative", "positive"), ["fine"], {}, {})
+    experiment = store.client.get_experiment_by_name(cfg.name).experiment_id
+    models = store.client.search_logged_models([experiment])
+    assert [(m.name, m.status) for m in models] == [("tiny-cut", LoggedModelStatus.FAILED)]
+    assert [r.info.status for r in runs(cfg)] == ["KILLED"]

@@ -168,23 +168,29 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
     line = next(x for x in text.splitlines() if x.startswith("| searched merge |"))
     assert f"{searched.data.metrics['test_macro_f1']:.4f}" == line.split("|")[2].strip()
 
-    # The light store (databases and small artifacts, no weights) rebuilds the same report elsewhere.
+    # The light store (databases and small artifacts, no weights) rebuilds the same report in another directory,
+    # with the original store gone, and the study resumes there without recomputing anything.
     archive = export_store(study, tmp_path / "light.tar.gz")
     with tarfile.open(archive) as tar:
-        assert not [n for n in tar.getnames() if n.endswith(".safetensors")]
+        assert not [n for n in tar.getnames() if n.endswith(".safetensors") or n.startswith("/")]
     with pytest.raises(MllmError, match="exists"):
         import_store(study, archive)
-    shutil.move(tmp_path / "store", tmp_path / "store-before")
-    out.unlink()
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(tmp_path / "study.yaml"),
-                           "--import", str(archive), "--report-only"], capture_output=True, text=True, cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = write_study(elsewhere)
+    shutil.rmtree(tmp_path / "store")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(moved),
+                           "--import", str(archive), "--report-only"], capture_output=True, text=True, cwd=elsewhere)
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"[1-9]\d* registered versions without weights will be rebuilt", done.stdout)
-    resumed = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(tmp_path / "study.yaml"),
-                              "--no-report"], capture_output=True, text=True, cwd=tmp_path)
+    relocated = MlflowClient(f"sqlite:///{elsewhere}/store/mlflow.db")
+    for run_id in ids:  # artifacts now resolve under the new directory
+        assert relocated.get_run(run_id).info.artifact_uri.startswith(str(elsewhere / "store"))
+    resumed = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(moved),
+                              "--no-report"], capture_output=True, text=True, cwd=elsewhere)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert resumed.stdout.count(", reused") == 6 and "finetune" not in resumed.stdout  # nothing recomputed
-    again = out.read_text()
+    again = (elsewhere / "docs" / "RESULTS.md").read_text()
     def tables(doc: str) -> str:
         return doc[doc.index("## Arm `soup`"):doc.index("## Wall time")]
 
