@@ -38,6 +38,7 @@ def run_study(study: StudyConfig, arms: list[str] | None = None, folds: list[int
 def write_report(study: StudyConfig, config_path: str) -> Path:
     """RESULTS.md and one figure per arm (beside it, in results/), also logged to a report run in the experiment
     named after the study."""
+    code = git_sha()  # before this report writes its own figures into the working tree
     cells = collect(study)
     summaries = [summarise(study, arm, cells) for arm in study.arms
                  if not arm.reference and any(a == arm.name for a, _ in cells)]
@@ -57,7 +58,7 @@ def write_report(study: StudyConfig, config_path: str) -> Path:
             figures[s.arm.name] = path.relative_to(out.parent)
         wall = seconds(study, cells)
         when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        text = render(study, config_path, cells, summaries, wall, figures, run_.id, git_sha(), when)
+        text = render(study, config_path, cells, summaries, wall, figures, run_.id, code, when)
         run_.text(text, "RESULTS.md")
         run_.metrics({f"{s.arm.name}_{w.split()[-1].replace('-', '_')}_diff": c.point
                       for s in summaries for w, c, _, _ in s.comparisons})
