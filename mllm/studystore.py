@@ -45,10 +45,17 @@ def export_store(study: StudyConfig, out: Path) -> Path:
     if not files:
         raise MllmError(f"study.store: {study.store} holds no mlflow.db yet", "run the study first")
     store = Store(cell_config(study, study.arms[0], 0))
-    roots = {Path(e.artifact_location.removeprefix("file://")) for e in store.client.search_experiments()
-             if e.name == study.study or e.name.startswith(f"{study.study}-")}
-    for root in sorted(roots):
-        files += sorted(p for p in root.rglob("*") if p.is_file() and p.stat().st_size <= MAX_BYTES
+    experiments = [e.experiment_id for e in store.client.search_experiments()
+                   if e.name == study.study or e.name.startswith(f"{study.study}-")]
+    roots, token = set(), None  # each run's own folder: an experiment's root may hold other stores' runs too
+    while experiments:
+        page = store.client.search_runs(experiments, max_results=5000, page_token=token)
+        roots |= {Path(r.info.artifact_uri.removeprefix("file://")) for r in page}
+        token = page.token
+        if not token:
+            break
+    for folder in sorted(roots):
+        files += sorted(p for p in folder.rglob("*") if p.is_file() and p.stat().st_size <= MAX_BYTES
                         and not p.name.endswith(WEIGHTS) and not LOGGED_MODEL.search(p.as_posix()))
     root = Path.cwd().resolve()
     outside = [f for f in files if not f.resolve().is_relative_to(root)]

@@ -170,9 +170,15 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
 
     # The light store (databases and small artifacts, no weights) rebuilds the same report in another directory,
     # with the original store gone, and the study resumes there without recomputing anything.
+    experiment_root = Path(client.get_experiment(runs[0].info.experiment_id).artifact_location)
+    foreign = experiment_root / "0123456789abcdef0123456789abcdef" / "artifacts" / "not-this-study.txt"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("a run of another store that shares this artifact root")
     archive = export_store(study, tmp_path / "light.tar.gz")
     with tarfile.open(archive) as tar:
-        assert not [n for n in tar.getnames() if n.endswith(".safetensors") or n.startswith("/")]
+        names = tar.getnames()
+    assert not [n for n in names if n.endswith((".safetensors", "not-this-study.txt")) or n.startswith("/")]
+    assert any(n.endswith("predictions.csv") for n in names)
     with pytest.raises(MllmError, match="exists"):
         import_store(study, archive)
     elsewhere = tmp_path / "elsewhere"
