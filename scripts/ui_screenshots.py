@@ -86,6 +86,12 @@ def main() -> None:
                 time.sleep(1)
         eid = experiment.experiment_id
         merged = f"{args.experiment}-merged"
+        for role in ("merged", "finetuned", "base"):  # a study cell scores merges in memory: show its members then
+            try:
+                merged = client.get_registered_model(f"{args.experiment}-{role}").name
+                break
+            except MlflowException:
+                continue
         alias, version = "champion", None
         for alias in ("champion", "challenger"):  # the gate may have refused every merge: show the challenger then
             try:
