@@ -2,9 +2,10 @@
 With `mllm.store`, the only module that imports mlflow.
 
 `tracked_run` never leaves a run RUNNING: SIGTERM and SIGINT end it KILLED, an exception ends it FAILED
-(both re-raised), a normal exit FINISHED. A process killed outright (SIGKILL, out of memory, power) cannot end
-its runs; every run carries its owner (host, boot, pid), and the next mllm process on that host ends the runs
-of owners that are gone as KILLED. Every run carries provenance tags (git SHA, package versions, platform);
+(both re-raised; a logged model whose upload they cut short ends FAILED, not PENDING), a normal exit FINISHED.
+A process killed outright (SIGKILL, out of memory, power) cannot end its runs; every run carries its owner (host,
+boot, pid), and the next mllm process on that host ends the runs of owners that are gone as KILLED (and their
+pending models FAILED). Every run carries provenance tags (git SHA, package versions, platform);
 credentials in URIs are masked before anything is logged. `RunLog` addresses its run by id through an explicit
 `MlflowClient`, so logging never depends on which run happens to be active.
 """
@@ -170,17 +171,13 @@ class RunLog:
         import mlflow
 
         # The signature comes from predict's type hints (list of review strings -> label + probabilities).
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                info = mlflow.pyfunc.log_model(
-                    name=name, python_model=str(MODEL_CODE), model_config={**config, "labels": list(labels)},
-                    params={k: redact(str(v))[:6000] for k, v in params.items()},
-                    artifacts={kind: str(checkpoint)} if checkpoint is not None else None, input_example=examples,
-                    pip_requirements=requirements(TFIDF_REQUIREMENTS if kind == "tfidf" else ()))
-        except BaseException:  # an error or SIGTERM mid-upload: the Models tab must not show it as pending forever
-            fail_pending_models(self.client, self.id)
-            raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=str(MODEL_CODE), model_config={**config, "labels": list(labels)},
+                params={k: redact(str(v))[:6000] for k, v in params.items()},
+                artifacts={kind: str(checkpoint)} if checkpoint is not None else None,
+                input_example=examples, pip_requirements=requirements(TFIDF_REQUIREMENTS if kind == "tfidf" else ()))
         return info.model_uri, info.model_id
 
     def model_metrics(self, metrics: dict[str, float], model_id: str, frame: Any, dataset: str) -> None:
@@ -265,6 +262,8 @@ def tracked_run(client: Any, cfg: ExperimentConfig, run_name: str, *, stage: str
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if status != "FINISHED":  # a model upload the error or signal cut short must not stay PENDING either
+            fail_pending_models(client, run.info.run_id, experiment_id)
         mlflow.end_run(status=status)
 
 

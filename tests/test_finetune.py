@@ -268,7 +268,6 @@ def test_failed_stage_ends_runs_failed(in_tmp: Path, monkeypatch: pytest.MonkeyP
     assert Store(cfg).find_versions("tiny-finetuned", {}) == []
 
 
-
 def test_cut_model_upload_leaves_no_pending_model(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow creates a LoggedModel before it uploads its files and marks it FAILED on an Exception, but not on
     SIGTERM or Ctrl-C (BaseException) mid-upload: then mllm marks it FAILED, so the Models tab lists no model
