@@ -248,8 +248,8 @@ def promote(
     storage: Annotated[str | None, field_option("storage", "Optuna storage URL.")] = None,
     study_name: Annotated[str | None, field_option("study_name", "Study name (default <experiment>-search).")] = None,
 ) -> None:
-    """Merge the search's best recipe with mergekit, set `challenger`, gate `champion` on validation (promote.split),
-    then score it on test for the report."""
+    """Merge the search's chosen recipe (search.choice) with mergekit, set `challenger`, gate `champion` on the rows
+    the search never optimised (promote.split), then score it on test for the report."""
     from mllm.promote import run
 
     run(load_config(config, set_ or [], values=config_values(storage=storage or None, study_name=study_name or None)))
@@ -258,7 +258,8 @@ def promote(
 @app.command()
 def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """The whole flow: fine-tune, merge (linear, ties, dare_ties, dare_linear, greedy soup), score on validation,
-    search, promote (decided on validation), evaluate on test once, report; finished stages are reused."""
+    search, promote (decided on held-out validation rows), evaluate on test once, report; finished stages are
+    reused."""
     from mllm.pipeline import run
 
     cfg = load_config(config, set_ or [])

@@ -69,7 +69,8 @@ def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METH
         timed("validate", evaluate.run, cfg, merges, split="validation", prefix=prefix)
         timed("search", search.run, cfg, members, trained.base_uri)
         promoted = timed("promote", promote.run, cfg, prefix=prefix, report_test=False)
-        scored = timed("evaluate", final_evaluation, cfg, list(dict.fromkeys([*merges, promoted.model_uri])))
+        scored = timed("evaluate", final_evaluation, cfg,
+                       list(dict.fromkeys([*merges, *([promoted.model_uri] if promoted.model_uri else [])])))
         rep = timed("report", report.run, cfg, evaluations=[e.run_id for e in scored.evaluations])
         parent.metrics({f"{k}_s": v for k, v in seconds.items()})
         champion = store.model_uri("merged", promoted.champion_after) if promoted.champion_after else ""

@@ -30,13 +30,15 @@ import numpy as np
 
 from mllm import evaluate, merge
 from mllm.basics import redact
+from mllm.choice import single_member, split_rows
 from mllm.config.schema import ExperimentConfig, MergeConfig
+from mllm.data import load_splits
 from mllm.errors import MllmError
 from mllm.locks import db_lock
 from mllm.metrics import macro_f1, paired_test
 from mllm.selection import best_member
 from mllm.store import Store
-from mllm.study import best, open_storage, study_name
+from mllm.study import best, chosen, open_storage, study_name
 
 
 @dataclass(frozen=True)
@@ -48,15 +50,15 @@ class Decision:
 
 @dataclass(frozen=True)
 class PromoteResult:
-    model_uri: str
-    version: str
+    model_uri: str | None  # None: refused before anything was materialised (a single-member recipe)
+    version: str | None
     split: str  # the split the gate decided on
     macro_f1: float  # the challenger's macro-F1 on that split
     champion_before: str | None
     champion_after: str | None
     decision: Decision
     run_id: str
-    evaluation_run_id: str  # the challenger's evaluation on the decision split
+    evaluation_run_id: str | None  # the challenger's evaluation on the decision split
     test_macro_f1: float | None = None  # scored after the decision, for the report only
     test_evaluation_run_id: str | None = None
 
@@ -69,11 +71,24 @@ def versus(labels: np.ndarray, challenger: np.ndarray, other: np.ndarray, k: int
     p = cfg.promote
     t = paired_test(labels, challenger, other, k, p.bootstrap_samples, 1 - 2 * p.alpha, cfg.evaluate.seed)
     bound, p_value, score = t.lower_bound(p.alpha), t.p_at_most(threshold), macro_f1(labels, other, k)
+    se = float(t.diffs.std(ddof=1))
+    chance = power(se, threshold, p.alpha)
     summary = (f"{p.split} macro-F1 {macro_f1(labels, challenger, k):.4f} vs {name} {score:.4f} (diff "
                f"{t.macro_f1_diff:+.4f}, one-sided {1 - p.alpha:.0%} lower bound {bound:+.4f} against {threshold:+g}, "
-               f"p={p_value:.4g})")
-    return p_value, {"macro_f1": round(score, 6), "diff": round(t.macro_f1_diff, 6), "lower_bound": round(bound, 6)}, \
-        summary
+               f"p={p_value:.4g}; {len(labels)} reviews, SE {se:.3f}: a challenger exactly as good passes with power "
+               f"{chance:.0%})")
+    return p_value, {"macro_f1": round(score, 6), "diff": round(t.macro_f1_diff, 6), "lower_bound": round(bound, 6),
+                     "se": round(se, 6), "power": round(chance, 4)}, summary
+
+
+def power(se: float, threshold: float, alpha: float) -> float:
+    """The chance that a challenger whose true difference is 0 gets a one-sided (1 - alpha) lower bound above
+    `threshold` (normal approximation, the paired bootstrap's SE): Phi(-threshold / SE - z(1 - alpha))."""
+    from scipy.stats import norm
+
+    if se <= 0:
+        return 1.0 if threshold < 0 else 0.0
+    return float(norm.cdf(-threshold / se - norm.ppf(1 - alpha)))
 
 
 def decide(labels: np.ndarray, challenger: np.ndarray, reference: tuple[str, np.ndarray] | None,
@@ -152,8 +167,21 @@ def record(store: Store, uri: str, before: str | None, decision: Decision) -> No
         **{f"promotion_{k}": v for k, v in decision.figures.items()}})
 
 
-def best_recipe(cfg: ExperimentConfig) -> tuple[Any, MergeConfig, list[str], str]:
-    """(best trial, its recipe, member URIs, base URI) of the configured study."""
+@dataclass(frozen=True)
+class Searched:
+    """The searched merge a promotion starts from: the chosen trial of the configured study."""
+
+    number: int
+    recipe: MergeConfig
+    members: list[str]
+    base: str
+    score: float  # its macro-F1 on the rows that made the final choice
+    choice: Any = None  # mllm.choice.Choice (None for a study whose trials kept no per-review scores)
+
+
+def searched(cfg: ExperimentConfig, store: Store) -> Searched:
+    """The searched merge of the configured study: search.choice applied to its trials (a study from an older mllm,
+    whose trials kept no per-review scores, falls back to its best trial)."""
     import optuna
 
     name = study_name(cfg)
@@ -163,53 +191,96 @@ def best_recipe(cfg: ExperimentConfig) -> tuple[Any, MergeConfig, list[str], str
     except KeyError:
         raise MllmError(f"search.study_name: no study {name} in {redact(cfg.search.storage)}",
                         "run mllm search first (or set search.study_name / search.storage)") from None
+    members, base = study.user_attrs["members"], study.user_attrs["base"]
+    pick = chosen(cfg, study, store)
+    if pick is not None:
+        score = pick.holdout_macro_f1 if pick.chosen_on == "held-out rows" else pick.search_macro_f1
+        return Searched(pick.number, pick.recipe, members, base, float(score), pick)
     top = best(study)
     if top is None:
         raise MllmError(f"study {name} has no complete trial", "run mllm search (more trials) first")
-    return top, MergeConfig.model_validate(top.user_attrs["recipe"]), study.user_attrs["members"], \
-        study.user_attrs["base"]
+    return Searched(top.number, MergeConfig.model_validate(top.user_attrs["recipe"]), members, base, top.values[0])
+
+
+def gate_rows(cfg: ExperimentConfig) -> tuple[str, np.ndarray | None]:
+    """(the data split the gate scores, the rows of it that it reads: None for all). promote.split=holdout is the
+    validation rows the search never optimised."""
+    if cfg.promote.split == "holdout":
+        labels = load_splits(cfg.data).validation["label"].to_numpy()
+        return "validation", split_rows(labels, cfg.search.crossfit_fraction, cfg.search.seed)[1]
+    return cfg.promote.split, None
+
+
+def refuse_single(cfg: ExperimentConfig, store: Store, pick: Searched, run_: Any) -> PromoteResult | None:
+    """A recipe with all its weight on one member is no merge: refused before anything is materialised."""
+    only = single_member(pick.recipe)
+    if only is None:
+        return None
+    member = pick.members[only]
+    reason = f"the searched recipe (trial {pick.number}) puts all its weight on {member}: promote the member itself"
+    run_.tags({"mllm.promoted": False, "mllm.promotion": reason, "mllm.single_member": member})
+    print(f"promote: refused: {reason}")
+    current = store.alias_version("merged", "champion")
+    before = str(current.version) if current is not None else None
+    return PromoteResult(None, None, cfg.promote.split, pick.score, before, before, Decision(False, reason),
+                         run_.id, None)
 
 
 def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = None,
         store: Store | None = None, report_test: bool = True) -> PromoteResult:
-    """Merge the best trial's recipe with mergekit, set challenger, gate champion on `promote.split`; then (with
+    """Merge the chosen trial's recipe with mergekit, set challenger, gate champion on `promote.split`; then (with
     `report_test`) score the challenger on test for the report."""
     store = store or Store(cfg)
-    top, recipe, members, base = best_recipe(cfg)
-    name, split = study_name(cfg), cfg.promote.split
+    pick = searched(cfg, store)
+    members, name, split = pick.members, study_name(cfg), cfg.promote.split
+    data_split, rows = gate_rows(cfg)
     with store.run(f"promote-{name}", stage="promote", parent_run_id=parent_run_id,
-                   tags={"mllm.study": name, "mllm.trial": top.number, "mllm.promote_split": split}) as run_:
-        merged = merge.run(cfg.model_copy(update={"merge": recipe}), members, base, store=store,
-                           tags={"study": name, "trial": top.number, "val_macro_f1": round(top.values[0], 6)})
+                   tags={"mllm.study": name, "mllm.trial": pick.number, "mllm.promote_split": split}) as run_:
+        refused = refuse_single(cfg, store, pick, run_)
+        if refused is not None:
+            return refused
+        tags = {"study": name, "trial": pick.number, "val_macro_f1": round(pick.score, 6)}
+        if pick.choice is not None:
+            tags.update({"choice": pick.choice.policy, "chosen_on": pick.choice.chosen_on,
+                         "search_macro_f1": round(pick.choice.search_macro_f1, 6)})
+            if pick.choice.holdout_macro_f1 is not None:
+                tags.update({"holdout_macro_f1": round(pick.choice.holdout_macro_f1, 6),
+                             "search_optimism": round(pick.choice.optimism, 6)})
+        merged = merge.run(cfg.model_copy(update={"merge": pick.recipe}), members, pick.base, store=store, tags=tags)
 
         def scored(uris: list[str]) -> list[Any]:  # reused when that version was scored on this data and split
-            return evaluate.run(cfg, uris, split=split, baselines=False, prefix=prefix, store=store).evaluations
+            return evaluate.run(cfg, uris, split=data_split, baselines=False, prefix=prefix, store=store).evaluations
+
+        def gated(e: Any) -> np.ndarray:  # class ids on the gate's rows
+            preds = e.logits.argmax(1)
+            return preds if rows is None else preds[rows]
 
         found = {e.candidate.uri: e for e in scored([merged.model_uri, *members])}
         challenger = found[merged.model_uri]
-        top_member, refused = best_member([(m, found[m].candidate.val_macro_f1, found[m].candidate.val_nll)
-                                     for m in members])
-        for line in refused:
+        top_member, refusals = best_member([(m, found[m].candidate.val_macro_f1, found[m].candidate.val_nll)
+                                           for m in members])
+        for line in refusals:
             print(f"promote: {line}")
         store.set_alias("merged", "challenger", merged.version)
         k = challenger.logits.shape[1]
-        before, decision = gate(cfg, store, merged.version, challenger.labels, challenger.logits.argmax(1),
-                                (top_member, found[top_member].logits.argmax(1)) if top_member else None, k,
-                                lambda v: scored([store.model_uri("merged", v)])[0].logits.argmax(1))
+        labels = challenger.labels if rows is None else challenger.labels[rows]
+        before, decision = gate(cfg, store, merged.version, labels, gated(challenger),
+                                (top_member, gated(found[top_member])) if top_member else None, k,
+                                lambda v: gated(scored([store.model_uri("merged", v)])[0]))
         after = store.alias_version("merged", "champion")
         record(store, merged.model_uri, before, decision)
+        score = macro_f1(labels, gated(challenger), k)
         run_.tags({"mllm.promoted": decision.promote, "mllm.promotion": decision.reason,
                    "mllm.model_uri": merged.model_uri})
-        run_.metrics({f"{split}_macro_f1": challenger.metrics["macro_f1"],
+        run_.metrics({f"{split}_macro_f1": score,
                       **{k_: v for k_, v in decision.figures.items() if isinstance(v, float | int)}})
-        print(paragraph(merged.model_uri, top.number, recipe.method, split, challenger.metrics["macro_f1"], before,
-                        decision, store))
+        print(paragraph(merged.model_uri, pick.number, pick.recipe.method, split, score, before, decision, store))
         test = None
         if report_test:  # after the decision: the test split reports, it decides nothing
             test = evaluate.run(cfg, [merged.model_uri], split="test", baselines=False, store=store).evaluations[0]
             run_.metrics({"test_macro_f1": test.metrics["macro_f1"], "test_accuracy": test.metrics["accuracy"]})
             print(f"promote: {merged.model_uri} test macro-F1 {test.metrics['macro_f1']:.4f} (reported; it decided "
                   "nothing)")
-    return PromoteResult(merged.model_uri, merged.version, split, challenger.metrics["macro_f1"], before,
+    return PromoteResult(merged.model_uri, merged.version, split, score, before,
                          str(after.version) if after is not None else None, decision, run_.id, challenger.run_id,
                          test.metrics["macro_f1"] if test else None, test.run_id if test else None)

@@ -52,8 +52,22 @@ class Row:
     versus_best_member: PairedTest | None = field(default=None, repr=False)
     p_holm: float | None = None
 
+    @property
+    def optimism(self) -> float | None:
+        """Validation minus this split's macro-F1: for a model a choice picked, how much better it looked where
+        it was chosen than elsewhere."""
+        f1 = self.metrics.get("macro_f1")
+        return None if self.val_macro_f1 is None or f1 is None else self.val_macro_f1 - f1
+
+    @property
+    def chosen(self) -> bool:
+        """Picked by a choice on validation (best member, selected merge, search winner, greedy soup, TF-IDF's C)."""
+        return any(d in ("best member", "selected merge") or d.startswith(("search winner", "greedy soup", "C="))
+                   for d in self.decisions)
+
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "versus_best_member"}
+        out["optimism"] = self.optimism
         out["versus_best_member"] = self.versus_best_member.summary() if self.versus_best_member else None
         return out
 
@@ -233,6 +247,17 @@ def verdict_lines(selected: str | None, best: str | None, others: dict[str, list
     return lines
 
 
+def optimism_line(result: ReportResult, split: str) -> str:
+    """The optimism of every choice the table shows: validation minus this split's macro-F1 of the model it chose."""
+    picked = [(r, "; ".join(d for d in r.decisions if not d.startswith(("ranked", "promotion"))))
+              for r in result.rows if r.chosen and r.optimism is not None]
+    if not picked:
+        return f"Optimism (validation − {split} macro-F1 of what a choice picked): no chosen model has both figures."
+    parts = [f"{why} {r.model}: {r.optimism:+.4f}" for r, why in picked]
+    return (f"Optimism (validation − {split} macro-F1 of what a choice picked; positive: it looked better where it was "
+            f"chosen): " + "; ".join(parts) + ".")
+
+
 def fmt(value: float | None, spec: str = ".4f") -> str:
     return "" if value is None or np.isnan(value) else format(value, spec)
 
@@ -243,8 +268,9 @@ def render(result: ReportResult, experiment: str, split: str, cfg: ExperimentCon
     n = int(result.rows[0].metrics.get("rows", 0)) if result.rows else 0
     lines = [f"# {experiment}: {split} split ({n} reviews)", "",
              f"| model | role | method | parameters | accuracy ({conf} CI) | macro-F1 ({conf} CI) | NLL | ECE | cost "
-             f"| vs best member: Δ macro-F1 ({conf} CI), Holm p | notes | decisions it took part in (validation "
-             f"only) |", "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |"]
+             f"| vs best member: Δ macro-F1 ({conf} CI), Holm p | validation − {split} | notes | decisions it took "
+             f"part in (validation only) |",
+             "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
     for r in result.rows:
         m, v = r.metrics, r.versus_best_member
         versus = "" if v is None else (
@@ -255,7 +281,7 @@ def render(result: ReportResult, experiment: str, split: str, cfg: ExperimentCon
             f"({fmt(m.get('accuracy_ci_low'), '.3f')}-{fmt(m.get('accuracy_ci_high'), '.3f')}) | "
             f"{fmt(m.get('macro_f1'))} ({fmt(m.get('macro_f1_ci_low'), '.3f')}-{fmt(m.get('macro_f1_ci_high'), '.3f')})"
             f" | {fmt(m.get('nll'), '.3f')} | {fmt(m.get('ece'), '.3f')} | {r.cost:.2g}x | {versus} | "
-            f"{'; '.join(r.notes)} | {'; '.join(r.decisions) or 'none'} |")
+            f"{fmt(r.optimism, '+.4f')} | {'; '.join(r.notes)} | {'; '.join(r.decisions) or 'none'} |")
     lines += ["", "cost: parameters run per review relative to one member (the ensemble runs every member: K forward "
               "passes; the majority baseline runs none).",
               f"best member: {result.best_member or 'none'}, chosen by validation macro-F1 (ties: validation NLL), "
@@ -266,8 +292,9 @@ def render(result: ReportResult, experiment: str, split: str, cfg: ExperimentCon
               f"{result.comparisons} comparisons of this report (each row against the best member, and the selected "
               f"merge against the ensemble and the bigger model). **differs**: adjusted p < {e.alpha}. "
               f"Non-inferiority margin: {cfg.promote.non_inferiority_margin:g} macro-F1.",
+              optimism_line(result, split),
               f"Decisions: every choice in the last column read validation"
-              f"{'' if cfg.promote.split == 'validation' else ' (the promotion gate: the selection split)'}; no "
+              f" (the promotion gate: its {cfg.promote.split} split, rows the search never optimised); no "
               f"decision read the {split} split. The CIs are per comparison (not adjusted); the p-values are."
               if split == "test" else
               f"Decisions: the last column's choices read validation ({cfg.promote.split} for the promotion gate).",
@@ -312,6 +339,7 @@ def table_frame(rows: list[Row], best: str | None) -> pd.DataFrame:
                                                      "nll", "ece")},
                     "cost": r.cost, "best_member": r.model == best, "val_macro_f1": r.val_macro_f1,
                     "diff_vs_best_member": v.macro_f1_diff if v else None, "p_holm": r.p_holm,
+                    "optimism": r.optimism, "chosen": r.chosen,
                     "notes": "; ".join(r.notes), "decisions": "; ".join(r.decisions) or "none",
                     "evaluation_run": r.run_id})
     return pd.DataFrame(out)

@@ -12,7 +12,9 @@ and the bigger model: another arm's seed-0 member in the same fold.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,7 @@ class Cell:
     sizes: dict[str, int]
     labels: np.ndarray  # test labels
     models: dict[str, Model]
+    trials: dict[str, Any] | None = None  # the cell's trials.json: the search's trials, per validation review
 
 
 def collect(study: StudyConfig) -> dict[tuple[str, int], Cell]:
@@ -80,10 +83,18 @@ def collect(study: StudyConfig) -> dict[tuple[str, int], Cell]:
                 models[name] = Model(name, r.data.tags["mllm.kind"], r.info.run_id, dict(r.data.params),
                                      dict(r.data.metrics), logits)
             m = cell.data.metrics
+            trials = None
+            if not arm.reference:
+                try:
+                    path = store.run_artifact(cell.info.run_id, "trials.json",
+                                              study.store.resolve() / "downloads" / cell.info.run_id)
+                    trials = json.loads(Path(path).read_text(encoding="utf-8"))
+                except Exception:  # a cell of an older mllm kept no per-review trial scores
+                    trials = None
             cells[(arm.name, fold)] = Cell(
                 arm.name, fold, cell.info.run_id, cfg.name, {k: v for k, v in m.items() if k.endswith("_s")},
                 {s: int(cell.data.params.get(f"{s}_rows", 0)) for s in ("train", "validation", "test")},
-                labels, models)
+                labels, models, trials)
     return cells
 
 
@@ -116,6 +127,7 @@ class ArmSummary:
     rows: list[Row]
     comparisons: list[tuple[str, Comparison, float, str]] = field(default_factory=list)  # label, c, Holm p, reading
     boot: dict[str, tuple[float, float]] = field(default_factory=dict)  # row label -> 95% bootstrap interval
+    chosen: list[str] = field(default_factory=list)  # labels of rows a choice on validation picked (optimism table)
 
 
 def _value(m: Model) -> FoldValue:
@@ -154,27 +166,47 @@ def summarise(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell]) 
                     "chosen per fold by validation macro-F1"))
     rows.append(Row("mean member", [_mean(_members(c)) for c in mine]))
 
-    def other(ref: str, fold: int) -> FoldValue | None:
-        c = cells.get((ref, fold))
-        return _value(c.models["member:0"]) if c is not None and "member:0" in c.models else None
+    seeds: dict[str, list[list[np.ndarray]]] = {}  # a reference trained at several seeds: per fold, each seed
+
+    def other(ref: str, label: str) -> list[FoldValue | None]:
+        """Another arm's seed members in each fold (the same rows and recipe: a model trained at several seeds),
+        as one row with the mean over seeds."""
+        out: list[FoldValue | None] = []
+        per: list[list[np.ndarray]] = []
+        for f in folds:
+            c = cells.get((ref, f))
+            found = _members(c) if c is not None else []
+            out.append(_mean(found, spread=True) if found else None)
+            per.append([m.test.argmax(1) for m in found])
+        if all(per):
+            seeds[label] = per
+        return out
 
     if arm.full_member:
-        rows.append(Row("full-data member", [other(arm.full_member, f) for f in folds],
-                        f"the {arm.full_member} arm's seed-0 member: all training rows, same seed and recipe"))
+        rows.append(Row("full-data member", other(arm.full_member, "full-data member"),
+                        f"the {arm.full_member} arm's seed members: all training rows, same recipe; mean of seeds"))
     for name, label in (("ensemble", "logit ensemble"), ("majority", "majority class"), ("tfidf", "TF-IDF")):
         rows.append(Row(label, [_value(c.models[name]) for c in mine]))
     for name, label in MERGE_ROWS:
         rows.append(Row(label, [_value(c.models[name]) for c in mine]))
     for method, label in (("dare_ties", "DARE-TIES"), ("dare_linear", "DARE-linear")):
-        seeds = [[m for k, m in c.models.items() if k.startswith(f"{method}:")] for c in mine]
-        rows.append(Row(f"{label} (mean of {len(seeds[0])} mask seeds)", [_mean(s, spread=True) for s in seeds],
+        found = [[m for k, m in c.models.items() if k.startswith(f"{method}:")] for c in mine]
+        rows.append(Row(f"{label} (mean of {len(found[0])} mask seeds)", [_mean(x, spread=True) for x in found],
                         "spread: sd over mask seeds"))
+    policy = mine[0].models["searched"].params.get("policy", "best-all")
     rows.append(Row("searched merge", [_value(c.models["searched"]) for c in mine],
-                    f"best of {study.trials} trials on validation"))
+                    f"the search's choice ({policy}) among {study.trials} trials, validation only"))
+    policies = sorted({n for c in mine for n in c.models if n.startswith("policy:")})
+    for name in policies:
+        if all(name in c.models for c in mine):
+            rows.append(Row(f"searched: {name.split(':', 1)[1]}", [_value(c.models[name]) for c in mine],
+                            "another choice policy over the same trials (mllm.choice)"))
     if arm.bigger:
-        rows.append(Row("bigger model", [other(arm.bigger, f) for f in folds],
-                        f"the {arm.bigger} arm's seed-0 member, fine-tuned once on the same rows"))
+        rows.append(Row("bigger model", other(arm.bigger, "bigger model"),
+                        f"the {arm.bigger} arm's seed members, each fine-tuned once on the same rows; mean of seeds"))
     out = ArmSummary(arm, folds, rows)
+    out.chosen = ["best member (validation)", "greedy soup", "TF-IDF", "searched merge",
+                  *(r.label for r in rows if r.label.startswith("searched: "))]
     labels = [c.labels for c in mine]
     k = mine[0].models["searched"].test.shape[1]
     for row in rows:
@@ -183,19 +215,39 @@ def summarise(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell]) 
             out.boot[row.label] = (float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5)))
     by_label = {r.label: r for r in rows}
     searched = by_label["searched merge"]
-    family = [("best member (validation)", "the best member"), ("logit ensemble", "the logit ensemble")]
-    family += [("full-data member", "the full-data member")] if arm.full_member else []
-    family += [("bigger model", "the bigger model")] if arm.bigger else []
-    found: list[tuple[str, Comparison]] = []
+    family = [("best member (validation)", "the best member"), ("logit ensemble", "the logit ensemble"),
+              ("uniform soup", "the uniform soup"), ("greedy soup", "the greedy soup")]
+    family += [("full-data member", "the full-data member (seeds)")] if arm.full_member else []
+    family += [("bigger model", "the bigger model (seeds)")] if arm.bigger else []
+    found_c: list[tuple[str, Comparison]] = []
+    ratio = float(np.mean([c.sizes["test"] / c.sizes["train"] for c in mine if c.sizes.get("train")] or [0.0]))
     for label, words in family:
         ref = by_label[label]
-        if any(f is None or f.preds is None for f in ref.folds):
+        if label in seeds:
+            b: list[Any] = seeds[label]
+        elif all(f is not None and f.preds is not None for f in ref.folds):
+            b = [f.preds for f in ref.folds]  # type: ignore[union-attr]
+        else:
             continue
-        found.append((words, compare(labels, [f.preds for f in searched.folds],  # type: ignore[misc]
-                                     [f.preds for f in ref.folds], k, study.bootstrap_samples)))  # type: ignore
-    adjusted = holm([c.p_boot for _, c in found]) if found else []
+        found_c.append((words, compare(labels, [f.preds for f in searched.folds],  # type: ignore[misc]
+                                       b, k, study.bootstrap_samples, test_train=ratio)))
+    adjusted = holm([c.p_train for _, c in found_c]) if found_c else []
     out.comparisons = [(w, c, p, reading(c, study.equivalence_margin, p, study.alpha))
-                       for (w, c), p in zip(found, adjusted, strict=True)]
+                       for (w, c), p in zip(found_c, adjusted, strict=True)]
+    return out
+
+
+def optimism(summary: ArmSummary) -> list[tuple[str, list[float]]]:
+    """(row label, validation minus test macro-F1 per fold) for every row a choice on validation picked."""
+    rows = {r.label: r for r in summary.rows}
+    out = []
+    for label in summary.chosen:
+        row = rows.get(label)
+        if row is None:
+            continue
+        val, test = row.metric("val_macro_f1"), row.metric("test_macro_f1")
+        if len(val) == len(test) == len(summary.folds):
+            out.append((label, [v - t for v, t in zip(val, test, strict=True)]))
     return out
 
 

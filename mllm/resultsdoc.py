@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from mllm.basics import redact
-from mllm.results import SECONDARY, ArmSummary, Cell, interval
+from mllm.criterion import TIE, pick, policy_table
+from mllm.results import SECONDARY, ArmSummary, Cell, interval, optimism
 from mllm.studyconf import StudyConfig, cell_config
 
 
@@ -51,12 +52,44 @@ def comparison_table(s: ArmSummary) -> str:
     out = []
     for words, c, p_holm, text in s.comparisons:
         out.append({"searched merge minus": words, "per fold": ", ".join(signed(x) for x in c.per_fold),
-                    "mean": signed(c.point), "95% t (df " + str(len(c.per_fold) - 1) + ")": ci(*c.t_ci, "+.3f"),
-                    "p (t)": f"{c.p_t:.3g}" if math.isfinite(c.p_t) else "–",
-                    "95% bootstrap": ci(*c.boot_ci, "+.3f"), "90% bootstrap": ci(*c.boot_ci90, "+.3f"),
-                    "p (bootstrap)": f"{c.p_boot:.3g}", "Holm p": f"{p_holm:.3g}", "MDE": f"{c.mde:.3f}",
-                    "reading": text})
+                    "mean": signed(c.point), "95% training variance": ci(*c.train_ci, "+.3f"),
+                    "90% training variance": ci(*c.train_ci90, "+.3f"), "Holm p": f"{p_holm:.3g}",
+                    "MDE": f"{c.mde:.3f}", "95% hierarchical bootstrap": ci(*c.hier_ci, "+.3f"),
+                    "95% corrected t (df " + str(len(c.per_fold) - 1) + ")": ci(*c.nb_ci, "+.3f"),
+                    "95% reviews only": ci(*c.boot_ci, "+.3f"), "reading": text})
     return md_table(pd.DataFrame(out)) if out else "(no comparison: a reference model is missing in some fold)"
+
+
+def optimism_table(s: ArmSummary) -> str:
+    """Validation minus test macro-F1 of every model a choice picked, per fold, with the mean's 95% t-interval."""
+    out = []
+    for label, values in optimism(s):
+        mean, lo, hi = interval(values)
+        out.append({"chosen on validation": label, **{f"fold {f}": signed(v) for f, v in zip(s.folds, values,
+                                                                                            strict=True)},
+                    "mean optimism": signed(mean), "95% t-interval": ci(lo, hi, "+.3f")})
+    return md_table(pd.DataFrame(out)) if out else "(no chosen model has both figures)"
+
+
+def policy_section(cells: dict[tuple[str, int], Cell], study: StudyConfig) -> list[str]:
+    """The no-test criterion's table over every cell whose search kept its trials (mllm.criterion)."""
+    kept = [c.trials for (_, _), c in sorted(cells.items()) if c.trials]
+    if not kept:
+        return []
+    table = policy_table(kept)
+    default = pick(table)
+    configured = cell_config(study, next(a for a in study.arms if not a.reference), 0).search.choice
+    rows = [{"policy": r.policy, "cells": r.cells, "held-out macro-F1 (E)": f4(r.held_out),
+             "95% t": ci(r.held_out_lo, r.held_out_hi), "optimism (chosen-on − E)": f4(r.optimism),
+             "95% t ": ci(r.optimism_lo, r.optimism_hi, "+.3f")} for r in table.itertuples()]
+    return ["## How the searched merge is chosen (no test read)", "",
+            "Each policy chooses among the same trials of each cell's search, reading only validation; the table "
+            "scores its choice on a quarter of validation that nothing chose on (`mllm.criterion`: the search "
+            "optimised half A; the held-out half is cut into C and E; a policy reads A, crossfit also C, the old "
+            "rule best-all A and C; the choice is scored on E, then C and E swap). The rule, fixed before test was "
+            f"read: the highest mean held-out macro-F1, ties within {TIE} to the smaller optimism. It picks "
+            f"**{default}**; the study's searched merge used `search.choice={configured}`.", "",
+            md_table(pd.DataFrame(rows)), ""]
 
 
 def secondary_table(s: ArmSummary) -> str:
@@ -102,8 +135,14 @@ def summary_lines(summaries: list[ArmSummary]) -> list[str]:
     for s in summaries:
         for words, c, p_holm, text in s.comparisons:
             lines.append(f"- **{s.arm.name}**: searched merge minus {words}: {signed(c.point)} macro-F1 "
-                         f"(95% bootstrap {ci(*c.boot_ci, '+.3f')}, Holm p {p_holm:.3g}; detectable with 80% power: "
-                         f"{c.mde:.3f}): {text}.")
+                         f"(95% with training variance {ci(*c.train_ci, '+.3f')}, reviews only "
+                         f"{ci(*c.boot_ci, '+.3f')}; Holm p {p_holm:.3g}; detectable with 80% power: {c.mde:.3f}): "
+                         f"{text}.")
+        for label, values in optimism(s):
+            if label == "searched merge":
+                mean, lo, hi = interval(values)
+                lines.append(f"- **{s.arm.name}**: the searched merge's optimism (validation − test macro-F1): "
+                             f"{signed(mean)} (95% t {ci(lo, hi, '+.3f')}).")
     return lines
 
 
@@ -142,29 +181,40 @@ def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Ce
         "soup's merge, scored once and listed under both names; lambda K is base + their sum); TIES, DARE-TIES and "
         f"DARE-linear at merge.density {first.merge.density:g} and lambda {first.merge.lambda_:g}, DARE over "
         f"{study.mask_seeds} mask seeds (scored on test only: their validation counterparts are the search's "
-        f"enqueued trials); the searched recipe, the best of {study.trials} Optuna trials ({first.search.sampler}, "
+        f"enqueued trials); the searched recipe: {study.trials} Optuna trials ({first.search.sampler}, "
         f"methods {', '.join(first.search.methods)}, {first.search.startup_trials or max(4, study.trials // 4)} "
         f"start-up trials after the enqueued standard merges, DARE trials scored over {first.search.mask_seeds} "
-        "mask seed(s)) on validation.",
+        f"mask seed(s)) whose objective reads {first.search.crossfit_fraction:.0%} of validation, chosen by "
+        f"`search.choice={first.search.choice}` (top {first.search.top_k}, NLL guard {first.search.nll_guard} nats "
+        "over the best member); every other policy's choice among the same trials is listed too (`searched: ...`).",
         "- **The test split decides nothing**: every choice above reads validation; each cell scores test once, "
         "after its search.",
-        f"- **Statistics**: per fold, the searched merge's macro-F1 minus each reference's. Over folds: the mean, a "
-        f"95% t-interval ({study.folds - 1} degrees of freedom) and a bootstrap over reviews stratified by fold "
-        f"({study.bootstrap_samples} resamples, the same resample for both models). p-values are the bootstrap's, "
-        "two-sided; Holm adjusts them within each arm's family (best member, ensemble, and the full-data member or "
-        f"the bigger model where the arm has one). Equivalence margin, stated before the study: "
-        f"{study.equivalence_margin:g} macro-F1; a difference is 'equivalent' when the 90% bootstrap interval lies "
+        f"- **Statistics**: per fold, the searched merge's macro-F1 minus each reference's (a reference trained at "
+        f"several seeds, the full-data member and the bigger model: the mean over its seeds). The verdicts read an "
+        "interval that counts training variance: the hull of a hierarchical bootstrap "
+        f"({study.bootstrap_samples} resamples: folds with replacement, then the reference's seeds, then each "
+        "fold's test reviews, the same reviews for both models) and the corrected resampled t-interval over folds "
+        f"(Nadeau & Bengio 2003: variance (1/J + n_test/n_train) s^2, {study.folds - 1} degrees of freedom), since "
+        "3 folds are too few to trust either alone; beside it, the bootstrap over reviews only (every trained model "
+        "fixed). p-values: the larger of the two, two-sided; Holm adjusts them within each arm's family (best "
+        "member, ensemble, uniform soup, greedy soup, and the full-data member or the bigger model where the arm "
+        "has one). Equivalence margin, stated before the study: "
+        f"{study.equivalence_margin:g} macro-F1; 'equivalent' only when the 90% training-variance interval lies "
         "inside the margin (two one-sided tests at 5%). MDE: the true difference this study detects with 80% power "
-        "at 5% two-sided (2.8 bootstrap standard errors).",
+        "at 5% two-sided (2.8 training-variance standard errors). Optimism: validation minus test macro-F1 of each "
+        "model a choice picked on validation.",
         "- **Caveats**: folds share training rows, so fold-to-fold spread understates the variance of a new "
-        "training set (Nadeau & Bengio 2003); the bootstrap treats the fine-tuned members as fixed.", ""]
+        "training set (Nadeau & Bengio 2003), and resampling 3 folds understates it by a further (J - 1) / J.", ""]
     for s in summaries:
         lines += [f"## Arm `{s.arm.name}`: {s.arm.title or s.arm.name}", "",
                   f"![{s.arm.name}]({figures[s.arm.name].as_posix()})", "",
                   f"Test macro-F1 per fold, mean, 95% t-interval over the {len(s.folds)} folds and 95% bootstrap "
                   "over reviews (stratified by fold); 'validation' is the mean validation macro-F1.", "",
                   arm_table(s), "", "Comparisons of the searched merge:", "", comparison_table(s), "",
+                  "Optimism of what was chosen on validation (validation minus test macro-F1; positive: it looked "
+                  "better where it was chosen):", "", optimism_table(s), "",
                   "Secondary figures (mean over folds and 95% t-interval):", "", secondary_table(s), ""]
+    lines += policy_section(cells, study)
     whole = wall.round(0).astype({c: int for c in wall.columns if c != "arm"})
     lines += ["## Wall time", "", "Seconds on the machine that ran the study, summed over folds (members: their "
               "training runs, whenever they ran).", "", md_table(whole), "",

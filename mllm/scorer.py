@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mllm.choice import split_rows
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data import load_splits
 from mllm.fastmerge import MemberStack
@@ -39,18 +40,24 @@ def stage_shares(rows: int, prune: bool, min_rows: int) -> tuple[float, ...]:
 
 
 class ValidationSet:
-    """The validation split tokenised once, cut into stages (a seeded permutation), each stage's rows
-    length-sorted into batches that are collated once and reused by every trial."""
+    """The validation split tokenised once, cut into stages, each stage's rows length-sorted into batches that are
+    collated once and reused by every trial. The stages cover the search rows (a seeded permutation); the held-out
+    rows, when there are any, are one last stage that no objective or pruner reads."""
 
     def __init__(self, texts: list[str], labels: np.ndarray, tokenizer: Any, cfg: ExperimentConfig, device: Any,
-                 stages: tuple[float, ...]) -> None:
+                 stages: tuple[float, ...], search_rows: np.ndarray | None = None) -> None:
         self.labels = labels
         encoded = encode(tokenizer, texts, cfg.model.max_length)
-        order = np.random.default_rng(cfg.search.seed).permutation(len(texts))
-        cuts = [0, *sorted({max(1, round(s * len(texts))) for s in stages})]
+        self.search_rows = np.arange(len(texts)) if search_rows is None else np.sort(search_rows)
+        self.holdout_rows = np.setdiff1d(np.arange(len(texts)), self.search_rows)
+        order = np.random.default_rng(cfg.search.seed).permutation(self.search_rows)
+        cuts = [0, *sorted({max(1, round(s * len(order))) for s in stages})]
+        parts = [order[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+        self.objective_stages = len(parts)  # the stages the objective (and a pruner) reads
+        if len(self.holdout_rows):
+            parts.append(self.holdout_rows)
         self.stages: list[list[tuple[np.ndarray, dict[str, Any]]]] = []
-        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
-            rows = order[lo:hi]
+        for rows in parts:
             batches = length_batches([len(encoded[i]) for i in rows], cfg.evaluate.batch_size, seed=None)
             self.stages.append([(rows[b], collate(encoded, rows[b], tokenizer.pad_token_id, device))
                                 for b in batches])
@@ -81,12 +88,15 @@ class Scorer:
         self.stack = MemberStack(base_dir, member_dirs, self.device)
         self.model = self.stack.model()
         tokenizer = load_tokenizer(base_dir)
+        search_rows = None
         if reviews is None:
             validation = load_splits(cfg.data).validation  # the only split a search reads
             reviews = (validation["text"].tolist(), validation["label"].to_numpy())
+            search_rows = split_rows(reviews[1], cfg.search.crossfit_fraction, cfg.search.seed)[0]
         self.num_labels = self.model.config.num_labels
+        n = len(reviews[0]) if search_rows is None else len(search_rows)
         self.data = ValidationSet(reviews[0], np.asarray(reviews[1]), tokenizer, cfg, self.device,
-                                  stage_shares(len(reviews[0]), cfg.search.prune, cfg.search.prune_min_rows))
+                                  stage_shares(n, cfg.search.prune, cfg.search.prune_min_rows), search_rows)
         self.prefix = self._frozen_prefix(cfg)
 
     def _frozen_prefix(self, cfg: ExperimentConfig) -> Any:
@@ -117,18 +127,30 @@ class Scorer:
         return out
 
     def stages(self, recipe: MergeConfig) -> Iterator[tuple[TrialScore, float]]:
+        """Merge, then yield (score on the search rows seen so far, merge seconds) after each objective stage.
+        Once the generator is exhausted, `rest()` scores the held-out rows of the same merge."""
         start = time.perf_counter()
         self.stack.merge_into(self.model, recipe)
         merge_s = time.perf_counter() - start
         rows: list[np.ndarray] = []
         logits: list[np.ndarray] = []
-        for s, stage in enumerate(self.data.stages):
+        self._seen = (rows, logits)
+        for s in range(self.data.objective_stages):
             logits += self._forward([s], self.prefix)
-            rows += [index for index, _ in stage]
+            rows += [index for index, _ in self.data.stages[s]]
             seen = np.concatenate(rows)
             yield score_rows(np.concatenate(logits), self.data.labels[seen], self.num_labels), merge_s
 
-
+    def rest(self) -> np.ndarray:
+        """After `stages` ran to the end: the merge's logits on every review (held-out rows scored now), in the
+        order the reviews were given."""
+        rows, logits = self._seen
+        for s in range(self.data.objective_stages, len(self.data.stages)):
+            logits += self._forward([s], self.prefix)
+            rows += [index for index, _ in self.data.stages[s]]
+        out = np.zeros((len(self.data.labels), self.num_labels), dtype=np.float32)
+        out[np.concatenate(rows)] = np.concatenate(logits)
+        return out
 
     def logits(self, recipe: MergeConfig) -> np.ndarray:
         """The merge's logits on every review, in the order the reviews were given (a study scores fixed recipes

@@ -29,15 +29,16 @@ from typing import Any
 import numpy as np
 
 from mllm.basics import quiet_libraries, redact
+from mllm.choice import ROWS_ATTR, rows_attr
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.fastmerge import IN_MEMORY
 from mllm.groups import LayerGroup, plan_groups
 from mllm.merge import check_members, registered_members
 from mllm.methods import info
-from mllm.scorer import Scorer, TrialScore
+from mllm.scorer import Scorer, TrialScore, score_rows
 from mllm.store import Store
-from mllm.study import best, finished, objectives, open_storage, sampler, study_name
+from mllm.study import best, chosen, finished, objectives, open_storage, sampler, study_name
 from mllm.tracking import RunLog, owner
 
 __all__ = ["SearchResult", "best", "finished", "open_storage", "run", "study_name", "suggest_recipe", "work"]
@@ -116,6 +117,7 @@ class SearchResult:
     best_recipe: MergeConfig | None
     trials: int  # finished (complete or pruned) trials of the study
     run_id: str | None
+    chosen: Any = None  # mllm.choice.Choice: the searched merge under search.choice
 
 
 def _value(score: TrialScore, recipe: MergeConfig, cfg: ExperimentConfig) -> float | tuple[float, float]:
@@ -148,7 +150,7 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
         print(f"search: {len(groups)} layer groups ({', '.join(g.name for g in groups)}), up to {dims} dimensions"
               + ("; search.sampler=cmaes suits more than about 10" if cfg.search.sampler == "tpe" and dims > 10
                  else ""))
-    prunable = cfg.search.prune and len(scorer.data.stages) > 1  # a decision never reads < prune_min_rows reviews
+    prunable = cfg.search.prune and scorer.data.objective_stages > 1  # a decision reads >= prune_min_rows
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if prunable else optuna.pruners.NopPruner()
     study = optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg),
                               sampler=sampler(cfg, worker), pruner=pruner)
@@ -177,7 +179,9 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
 
 def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: bool, mask_seeds: int
            ) -> tuple[TrialScore, MergeConfig, bool]:
-    """Score one recipe stage by stage inside its run; (score, recipe, whether the pruner stopped it).
+    """Score one recipe stage by stage inside its run; (score on the search rows, recipe, whether the pruner
+    stopped it). A finished trial then scores the held-out rows too and keeps its per-review predictions and NLL
+    on the whole validation split (`mllm.choice`: the policies read them; the objective never does).
 
     A random-mask method (DARE, DELLA) is scored with `mask_seeds` seeds (merge.seed, +1, ...): the first seed stage
     by stage (the pruner reads it), the others on the whole split; the score is the mean over seeds (macro-F1,
@@ -190,28 +194,37 @@ def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: 
     if recipe.groups:
         run.json([g.model_dump(mode="json", exclude={"filters"}) for g in recipe.groups], "groups.json")
     start, pruned, merge_s = time.perf_counter(), False, 0.0
+    data = scorer.data
     for step, (score, merge_s) in enumerate(scorer.stages(recipe)):  # noqa: B007 (merge_s is read after the loop)
         run.metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
                      "val_accuracy": score.accuracy, "val_rows": score.rows}, step=step)
-        if prune and step < len(scorer.data.stages) - 1:
+        if prune and step < data.objective_stages - 1:
             trial.report(score.macro_f1, step)
             if trial.should_prune():
                 pruned = True
                 break
-    if not pruned and len(seeds) > 1:
-        scores = [score] + [list(scorer.stages(recipe.model_copy(update={"seed": s})))[-1][0] for s in seeds[1:]]
-        f1 = np.array([x.macro_f1 for x in scores])
-        nearest = int(np.argmin(np.abs(f1 - f1.mean())))
-        recipe = recipe.model_copy(update={"seed": seeds[nearest]})
-        score = TrialScore(float(f1.mean()), float(np.mean([x.worst_class_f1 for x in scores])),
-                           float(np.mean([x.accuracy for x in scores])), score.rows)
-        # The objective, logged last (one step on) so the run's val_macro_f1 is the mean the study optimised.
-        run.metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
-                     "val_accuracy": score.accuracy, "val_rows": score.rows}, step=len(scorer.data.stages))
-        run.metrics({"val_macro_f1_mean": score.macro_f1, "val_macro_f1_std": float(f1.std(ddof=1)),
-                     "val_macro_f1_min": float(f1.min()), "val_macro_f1_max": float(f1.max()),
-                     **{f"val_macro_f1_seed_{s}": float(v) for s, v in zip(seeds, f1, strict=True)}})
-        run.tags({"mllm.mask_seed": recipe.seed})
+    if not pruned:
+        logits = scorer.rest()
+        if len(seeds) > 1:
+            every = [logits] + [scorer.logits(recipe.model_copy(update={"seed": s})) for s in seeds[1:]]
+            scores = [score_rows(x[data.search_rows], data.labels[data.search_rows], scorer.num_labels)
+                      for x in every]
+            f1 = np.array([x.macro_f1 for x in scores])
+            nearest = int(np.argmin(np.abs(f1 - f1.mean())))
+            recipe, logits = recipe.model_copy(update={"seed": seeds[nearest]}), every[nearest]
+            score = TrialScore(float(f1.mean()), float(np.mean([x.worst_class_f1 for x in scores])),
+                               float(np.mean([x.accuracy for x in scores])), score.rows)
+            # The objective, logged last (one step on) so the run's val_macro_f1 is the mean the study optimised.
+            run.metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
+                         "val_accuracy": score.accuracy, "val_rows": score.rows}, step=data.objective_stages)
+            run.metrics({"val_macro_f1_mean": score.macro_f1, "val_macro_f1_std": float(f1.std(ddof=1)),
+                         "val_macro_f1_min": float(f1.min()), "val_macro_f1_max": float(f1.max()),
+                         **{f"val_macro_f1_seed_{s}": float(v) for s, v in zip(seeds, f1, strict=True)}})
+            run.tags({"mllm.mask_seed": recipe.seed})
+        trial.set_user_attr(ROWS_ATTR, rows_attr(logits, data.labels))
+        if len(data.holdout_rows):  # logged for people; the sampler and the pruner never see it
+            held = score_rows(logits[data.holdout_rows], data.labels[data.holdout_rows], scorer.num_labels)
+            run.metrics({"holdout_macro_f1": held.macro_f1, "holdout_rows": held.rows})
     run.metrics({"merge_s": merge_s, "trial_s": time.perf_counter() - start})
     run.tags({"mllm.trial_state": "PRUNED" if pruned else "COMPLETE"})
     return score, recipe, pruned
@@ -276,15 +289,29 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
         parent.table(study.trials_dataframe(), "trials.csv")
         log_figures(study, parent)
         recipe = MergeConfig.model_validate(top.user_attrs["recipe"]) if top else None
+        pick = chosen(cfg, study, store)
         if top is not None and recipe is not None:
             parent.tags({"best_trial": top.number, "best_value": top.values[0],
                          "best_run": top.user_attrs.get("mlflow_run_id", "")})
             parent.metrics({"best_val_macro_f1": top.values[0]})
-            parent.json(recipe.model_dump(mode="json", by_alias=True), "best_recipe.json")
-    print(f"search {name}: {done} trials finished" + (f", best trial {top.number} val macro-F1 {top.values[0]:.4f} "
-                                                      f"({recipe.method})" if top and recipe else ""))
+        if pick is not None:
+            parent.tags({"chosen_trial": pick.number, "chosen_policy": pick.policy, "chosen_on": pick.chosen_on,
+                         "chosen_reason": pick.reason[:5000],
+                         "chosen_run": study.trials[pick.number].user_attrs.get("mlflow_run_id", "")})
+            parent.metrics({"chosen_search_macro_f1": pick.search_macro_f1, "chosen_search_nll": pick.search_nll,
+                            "nll_guard_refused": len(pick.refused),
+                            **({"chosen_holdout_macro_f1": pick.holdout_macro_f1, "chosen_optimism": pick.optimism}
+                               if pick.holdout_macro_f1 is not None else {})})
+            parent.json(pick.recipe.model_dump(mode="json", by_alias=True), "chosen_recipe.json")
+    line = f"search {name}: {done} trials finished"
+    if pick is not None:
+        held = (f", held-out {pick.holdout_macro_f1:.4f} (optimism {pick.optimism:+.4f})"
+                if pick.holdout_macro_f1 is not None else "")
+        line += (f"; chosen ({pick.policy}): trial {pick.number} ({pick.recipe.method}), search-row macro-F1 "
+                 f"{pick.search_macro_f1:.4f}{held}")
+    print(line)
     return SearchResult(name, redact(cfg.search.storage), top.number if top else None,
-                        top.values[0] if top else None, recipe, done, parent.id)
+                        top.values[0] if top else None, recipe, done, parent.id, pick)
 
 
 def _reload(cfg: ExperimentConfig, name: str) -> Any:

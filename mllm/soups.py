@@ -20,6 +20,7 @@ from mllm import merge
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.evaluate import describe
+from mllm.metrics import macro_f1
 from mllm.scorer import Scorer
 from mllm.selection import best_member
 from mllm.store import Store
@@ -66,7 +67,8 @@ def greedy_soup(cfg: ExperimentConfig, members: list[str], base: str, store: Sto
 
         def score(weights: list[float]) -> float:
             recipe = MergeConfig(method="linear", weights=weights, normalize=True)
-            return list(held["scorer"].stages(recipe))[-1][0].macro_f1
+            scorer = held["scorer"]  # every validation row (the search's held-out part included), as before
+            return macro_f1(scorer.data.labels, scorer.logits(recipe).argmax(1), scorer.num_labels)
 
         weights, value, history = greedy_weights(order, score, len(members))
         held.clear()

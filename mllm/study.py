@@ -15,8 +15,11 @@ import functools
 from typing import Any
 
 from mllm.basics import redact
+from mllm.choice import candidates_of, choose, split_rows
 from mllm.config.schema import ExperimentConfig
+from mllm.data import load_splits
 from mllm.errors import MllmError
+from mllm.selection import best_member
 from mllm.store import Store
 
 
@@ -101,3 +104,32 @@ def best(study: Any) -> Any | None:
     if len(study.directions) == 1:
         return study.best_trial
     return max(study.best_trials, key=lambda t: t.values[0])
+
+
+def reference_nll(store: Store, members: list[str]) -> float | None:
+    """The validation NLL of the best member (mllm.selection's rule), as recorded on its registered version: the
+    NLL guard's reference."""
+    tags = {m: (store.resolve(m)[1].tags if store.resolve(m)[1] is not None else {}) for m in members}
+
+    def value(m: str, key: str) -> float | None:
+        return float(tags[m][key]) if tags[m].get(key) else None
+
+    top, _ = best_member([(m, value(m, "val_macro_f1"), value(m, "val_nll")) for m in members])
+    return value(top, "val_nll") if top else None
+
+
+def chosen(cfg: ExperimentConfig, study: Any, store: Store) -> Any | None:
+    """The searched merge: search.choice applied to the study's complete trials (mllm.choice), or None when no
+    complete trial kept its per-review scores."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    candidates = candidates_of(complete)
+    if not candidates:
+        return None
+    data = load_splits(cfg.data)
+    labels = data.validation["label"].to_numpy()
+    search, holdout = split_rows(labels, cfg.search.crossfit_fraction, cfg.search.seed)
+    s = cfg.search
+    return choose(candidates, labels, search, holdout, len(data.label_names), s.choice, s.top_k, s.se_multiplier,
+                  s.nll_guard, reference_nll(store, study.user_attrs.get("members", [])), s.seed)

@@ -27,14 +27,16 @@ import pandas as pd
 from mllm import finetune, search
 from mllm.baselines import ensure_tfidf, majority_logits
 from mllm.basics import short_hash
+from mllm.choice import POLICIES, Choice, candidates_of, choose, split_rows
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data import SplitData, load_splits
 from mllm.evaluate import score
-from mllm.metrics import classification_summary
-from mllm.promote import best_recipe
+from mllm.metrics import classification_summary, log_softmax
 from mllm.scorer import Scorer
+from mllm.selection import best_member
 from mllm.soups import greedy_order, greedy_weights
 from mllm.store import Store
+from mllm.study import open_storage
 from mllm.studyconf import Arm, StudyConfig, cell_config
 
 # Task arithmetic at lambda 1 on normalised weights is base + mean(task vectors): the uniform soup's weights (equal
@@ -120,6 +122,84 @@ def _predictions(frames: dict[str, np.ndarray], labels: dict[str, np.ndarray], n
     return pd.concat(parts, ignore_index=True)
 
 
+def policy_choices(cfg: ExperimentConfig, study_name: str, labels: np.ndarray, members: list[np.ndarray],
+                   cell: Any) -> dict[str, Choice]:
+    """The searched merge under every choice policy (mllm.choice), all from the one search's trials: "searched" is
+    the configured search.choice, "policy:<name>" the others, and "policy:best-all" the old rule (the highest
+    macro-F1 on every validation row, no guard). The trials' per-review scores go to the cell run as `trials.json`
+    (with the members' per-review NLL and the rows each part holds), from which the report measures every policy
+    between validation halves without reading test."""
+    import optuna
+
+    trials = optuna.load_study(study_name=study_name, storage=open_storage(cfg)).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    candidates = candidates_of(trials)
+    s, k = cfg.search, members[0].shape[1]
+    search, holdout = split_rows(labels, s.crossfit_fraction, s.seed)
+    member_nll = [-log_softmax(m.astype(np.float64))[np.arange(len(labels)), labels] for m in members]
+    f1 = [classification_summary(m, labels) for m in members]
+    top, _ = best_member([(str(i), x["macro_f1"], x["nll"]) for i, x in enumerate(f1)])
+    reference = float(member_nll[int(top)].mean()) if top is not None else None
+
+    def pick(policy: str) -> Choice:
+        return choose(candidates, labels, search, holdout, k, policy, s.top_k, s.se_multiplier, s.nll_guard,
+                      reference, s.seed)
+
+    out = {"searched": pick(s.choice)}
+    out.update({f"policy:{p}": pick(p) for p in POLICIES if p != s.choice})
+    every = np.arange(len(labels))
+    old = choose(candidates, labels, every, np.zeros(0, dtype=np.int64), k, "best")
+    out["policy:best-all"] = Choice("best-all", old.number, old.recipe, old.search_macro_f1, None, old.search_nll,
+                                    "every validation row", "highest macro-F1 on every validation row (the old rule)")
+    cell.json({"labels": labels.tolist(), "search_rows": search.tolist(), "holdout_rows": holdout.tolist(),
+               "num_labels": k, "choice": s.choice, "top_k": s.top_k, "se_multiplier": s.se_multiplier,
+               "nll_guard": s.nll_guard, "seed": s.seed, "best_member": int(top) if top is not None else None,
+               "member_nll": [np.round(x, 4).tolist() for x in member_nll],
+               "trials": [{"number": c.number, "recipe": c.recipe.model_dump(mode="json", by_alias=True),
+                           "pred": c.pred.tolist(), "nll": c.nll.tolist()} for c in candidates],
+               "chosen": {n: {"trial": c.number, "policy": c.policy, "chosen_on": c.chosen_on, "reason": c.reason}
+                          for n, c in out.items()}}, "trials.json")
+    return out
+
+
+def read_predictions(path: str) -> dict[str, np.ndarray]:
+    """split -> logits (rows in order) from a model run's predictions.csv."""
+    frame = pd.read_csv(path)
+    columns = [c for c in frame.columns if c.startswith("logit_")]
+    return {split: part.sort_values("row")[columns].to_numpy(dtype=np.float32)
+            for split, part in frame.groupby("split", sort=False)}
+
+
+def earlier_models(study: StudyConfig, arm: Arm, fold: int, store: Store, key: str, members: list[np.ndarray]
+                   ) -> dict[str, tuple[dict[str, np.ndarray], str, dict[str, str]]]:
+    """The fixed models of an earlier finished cell of this arm and fold (another key: older code or settings)
+    whose members give these validation logits (to 1e-4): name -> (split -> logits, run id, params). Their
+    figures do not depend on the search, so a rerun of the choice takes them over instead of scoring them again;
+    {} when there is no such cell or its members differ (a retraining that did not reproduce them)."""
+    cells = [r for r in store.find_runs({"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": str(fold),
+                                         "mllm.stage": "study-cell"}) if r.data.tags.get("mllm.study_cell") != key
+             and r.info.status == "FINISHED"]
+    if not cells:
+        return {}
+    cell = cells[0]  # the newest
+    out = {}
+    for r in store.find_runs({"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": str(fold),
+                              "mllm.stage": "study-model"}):
+        name = r.data.tags["mllm.study_model"]
+        if r.data.tags.get("mlflow.parentRunId") != cell.info.run_id or name == "searched" or name.startswith(
+                "policy:"):
+            continue
+        path = store.run_artifact(r.info.run_id, "predictions.csv", study.store.resolve() / "downloads" / r.info.run_id)
+        out[name] = (read_predictions(path), r.info.run_id, dict(r.data.params))
+    for i, logits in enumerate(members):
+        old = out.get(f"member:{i}", ({}, "", {}))[0].get("validation")
+        if old is None or old.shape != logits.shape or not np.allclose(old, logits, atol=1e-4):
+            return {}
+    print(f"study: {arm.name} f{fold}: members equal those of cell run {cell.info.run_id}; its fixed models are "
+          "taken over, not scored again")
+    return out
+
+
 def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
     """Run (or reuse) one cell; return its MLflow run id."""
     cfg = cell_config(study, arm, fold)
@@ -130,6 +210,9 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
     if done:
         print(f"study: {cfg.name} finished in run {done[0].info.run_id}, reused")
         return done[0].info.run_id
+    # The cell's own Optuna study: a rerun under other settings searches afresh, an interrupted one continues.
+    own = cfg.search.model_copy(update={"study_name": f"{cfg.name}-search-{key[:8]}"})
+    cfg = cfg.model_copy(update={"search": own})
     start = time.perf_counter()
     base, members = cell_members(cfg, store, data)
     uris = [u for _, u in members]
@@ -151,8 +234,12 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
         tick = time.perf_counter()  # 1. validation: every choice is made here
         scorer: Scorer | None = Scorer(whole, base_dir, dirs)
         assert scorer is not None
-        val = {name: scorer.logits(r) for name, (kind, r) in recipes.items()
-               if kind in VALIDATION_KINDS and name not in SAME}
+        val = {name: scorer.logits(r) for name, (kind, r) in recipes.items() if kind == "member"}
+        earlier = earlier_models(study, arm, fold, store, key, [val[f"member:{i}"] for i in range(len(uris))])
+        for name, (kind, r) in recipes.items():
+            if kind in VALIDATION_KINDS and name not in SAME and name not in val:
+                val[name] = earlier[name][0]["validation"] if "validation" in earlier.get(name, ({}, "", {}))[0] \
+                    else scorer.logits(r)
         member_f1 = [classification_summary(val[f"member:{i}"], labels["validation"]) for i in range(len(uris))]
         order = [int(i) for i in greedy_order([(str(i), f["macro_f1"], f["nll"]) for i, f in enumerate(member_f1)])]
 
@@ -164,25 +251,40 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
             soups[tuple(weights)] = logits
             return classification_summary(logits, labels["validation"])["macro_f1"]
 
-        weights, history, top = [1.0] * len(uris), [], None
+        weights, history = [1.0] * len(uris), []
         if not arm.reference:
             weights, _, history = greedy_weights(order, soup_f1, len(uris))
             recipes["greedy"] = ("merge", MergeConfig(method="linear", weights=weights, normalize=True))
             val["greedy"] = soups[tuple(weights)]
         seconds["validation_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
+        picks: dict[str, Choice] = {}
         if not arm.reference:
-            search.run(cfg, uris, base, parent_run_id=cell.id, store=store)
-            top, searched, _, _ = best_recipe(cfg)
-            recipes["searched"] = ("searched", searched)
-            val["searched"] = scorer.logits(searched)
+            result = search.run(cfg, uris, base, parent_run_id=cell.id, store=store)
+            picks = policy_choices(cfg, result.study_name, labels["validation"], [val[f"member:{i}"]
+                                                                                  for i in range(len(uris))], cell)
+            for name, pick in picks.items():  # one validation scoring per distinct trial
+                recipes[name] = ("searched" if name == "searched" else "policy", pick.recipe)
+                same = next((n for n, p in picks.items() if n in val and p.number == pick.number), None)
+                val[name] = val[same] if same else scorer.logits(pick.recipe)
         seconds["search_s"] = time.perf_counter() - tick
         scorer = None
         gc.collect()
 
         tick = time.perf_counter()  # 2. test: read once, after every choice
         scorer = Scorer(whole, base_dir, dirs, reviews=(data.test["text"].tolist(), labels["test"]))
-        test = {name: scorer.logits(r) for name, (_, r) in recipes.items() if name not in SAME}
+        test: dict[str, np.ndarray] = {}
+        for name, (_, r) in recipes.items():
+            same = next((n for n, p in picks.items() if n in test and name in picks
+                         and p.number == picks[name].number), None)
+            if name in SAME:
+                continue
+            if same:
+                test[name] = test[same]
+            elif name in earlier and (name != "greedy" or earlier[name][2].get("weights") == json.dumps(weights)):
+                test[name] = earlier[name][0]["test"]
+            else:
+                test[name] = scorer.logits(r)
         scorer = None
         for name, same in SAME.items():
             if same in test:
@@ -212,11 +314,15 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
             elif recipe is not None:
                 params.update(method=recipe.method, weights=json.dumps(recipe.weights), density=recipe.density,
                               lambda_=recipe.lambda_, seed=recipe.seed)
-            if kind == "searched" and top is not None:
-                params.update(trial=top.number, groups=json.dumps([g.model_dump(mode="json") for g in
-                                                                   recipe.groups or []]))
+            if name in picks:
+                pick = picks[name]
+                params.update(trial=pick.number, policy=pick.policy, chosen_on=pick.chosen_on,
+                              groups=json.dumps([g.model_dump(mode="json") for g in recipe.groups or []]))
             if name in SAME:
                 params["scored_as"] = SAME[name]
+            if name in earlier and name not in picks and kind not in ("ensemble", "majority", "tfidf") and (
+                    name != "greedy" or earlier[name][2].get("weights") == json.dumps(weights)):
+                params["reused_from"] = earlier[name][1]  # the earlier cell's run: same members, same logits
             metrics = {f"val_{m}": x for m, x in classification_summary(val[name], labels["validation"]).items()
                        } if name in val else {}
             metrics.update({f"test_{m}": x for m, x in score(test[name], labels["test"], data.label_names,

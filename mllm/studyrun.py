@@ -11,6 +11,7 @@ starts again, reusing its registered members and continuing its Optuna study.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def write_report(study: StudyConfig, config_path: str) -> Path:
         when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         text = render(study, config_path, cells, summaries, wall, figures, run_.id, code, when)
         run_.text(text, "RESULTS.md")
-        run_.metrics({f"{s.arm.name}_{w.split()[-1].replace('-', '_')}_diff": c.point
+        run_.metrics({f"{s.arm.name}_{re.sub(r'[^a-z0-9]+', '_', w.removeprefix('the ')).strip('_')}_diff": c.point
                       for s in summaries for w, c, _, _ in s.comparisons})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")

@@ -211,3 +211,29 @@ def test_concurrent_promoters_leave_champion_on_the_better_model(trained, tmp_pa
     assert outcomes[v2][1].promote
     # Whoever went first, the other compared itself with the model that was champion at that moment.
     assert outcomes[v3][0] in (v1, v2) and outcomes[v3][1].promote == (outcomes[v3][0] == v1)
+
+
+@pytest.mark.slow
+def test_a_single_member_recipe_is_refused_at_the_gate_in_one_line(trained, tmp_path, capsys) -> None:
+    from mllm import promote, search
+
+    cfg, ft = trained
+    cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={
+        "study_name": "single", "n_trials": 1, "enqueue": False, "nll_guard": None})})
+    members = [m.model_uri for m in sorted(ft.members, key=lambda m: m.name) if m.name != "full"]
+    search.run(cfg, members, ft.base_uri, create_only=True)
+    study(cfg).enqueue_trial({"method": "linear", "weight_0": 0.0, "weight_1": 1.0, "weight_2": 0.0})
+    result = search.run(cfg, members, ft.base_uri)
+    assert result.chosen.number == 0 and result.chosen.recipe.weights == [0.0, 1.0, 0.0]
+    store = Store(cfg)
+    before = len(store.find_versions(store.model_name("merged"), {}))
+    capsys.readouterr()
+    out = promote.run(cfg, store=store)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("promote:")]
+    assert lines == [f"promote: refused: the searched recipe (trial 0) puts all its weight on {members[1]}: "
+                     "promote the member itself"]
+    assert out.model_uri is None and not out.decision.promote and members[1] in out.decision.reason
+    assert len(store.find_versions(store.model_name("merged"), {})) == before  # nothing materialised or registered
+    run = store.client.get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mllm.single_member"] == members[1]
+    assert "promote the member itself" in run.data.tags["mllm.promotion"]

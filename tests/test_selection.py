@@ -83,7 +83,8 @@ def test_gate_decides_on_validation_predictions_with_one_sided_bounds() -> None:
     good, bad = noisy(LABELS, 0.9, 8), noisy(LABELS, 0.5, 9)
     first = decide(LABELS, good, ("models:/m/1", bad), None, 3, cfg)
     assert first.promote and first.reason.startswith("no champion yet; non-inferior to the best member")
-    assert first.figures["split"] == "validation" and first.figures["p_non_inferior"] >= 1 / 10_001
+    assert first.figures["split"] == "holdout" and first.figures["p_non_inferior"] >= 1 / 10_001
+    assert 0 <= first.figures["power_vs_best_member"] <= 1 and "passes with power" in first.reason
     worse = decide(LABELS, bad, ("models:/m/1", good), None, 3, cfg)
     assert not worse.promote and worse.reason.startswith("not shown non-inferior to the best member")
     assert "0.000" not in worse.reason.split("p=")[-1][:5]
@@ -103,7 +104,10 @@ def test_gate_decides_on_validation_predictions_with_one_sided_bounds() -> None:
     ("promote.alpha=0", "promote.alpha"), ("promote.alpha=1", "promote.alpha"),
     ("promote.non_inferiority_margin=-0.1", "promote.non_inferiority_margin"),
     ("promote.bootstrap_samples=1000", "promote.bootstrap_samples"), ("promote.split=selection", "selection_fraction"),
-    ("evaluate.tfidf_c=[0]", "evaluate.tfidf_c"),
+    ("evaluate.tfidf_c=[0]", "evaluate.tfidf_c"), ("promote.split=validation", "promote.allow_search_split"),
+    ("search.crossfit_fraction=0", "search.crossfit_fraction"),
+    ("search.crossfit_fraction=1", "search.crossfit_fraction"),
+    ("search.crossfit_fraction=1.5", "search.crossfit_fraction"), ("search.se_multiplier=-0.5", "search.se_multiplier"),
 ])
 def test_config_refuses_test_as_a_deciding_split_and_bad_gate_values(override: str, needle: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -138,22 +138,45 @@ def test_only_the_final_evaluation_reads_test_and_promotion_used_validation(pipe
     promote_run = store.find_runs({"mllm.stage": "promote"})[0]
     test_runs = store.find_runs({"mllm.stage": "evaluation", "mllm.split": "test"})
     assert test_runs and min(r.info.start_time for r in test_runs) >= promote_run.info.end_time
-    # The decision is tagged with the validation figures it used, and they are the validation evaluations'.
+    # The decision is tagged with the figures it used: the held-out validation rows, which the search never
+    # optimised (its objective read the other rows), recomputed here from the validation evaluations' predictions.
+    from mllm.choice import split_rows
+    from mllm.data import load_splits
+    from mllm.metrics import macro_f1
+
     version = store.resolve(promote_run.data.tags["mllm.model_uri"])[1]
-    assert version.tags["promotion_split"] == "validation" and version.tags["promotion_outcome"] == "became champion"
-    val = {r.data.tags["mllm.model_uri"]: r.data.metrics["macro_f1"]
-           for r in store.find_runs({"mllm.stage": "evaluation", "mllm.split": "validation"})}
+    assert version.tags["promotion_split"] == "holdout" and version.tags["promotion_outcome"] == "became champion"
+    labels = load_splits(cfg.data).validation["label"].to_numpy()
+    searched_rows, held = split_rows(labels, cfg.search.crossfit_fraction, cfg.search.seed)
+    assert int(version.tags["promotion_rows"]) == len(held) and len(np.intersect1d(searched_rows, held)) == 0
+    names = load_splits(cfg.data).label_names
+    val = {}
+    for r in store.find_runs({"mllm.stage": "evaluation", "mllm.split": "validation"}):
+        frame = pd.read_csv(store.run_artifact(r.info.run_id, "predictions.csv", tmp / "val" / r.info.run_id),
+                            keep_default_na=False)
+        val.setdefault(r.data.tags["mllm.model_uri"], frame["predicted"].map(names.index).to_numpy())
     challenger = promote_run.data.tags["mllm.model_uri"]
-    assert float(version.tags["promotion_challenger_macro_f1"]) == pytest.approx(val[challenger])
+    assert float(version.tags["promotion_challenger_macro_f1"]) == pytest.approx(
+        macro_f1(labels[held], val[challenger][held], 3), abs=1e-6)
     best = version.tags["promotion_best_member"]
-    assert float(version.tags["promotion_best_member_macro_f1"]) == pytest.approx(val[best])
+    assert float(version.tags["promotion_best_member_macro_f1"]) == pytest.approx(
+        macro_f1(labels[held], val[best][held], 3), abs=1e-6)
     assert float(version.tags["promotion_p_non_inferior"]) >= 1 / 10_001  # never 0
-    assert "promotion gate (validation): became champion" in result.report_markdown
+    assert 0 <= float(version.tags["promotion_power_vs_best_member"]) <= 1
+    assert version.tags["choice"] == cfg.search.choice and "search_optimism" in version.tags
+    assert "promotion gate (holdout): became champion" in result.report_markdown
     # The report carries every baseline a reviewer asks for, and says what the numbers allow.
     for needle in ("| majority | majority |", "| tfidf |", "| full |", "uniform soup", "greedy soup", "| ensemble |",
                    "Holm-adjusted", "## What the numbers allow", "Merge vs the best member", "Merge vs the logit "
-                   "ensemble", "Merge vs the bigger model: not answered"):
+                   "ensemble", "Merge vs the bigger model: not answered", "| validation − test |",
+                   "Optimism (validation − test macro-F1 of what a choice picked"):
         assert needle in result.report_markdown, needle
+    # The optimism column is each chosen row's validation minus test macro-F1.
+    test_f1 = {r.data.tags["mllm.model_uri"]: r.data.metrics["macro_f1"]
+               for r in store.find_runs({"mllm.stage": "evaluation", "mllm.split": "test"})}
+    line = next(x for x in result.report_markdown.splitlines() if x.startswith(f"| {challenger} |"))
+    recorded = float(store.resolve(challenger)[1].tags["val_macro_f1"])
+    assert f"{recorded - test_f1[challenger]:+.4f}" in line.split("|")[11]
     assert "p=0.000" not in result.report_markdown
 
 

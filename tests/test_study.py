@@ -105,6 +105,47 @@ def test_fold_bootstrap_resamples_within_folds_and_pairs_the_models() -> None:
     assert reading(same, 0.05, 1.0) == "no significant difference; equivalent within +-0.05"
 
 
+def _shifted(y: np.ndarray, wrong: float, seed: int) -> np.ndarray:
+    """Predictions with a `wrong` share of errors (a fixed model: the same array in every resample)."""
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(len(y)) < wrong, (y + 1) % 3, y)
+
+
+def test_equivalent_only_where_the_training_variance_interval_fits_the_margin() -> None:
+    rng = np.random.default_rng(3)
+    labels = [rng.integers(0, 3, 3000) for _ in range(3)]
+    base = [_shifted(y, 0.3, 10 + f) for f, y in enumerate(labels)]
+    # The merge swings from fold to fold (+-0.07 accuracy: a new fine-tuning each fold) but averages to ~0: the
+    # review-only interval is narrow and inside +-0.05, the interval with training variance is not.
+    swing = [_shifted(y, w, 20 + f) for f, (y, w) in enumerate(zip(labels, (0.23, 0.37, 0.3), strict=True))]
+    c = compare(labels, swing, base, 3, 2000)
+    assert abs(c.point) < 0.02 and -0.05 < c.boot_ci90[0] and c.boot_ci90[1] < 0.05  # reviews alone: equivalent
+    assert c.hier_ci90[0] < -0.05 or c.hier_ci90[1] > 0.05  # training variance counted: not shown
+    assert c.train_ci90[0] <= c.hier_ci90[0] and c.train_ci90[1] >= c.hier_ci90[1]  # the hull of both intervals
+    assert "equivalent" not in reading(c, 0.05, c.p_train)
+    assert c.mde > 2.8 * c.se  # the MDE counts training variance too
+    # Steady folds: both intervals fit and the reading says equivalent.
+    steady = [_shifted(y, 0.3, 30 + f) for f, y in enumerate(labels)]
+    e = compare(labels, steady, base, 3, 2000, test_train=0.65)
+    assert "equivalent within +-0.05" in reading(e, 0.05, e.p_train)
+    # The corrected t (Nadeau & Bengio): variance (1/J + n_test/n_train) s^2 over J folds, J - 1 df.
+    from scipy import stats
+
+    d = np.array(e.per_fold)
+    half = stats.t.ppf(0.975, 2) * np.sqrt((1 / 3 + 0.65) * d.var(ddof=1))
+    assert e.nb_ci == pytest.approx((d.mean() - half, d.mean() + half))
+    # A reference trained at several seeds: the seeds' spread widens the interval; its point is the seeds' mean.
+    seeds = [[_shifted(y, w, 40 + f) for w in (0.22, 0.3, 0.38)] for f, y in enumerate(labels)]
+    one = compare(labels, steady, [s[1] for s in seeds], 3, 2000)
+    many = compare(labels, steady, seeds, 3, 2000)
+    width = lambda x: x.hier_ci[1] - x.hier_ci[0]  # noqa: E731
+    assert width(many) > 1.5 * width(one)
+    from mllm.metrics import macro_f1
+
+    assert many.per_fold[0] == pytest.approx(macro_f1(labels[0], steady[0], 3)
+                                             - np.mean([macro_f1(labels[0], p, 3) for p in seeds[0]]))
+
+
 # --- end to end -----------------------------------------------------------------------------------------------
 
 
@@ -152,8 +193,12 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
     assert "## Arm `ref`" not in text and "reference arm" in text
     for heading in ("## Summary", "## Protocol", "## Arm `soup`", "## Arm `shards`", "## Wall time",
                     "## Appendix: run ids", "searched merge minus the best member", "full-data member",
-                    "bigger model", "DARE-TIES (mean of 2 mask seeds)", "The cross-domain part did not run"):
-        assert heading in text
+                    "bigger model", "DARE-TIES (mean of 2 mask seeds)", "The cross-domain part did not run",
+                    "searched merge minus the uniform soup", "searched merge minus the greedy soup",
+                    "the full-data member (seeds)", "95% training variance", "95% reviews only",
+                    "Optimism of what was chosen on validation", "## How the searched merge is chosen (no test read)",
+                    "| best-all |", "| crossfit |", "| one_se |", "| uniform soup |", "searched: best-all"):
+        assert heading in text, heading
     assert (out.parent / "results" / "tiny-study-soup.png").stat().st_size > 1000
     appendix = text[text.index("## Appendix"):]
     ids_listed = set(re.findall(r"`([0-9a-f]{32})`", appendix))
@@ -167,6 +212,18 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
                                   f"'{soup0.info.run_id}'")[0]
     line = next(x for x in text.splitlines() if x.startswith("| searched merge |"))
     assert f"{searched.data.metrics['test_macro_f1']:.4f}" == line.split("|")[2].strip()
+    assert searched.data.params["policy"] == "crossfit" and searched.data.params["chosen_on"] == "held-out rows"
+    # Its optimism row is validation minus test of the same runs (fold 0 is the first fold column).
+    soup = text[text.index("## Arm `soup`"):text.index("## Arm `shards`")]
+    row = next(x for x in soup.splitlines() if x.startswith("| searched merge | ") and "+" in x.split("|")[2])
+    m = searched.data.metrics
+    assert row.split("|")[2].strip() == f"{m['val_macro_f1'] - m['test_macro_f1']:+.4f}"
+    # The cell kept every complete trial's per-review validation scores, from which the policy table is made.
+    import json as _json
+
+    kept = _json.loads(Path(client.download_artifacts(soup0.info.run_id, "trials.json", str(tmp_path))).read_text())
+    assert len(kept["trials"]) >= 1 and len(kept["trials"][0]["pred"]) == len(kept["labels"])
+    assert not set(kept["search_rows"]) & set(kept["holdout_rows"])
 
     # The light store (databases and small artifacts, no weights) rebuilds the same report in another directory,
     # with the original store gone, and the study resumes there without recomputing anything.
@@ -201,3 +258,25 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
         return doc[doc.index("## Arm `soup`"):doc.index("## Wall time")]
 
     assert tables(again) == tables(text)
+
+    # A rerun of the choice (another key: more trials) retrains the members the light store has no weights for,
+    # finds them equal to the finished cell's, takes its fixed models over instead of scoring them again, and says
+    # where they came from.
+    rerun = write_study(elsewhere, trials=4)
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(rerun), "--arm", "soup",
+                           "--fold", "0", "--no-report"], capture_output=True, text=True, cwd=elsewhere)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "its fixed models are taken over" in done.stdout
+    new_cell = relocated.search_runs([soup0.info.experiment_id], "tags.`mllm.stage` = 'study-cell'",
+                                     order_by=["attributes.start_time DESC"])[0]
+    assert new_cell.info.run_id != soup0.info.run_id and new_cell.data.params["trials"] == "4"
+
+    def child(cell_id: str, name: str):
+        return relocated.search_runs([soup0.info.experiment_id], f"tags.mllm.study_model = '{name}' and "
+                                     f"tags.mlflow.parentRunId = '{cell_id}'")[0]
+
+    for name in ("uniform", "ties", "member:1", "dare_ties:0"):
+        old, new = child(soup0.info.run_id, name), child(new_cell.info.run_id, name)
+        assert new.data.params["reused_from"] == old.info.run_id, name
+        assert new.data.metrics["test_macro_f1"] == old.data.metrics["test_macro_f1"]
+    assert "reused_from" not in child(new_cell.info.run_id, "searched").data.params

@@ -11,33 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from mllm.config.base import LabelKind, LabelScheme, MergeMethod, PresetName, Section, refuse_test
+from mllm.config.choosing import PromoteConfig, SearchConfig
 from mllm.presets import PRESETS
 
-LabelKind = Literal["rating10", "stars5", "sentiment"]
-LabelScheme = Literal["rating10", "sentiment3", "stars5"]
-PresetName = Literal[
-    "drugscom-sample", "drugscom", "druglib", "lewtun/drug-reviews", "yelp_review_full", "app_reviews"
-]
-# mergekit's own method names (mergekit/merge_methods/registry.py).
-MergeMethod = Literal[
-    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear", "slerp", "nuslerp", "karcher", "model_stock", "sce",
-]
-
-def refuse_test(split: Any, fix: str) -> Any:
-    """A split that takes a decision (search objective, promotion gate) may be anything but test."""
-    if split == "test":
-        raise ValueError(f"the test split decides nothing (only the final evaluation reads it); {fix}")
-    return split
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys, NaN and infinity are refused; values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True)
-
+__all__ = ["DataConfig", "DatasetConfig", "EvaluateConfig", "ExperimentConfig", "FinetuneConfig", "GroupRecipe",
+           "LabelKind", "LabelScheme", "MergeConfig", "MergeMethod", "ModelConfig", "PresetName", "PromoteConfig",
+           "SearchConfig", "Section", "SentimentCuts", "TrackingConfig", "refuse_test"]
 
 class DatasetConfig(Section):
     """One data source, normalised to (text, label) rows."""
@@ -278,79 +260,12 @@ class EvaluateConfig(Section):
     seed: int = Field(0, description="Seed of the bootstrap resampling.")
 
 
-class SearchConfig(Section):
-    """The Optuna study over merge recipes (scored on the validation split only)."""
-
-    n_trials: int = Field(10, ge=1, le=100_000, description="Finished (complete or pruned) trials the study "
-                          "should have; a rerun continues it up to this number.")
-    methods: list[MergeMethod] = Field(
-        default_factory=lambda: ["linear", "ties", "dare_ties", "dare_linear"], min_length=1
-    )
-    sampler: Literal["tpe", "cmaes", "random", "nsgaii"] = Field("tpe")
-    objective_split: Literal["validation", "test"] = Field("validation", description="Must be validation.")
-    second_objective: Literal["none", "worst_class_f1", "density"] = Field("none")
-    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL shared by all workers.")
-    study_name: str | None = Field(None, description="Default: <experiment>-search.")
-    workers: int = Field(1, ge=1, le=256, description="Local worker processes.")
-    timeout_s: float | None = Field(None, gt=0)
-    prune: bool = Field(True, description="Score growing validation subsets and prune hopeless trials (a pruning "
-                        "decision never reads fewer than prune_min_rows reviews; off when validation is smaller).")
-    prune_min_rows: int = Field(100, ge=1, description="Fewest validation reviews a pruning decision may read.")
-    startup_trials: int | None = Field(None, ge=0, description="TPE/CMA-ES random start-up trials (None: "
-                                       "n_trials // 4, at least 4); enqueued trials count toward them.")
-    max_lambda: float | None = Field(None, gt=0, description="Upper end of lambda (None: K, the number of members: "
-                                     "lambda K with equal weights is the sum of the task vectors).")
-    zero_below: float = Field(0.05, ge=0, lt=1, description="A suggested weight below this is 0 (the member is "
-                              "left out), so single members and subsets are in the space.")
-    layer_groups: int = Field(0, ge=0, le=64, description="0: one weight per member. N: the trained transformer "
-                              "blocks in N contiguous groups plus embeddings and head (when trained), each with "
-                              "its own weight per member and density (CMA-ES suits more than about 10 dimensions).")
-    mask_seeds: int = Field(3, ge=1, le=32, description="Random-mask methods (DARE, DELLA) are scored over this "
-                            "many mask seeds: the objective is the mean; the recipe keeps the seed nearest it.")
-    enqueue: bool = Field(True, description="Start a new study from the standard merges (equal weights, "
-                          "merge.density / merge.lambda) and the greedy soup, if registered.")
-    heartbeat_s: int = Field(10, ge=1, le=3600, description="Workers' heartbeat interval (seconds).")
-    grace_s: int = Field(30, ge=2, le=86400, description="A trial without a heartbeat for this long is retried.")
-    seed: int = Field(0)
-
-    @field_validator("objective_split")
-    @classmethod
-    def _no_test(cls, v: str) -> str:
-        return refuse_test(v, "set search.objective_split=validation")
-
-    @model_validator(mode="after")
-    def _objectives(self) -> SearchConfig:
-        if (self.sampler == "nsgaii") != (self.second_objective != "none"):
-            raise ValueError("sampler nsgaii goes with a second_objective (worst_class_f1 or density), "
-                             "and a second_objective needs sampler nsgaii")
-        return self
-
-
 class TrackingConfig(Section):
     """Where runs, metrics, artifacts and registered models live."""
 
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     registry_uri: str | None = Field(None, description="Model registry URI (default: the tracking URI).")
     artifact_location: str | None = Field(None, description="Artifact root for a new experiment (s3://...).")
-
-
-class PromoteConfig(Section):
-    """The champion gate: decided on validation (or a selection split), never on test."""
-
-    split: Literal["validation", "selection"] = Field("validation", description="The split the gate decides on: "
-                                                     "validation, or selection (data.selection_fraction > 0).")
-    margin: float = Field(0.0, ge=0, lt=1, description="The one-sided lower confidence bound of the macro-F1 gain "
-                          "over the current champion must exceed this.")
-    non_inferiority_margin: float = Field(0.05, ge=0, lt=1, description="The one-sided lower confidence bound of the "
-                                          "macro-F1 difference to the best member must exceed minus this.")
-    alpha: float = Field(0.05, gt=0, lt=1, description="One-sided level of both bounds.")
-    bootstrap_samples: int = Field(10_000, ge=10_000, le=1_000_000, description="Paired bootstrap resamples of a "
-                                   "decision (at least 10,000).")
-
-    @field_validator("split", mode="before")
-    @classmethod
-    def _no_test(cls, v: Any) -> Any:
-        return refuse_test(v, "use validation, or selection with data.selection_fraction > 0")
 
 
 class ExperimentConfig(Section):
@@ -388,7 +303,11 @@ class ExperimentConfig(Section):
     def _selection_split(self) -> ExperimentConfig:
         if self.promote.split == "selection" and self.data.selection_fraction <= 0:
             raise ValueError("promote.split=selection needs a selection split; set data.selection_fraction "
-                             "(e.g. 0.15) or promote.split=validation")
+                             "(e.g. 0.15) or promote.split=holdout")
+        if self.promote.split == "validation" and not self.promote.allow_search_split:
+            raise ValueError("promote.split=validation holds the rows the search optimised, so the gate would read "
+                             "its own optimism; use promote.split=holdout (or selection), or set "
+                             "promote.allow_search_split=true to accept that")
         return self
 
     def to_dict(self) -> dict[str, Any]:
