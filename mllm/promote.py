@@ -1,19 +1,22 @@
-"""`mllm promote`: materialise the search's best recipe with mergekit, and let the gate decide on validation
-whether it becomes `champion`.
+"""`mllm promote`: materialise the search's chosen recipe with mergekit, and let the gate decide, on validation rows
+the search never optimised, whether it becomes `champion`.
 
-    mllm promote -c configs/tiny.yaml                 # the best trial of <experiment>-search
+    mllm promote -c configs/tiny.yaml                 # the chosen trial of <experiment>-search (search.choice)
     mllm promote --study-name drugs-1 --storage postgresql+psycopg2://...
 
-The best trial's recipe (validation macro-F1) is merged by mergekit's `run_merge` (the same maths the
-in-memory trial used; tests hold them equal), registered as a version of `<experiment>-merged` tagged with its
-study and trial, and gets alias `challenger`. The gate reads `promote.split` (validation, or a selection split
-carved from train), never test, with paired bootstrap tests (`promote.bootstrap_samples`, at least 10,000):
+The chosen trial (`mllm.choice`: by default the best of the top trials re-scored on the held-out half) is merged by
+mergekit's `run_merge` (the same maths the in-memory trial used; tests hold them equal), registered as a version
+of `<experiment>-merged` tagged with its study, trial and policy, and gets alias `challenger`. A recipe with all
+its weight on one member is refused before that, in one line naming the member. The gate reads `promote.split`
+(holdout: the validation rows the search's objective never read; or a selection split carved from train), never
+test, with paired bootstrap tests (`promote.bootstrap_samples`, at least 10,000):
 1. non-inferiority to the best member (chosen by validation, `mllm.selection`): the one-sided (1 - alpha) lower
    confidence bound of (challenger - best member) macro-F1 must exceed -`promote.non_inferiority_margin`;
 2. with a champion, superiority: the lower bound of (challenger - champion) must exceed `promote.margin`.
-A challenger that fails stays `challenger`; the reason is printed, tagged on the version (with the figures the
-decision used) and written into its description. Only then is the challenger scored on test, for the report
-(the pipeline leaves that to its final evaluation).
+Each states its power (a challenger exactly as good passes with it). A challenger that fails stays `challenger`;
+the reason is printed, tagged on the version (with the figures the decision used) and written into its
+description. Only then is the challenger scored on test, for the report (the pipeline leaves that to its final
+evaluation).
 
 Alias updates are last-writer-wins, so the read-compare-move runs under a lock held in the search storage
 database (`mllm.locks`): two promoters at once are serialised, and the second compares itself with the

@@ -5,17 +5,20 @@
     mllm search --storage postgresql+psycopg2://u:pw@db/optuna --study-name drugs-1   # one worker per machine
 
 Trials choose the method (`search.methods`), one weight per member, and the density / lambda the method
-reads; the objective is macro-F1 on the validation split (the test split is never scored here, and config
-validation refuses it as an objective). A trial merges in memory (`mllm.fastmerge`: members loaded once per
+reads; the objective is macro-F1 on the search part of the validation split (`search.crossfit_fraction`); the
+rest is scored too but never read by the sampler or pruner, and `mllm.choice` picks the searched merge from every
+trial's per-review scores (`search.choice`). The test split is never scored here, and config validation refuses
+it as an objective. A trial merges in memory (`mllm.fastmerge`: members loaded once per
 worker, on the GPU when there is one), evaluates pre-tokenised, length-sorted validation batches (bf16 on
 CUDA), and with `search.prune` scores growing validation subsets (1/4, 1/2, all) so the median pruner can
 stop hopeless trials early. The study lives in an Optuna RDB storage: workers on any machine join it, the
 schema is created once before they start, heartbeats mark a killed worker's trial stale and it is retried
 with the same parameters, and rerunning a study continues it up to `search.n_trials` finished trials.
 
-MLflow: one parent run per study invocation (tags `best_trial`, `best_value`, the recipe as
-`best_recipe.json`, Optuna's figures), one nested run per trial (parameters, metrics per step, state).
-Weights are never stored per trial: `mllm promote` materialises the best recipe with mergekit.
+MLflow: one parent run per study invocation (tags `best_trial`, `best_value`, `chosen_trial`, `chosen_policy`,
+the chosen recipe as `chosen_recipe.json`, its optimism, Optuna's figures), one nested run per trial (parameters,
+metrics per step, held-out macro-F1, state). Weights are never stored per trial: `mllm promote` materialises the
+chosen recipe with mergekit.
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ def best(study: Any) -> Any | None:
 def reference_nll(store: Store, members: list[str]) -> float | None:
     """The validation NLL of the best member (mllm.selection's rule), as recorded on its registered version: the
     NLL guard's reference."""
-    tags = {m: (store.resolve(m)[1].tags if store.resolve(m)[1] is not None else {}) for m in members}
+    versions = {m: store.resolve(m)[1] for m in members}
+    tags = {m: dict(v.tags) if v is not None else {} for m, v in versions.items()}
 
     def value(m: str, key: str) -> float | None:
         return float(tags[m][key]) if tags[m].get(key) else None
