@@ -56,7 +56,9 @@ class Cell:
 
 
 def collect(study: StudyConfig) -> dict[tuple[str, int], Cell]:
-    """Every finished cell of the study, with its model runs' metrics and test logits."""
+    """Every finished cell of the study (the newest per arm and fold), with its model runs' metrics and test logits.
+    Once some cell's search kept its per-review trial scores (search.choice), cells of the older protocol, whose
+    searched merge was the best validation trial, are left out rather than mixed into the same rows."""
     cells: dict[tuple[str, int], Cell] = {}
     for arm in study.arms:
         for fold in range(study.folds):
@@ -95,6 +97,9 @@ def collect(study: StudyConfig) -> dict[tuple[str, int], Cell]:
                 arm.name, fold, cell.info.run_id, cfg.name, {k: v for k, v in m.items() if k.endswith("_s")},
                 {s: int(cell.data.params.get(f"{s}_rows", 0)) for s in ("train", "validation", "test")},
                 labels, models, trials)
+    if any(c.trials for c in cells.values()):  # one protocol per report: cells run before search.choice are out
+        for key in [k for k, c in cells.items() if c.trials is None and not study.arm(k[0]).reference]:
+            del cells[key]
     return cells
 
 
@@ -154,6 +159,15 @@ def best_member(cell: Cell) -> Model:
     return members[top]
 
 
+def policies_of(cell: Cell) -> dict[str, Model]:
+    """policy -> the model it chose in this cell: the cell's searched merge under its policy at run time, and the
+    other policies' choices over the same trials ("policy:<name>")."""
+    searched = cell.models["searched"]
+    out = {searched.params.get("policy", "best-all"): searched}
+    out.update({n.split(":", 1)[1]: m for n, m in cell.models.items() if n.startswith("policy:")})
+    return out
+
+
 def summarise(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell]) -> ArmSummary:
     folds = [f for f in range(study.folds) if (arm.name, f) in cells]
     if not folds:
@@ -193,14 +207,15 @@ def summarise(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell]) 
         found = [[m for k, m in c.models.items() if k.startswith(f"{method}:")] for c in mine]
         rows.append(Row(f"{label} (mean of {len(found[0])} mask seeds)", [_mean(x, spread=True) for x in found],
                         "spread: sd over mask seeds"))
-    policy = mine[0].models["searched"].params.get("policy", "best-all")
-    rows.append(Row("searched merge", [_value(c.models["searched"]) for c in mine],
+    choice = cell_config(study, arm, folds[0]).search.choice
+    by_policy = [policies_of(c) for c in mine]
+    policy = choice if all(choice in p for p in by_policy) else mine[0].models["searched"].params.get("policy",
+                                                                                                    "best-all")
+    rows.append(Row("searched merge", [_value(p[policy]) for p in by_policy],
                     f"the search's choice ({policy}) among {study.trials} trials, validation only"))
-    policies = sorted({n for c in mine for n in c.models if n.startswith("policy:")})
-    for name in policies:
-        if all(name in c.models for c in mine):
-            rows.append(Row(f"searched: {name.split(':', 1)[1]}", [_value(c.models[name]) for c in mine],
-                            "another choice policy over the same trials (mllm.choice)"))
+    for name in sorted(set.intersection(*(set(p) for p in by_policy)) - {policy}):
+        rows.append(Row(f"searched: {name}", [_value(p[name]) for p in by_policy],
+                        "another choice policy over the same trials (mllm.choice)"))
     if arm.bigger:
         rows.append(Row("bigger model", other(arm.bigger, "bigger model"),
                         f"the {arm.bigger} arm's seed members, each fine-tuned once on the same rows; mean of seeds"))

@@ -159,7 +159,8 @@ def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Ce
              *([] if len(cells) == len(study.arms) * study.folds else [
                  f"**Partial study: {len(cells)} of {len(study.arms) * study.folds} cells finished** (folds "
                  f"{', '.join(str(f) for f in sorted({f for _, f in cells}))} of {study.folds}); every figure below "
-                 "covers the finished cells only, and the study resumes where it stopped.", ""]),
+                 "covers the finished cells only (cells of an earlier protocol, whose search kept no per-review "
+                 "trial scores, are left out), and the study resumes where it stopped.", ""]),
              "## Summary", "", *summary_lines(summaries), "",
              "## Protocol", "",
              f"- **Data**: {', '.join(d.name for d in data.datasets)}, labels `{data.label_scheme}`, "

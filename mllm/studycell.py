@@ -93,11 +93,14 @@ def cell_members(cfg: ExperimentConfig, store: Store, data: SplitData) -> tuple[
 
 def cell_key(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, fingerprint: str) -> str:
     """A finished cell with this key is reused: the arm's config (which determines its members), the data and the
-    study settings that change a cell's figures; not where the store lies, so an imported light store resumes."""
+    study settings that change a cell's figures; not where the store lies, so an imported light store resumes, and
+    not search.choice: a cell scores every policy's choice, and which one the report calls the searched merge is
+    read when the report is written."""
     where_free = cfg.to_dict()
     where_free.pop("output_dir")
     where_free.pop("tracking")
     where_free["search"].pop("storage")
+    where_free["search"].pop("choice")
     return short_hash([where_free, fingerprint, study.trials, study.mask_seeds, arm.name, arm.reference], 20)
 
 

@@ -280,3 +280,14 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
         assert new.data.params["reused_from"] == old.info.run_id, name
         assert new.data.metrics["test_macro_f1"] == old.data.metrics["test_macro_f1"]
     assert "reused_from" not in child(new_cell.info.run_id, "searched").data.params
+
+    # Which policy the report calls the searched merge is read when it is written (every cell scores them all):
+    # another search.choice reuses every cell and heads the table with that policy's choices.
+    base_set = ["data.max_rows=120", "finetune.members=2", "evaluate.bootstrap_samples=100"]
+    other = write_study(elsewhere, set=[*base_set, "search.choice=one_se"])
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(other)], capture_output=True,
+                          text=True, cwd=elsewhere)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count(", reused") == 6 and "trials finished" not in done.stdout  # nothing searched again
+    text = (elsewhere / "docs" / "RESULTS.md").read_text()
+    assert "the search's choice (one_se)" in text and "| searched: crossfit |" in text
