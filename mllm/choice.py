@@ -126,7 +126,7 @@ def bootstrap_se(labels: np.ndarray, pred: np.ndarray, k: int, samples: int = 20
 
 
 def choose(candidates: Sequence[Candidate], labels: np.ndarray, search: np.ndarray, holdout: np.ndarray, k: int,
-           policy: str = "crossfit", top_k: int = 5, se_multiplier: float = 1.0, nll_guard: float | None = None,
+           policy: str = "best", top_k: int = 5, se_multiplier: float = 1.0, nll_guard: float | None = None,
            reference_nll: float | None = None, seed: int = 0) -> Choice:
     """Apply `policy` to the candidates (module docstring). Ties keep the earlier trial."""
     if policy not in POLICIES:

@@ -46,9 +46,10 @@ class SearchConfig(Section):
                                      "sampler or the pruner, it chooses among the top trials (choice=crossfit) and is "
                                      "the promotion gate's split (promote.split=holdout).")
     choice: Literal["best", "crossfit", "one_se", "nll"] = Field(
-        "crossfit", description="How the searched merge is chosen among the trials (mllm.choice): best search-row "
-        "macro-F1; crossfit (the top_k re-scored on the held-out rows); one_se (the simplest within se_multiplier "
-        "bootstrap SEs of the best); nll (lowest search-row NLL).")
+        "best", description="How the searched merge is chosen among the trials (mllm.choice): best search-row "
+        "macro-F1 (default: chosen by the study's no-test criterion, docs/RESULTS.md); crossfit (the top_k "
+        "re-scored on the held-out rows); one_se (the simplest within se_multiplier bootstrap SEs of the best); nll "
+        "(lowest search-row NLL).")
     top_k: int = Field(5, ge=1, le=1000, description="choice=crossfit: trials re-scored on the held-out rows.")
     se_multiplier: float = Field(1.0, description="choice=one_se: how many bootstrap standard errors below the "
                                  "best search-row macro-F1 a simpler trial may be (0: the best).")
