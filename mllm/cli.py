@@ -100,7 +100,7 @@ def data_stats(
     output: Annotated[OutputFormat, typer.Option("--format", "-f", help="table or json.")] = OutputFormat.table,
 ) -> None:
     """Rows, label distribution and words per review (mean / median / std) of each dataset, plus split sizes."""
-    from mllm.stats import collect_stats, render_table
+    from mllm.data.stats import collect_stats, render_table
 
     cfg = load_config(config, set_ or [])
     report = collect_stats(cfg.data, dataset or [])
@@ -196,7 +196,7 @@ def report(
 ) -> None:
     """Print (and log as report.md) the comparison table: each model's accuracy and macro-F1 with CIs, cost,
     and the paired test against the best member."""
-    from mllm.report import run, to_json
+    from mllm.evaluation.report import run, to_json
 
     cfg = load_config(config, set_ or [])
     result = run(cfg, experiment, split.value if split else None)
@@ -302,7 +302,7 @@ def run_guarded(call: Callable[[], object]) -> NoReturn:
         print("mllm: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # a storage failure from inside a library (an S3 upload) is the user's to fix
-        from mllm.preflight import storage_error
+        from mllm.tracking.preflight import storage_error
 
         problem = storage_error(e)
         if problem is None:

@@ -5,14 +5,14 @@
 
 Per model, in its own MLflow run nested under the stage's run: accuracy, macro-F1 and per-class
 precision / recall / F1 (the `mllm_classification` metric module), NLL and ECE (`mllm_calibration`), both
-loaded with `evaluate.load` from `mllm/metric_modules` since the hub's modules are unreachable offline;
+loaded with `evaluate.load` from `mllm/evaluation/metric_modules` since the hub's modules are unreachable offline;
 percentile-bootstrap confidence intervals; a confusion-matrix figure; `predictions.csv` (text, label,
 prediction, logits). Inference is batched and length-sorted (longest first, padded to the batch's own
 longest review), in bf16 on CUDA.
 
 Baselines of a merged model: its members, the logit-average ensemble of the members (K forward passes per
 review: K times a merge's inference cost, reported as such), the full-data member (trained on all the rows the
-shards split), the majority class, TF-IDF + logistic regression (`mllm.baselines`, registered as
+shards split), the majority class, TF-IDF + logistic regression (`mllm.evaluation.baselines`, registered as
 `<experiment>-tfidf`), the base classifier, and `model.bigger_model`. Scoring a registered merge or ensemble on the
 validation split records its figures on the version (`val_macro_f1`, `val_nll`): what later choices read.
 An evaluation is reused when the same model version was scored on the same data, split and settings: its
@@ -32,19 +32,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mllm.baselines import ensure_tfidf, majority_logits, register_ensemble
+from mllm.evaluation.baselines import ensure_tfidf, majority_logits, register_ensemble
 from mllm.basics import short_hash, slug
 from mllm.config.schema import EvaluateConfig, ExperimentConfig
-from mllm.data import SplitData, load_splits
+from mllm.data.splits import SplitData, load_splits
 from mllm.errors import MllmError, ModelError
 from mllm.finetune import bigger_uri
-from mllm.methods import METHODS, info
-from mllm.metrics import bootstrap_ci, confusion, log_softmax
-from mllm.modeling import encode, iter_logits, load_classifier, resolve_device
-from mllm.prefix import PrefixCache, fingerprint_batches
-from mllm.store import Store
+from mllm.merging.methods import METHODS, info
+from mllm.evaluation.metrics import bootstrap_ci, confusion, log_softmax
+from mllm.models.modeling import encode, iter_logits, load_classifier, resolve_device
+from mllm.models.prefix import PrefixCache, fingerprint_batches
+from mllm.tracking.store import Store
 
-METRIC_MODULES = Path(__file__).parent / "metric_modules"
+METRIC_MODULES = Path(__file__).parent / "evaluation" / "metric_modules"
 
 
 @dataclass(frozen=True)
@@ -294,7 +294,7 @@ def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | Non
                          "model.bigger_model" if c.role == "bigger" else "--model")
     done: dict[str, Evaluation] = {}
     # Members trained with frozen embeddings + lowest layers share those layers with the base and with most
-    # merges: their hidden states at the first trained block are computed once (mllm.prefix).
+    # merges: their hidden states at the first trained block are computed once (mllm.models.prefix).
     prefix = prefix or new_prefix_cache(cfg)
     with store.run(f"evaluate-{split}", stage="evaluate",
                    tags={"mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint}) as parent:

@@ -22,13 +22,13 @@ import pandas as pd
 from mllm import __version__
 from mllm.basics import short_hash
 from mllm.config.schema import ExperimentConfig
-from mllm.data import SplitData, load_splits, make_shards
+from mllm.data.splits import SplitData, load_splits, make_shards
 from mllm.errors import MllmError
-from mllm.modeling import bigger_needs_training, build_base, check_pretrained, read_source, update_source
-from mllm.prefix import ExampleCache, PrefixCache
-from mllm.store import Role, Store
-from mllm.tracking import git_sha
-from mllm.train import train_member
+from mllm.models.modeling import bigger_needs_training, build_base, check_pretrained, read_source, update_source
+from mllm.models.prefix import ExampleCache, PrefixCache
+from mllm.tracking.store import Role, Store
+from mllm.tracking.runs import git_sha
+from mllm.models.training import train_member
 
 BIGGER = "bigger"  # the member name of model.bigger_model, fine-tuned on all training rows
 
@@ -129,7 +129,7 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, *, parent_run_i
 
     def stage(parent: str) -> FinetuneResult:
         base_dir, base_version = ensure_base(cfg, splits, store)
-        # Members with frozen embeddings + lowest layers share them: validation computes them once (mllm.prefix).
+        # Members with frozen embeddings + lowest layers share them: validation computes them once (mllm.models.prefix).
         depth = cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0
         prefix = PrefixCache(depth)
         # ... and so do their training examples' frozen states (seed members, the full member after the shards).

@@ -20,12 +20,12 @@ from typing import Any
 
 from mllm.basics import short_hash
 from mllm.config.schema import ExperimentConfig, MergeConfig, MergeMethod
-from mllm.data import load_splits
+from mllm.data.splits import load_splits
 from mllm.errors import MllmError, ModelError
-from mllm.methods import info
-from mllm.modeling import atomic_dir, check_classifier, publish_dir, read_source, resolve_device, write_source
-from mllm.store import Store
-from mllm.tracking import git_sha
+from mllm.merging.methods import info
+from mllm.models.modeling import atomic_dir, check_classifier, publish_dir, read_source, resolve_device, write_source
+from mllm.tracking.store import Store
+from mllm.tracking.runs import git_sha
 
 # Config keys that must agree between members and the base (label names are compared separately).
 SHAPE_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size",

@@ -21,9 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mllm import evaluate, finetune, merge, promote, report, search, soups
+from mllm import evaluate, finetune, merge, promote, search
+
+from mllm.evaluation import report
+
+from mllm.merging import soups
 from mllm.config.schema import ExperimentConfig
-from mllm.store import Store
+from mllm.tracking.store import Store
 
 STANDARD_METHODS = ("linear", "ties", "dare_ties", "dare_linear")
 

@@ -4,13 +4,13 @@ the search never optimised, whether it becomes `champion`.
     mllm promote -c configs/tiny.yaml                 # the chosen trial of <experiment>-search (search.choice)
     mllm promote --study-name drugs-1 --storage postgresql+psycopg2://...
 
-The chosen trial (`mllm.choice`: by default the best of the top trials re-scored on the held-out half) is merged by
+The chosen trial (`mllm.evaluation.choice`: by default the best of the top trials re-scored on the held-out half) is merged by
 mergekit's `run_merge` (the same maths the in-memory trial used; tests hold them equal), registered as a version
 of `<experiment>-merged` tagged with its study, trial and policy, and gets alias `challenger`. A recipe with all
 its weight on one member is refused before that, in one line naming the member. The gate reads `promote.split`
 (holdout: the validation rows the search's objective never read; or a selection split carved from train), never
 test, with paired bootstrap tests (`promote.bootstrap_samples`, at least 10,000):
-1. non-inferiority to the best member (chosen by validation, `mllm.selection`): the one-sided (1 - alpha) lower
+1. non-inferiority to the best member (chosen by validation, `mllm.evaluation.selection`): the one-sided (1 - alpha) lower
    confidence bound of (challenger - best member) macro-F1 must exceed -`promote.non_inferiority_margin`;
 2. with a champion, superiority: the lower bound of (challenger - champion) must exceed `promote.margin`.
 Each states its power (a challenger exactly as good passes with it). A challenger that fails stays `challenger`;
@@ -19,7 +19,7 @@ description. Only then is the challenger scored on test, for the report (the pip
 evaluation).
 
 Alias updates are last-writer-wins, so the read-compare-move runs under a lock held in the search storage
-database (`mllm.locks`): two promoters at once are serialised, and the second compares itself with the
+database (`mllm.tracking.locks`): two promoters at once are serialised, and the second compares itself with the
 first's result, so `champion` never ends on the worse model.
 """
 
@@ -33,15 +33,15 @@ import numpy as np
 
 from mllm import evaluate, merge
 from mllm.basics import redact
-from mllm.choice import single_member, split_rows
+from mllm.evaluation.choice import single_member, split_rows
 from mllm.config.schema import ExperimentConfig, MergeConfig
-from mllm.data import load_splits
+from mllm.data.splits import load_splits
 from mllm.errors import MllmError
-from mllm.locks import db_lock
-from mllm.metrics import macro_f1, paired_test
-from mllm.selection import best_member
-from mllm.store import Store
-from mllm.study import best, chosen, open_storage, study_name
+from mllm.tracking.locks import db_lock
+from mllm.evaluation.metrics import macro_f1, paired_test
+from mllm.evaluation.selection import best_member
+from mllm.tracking.store import Store
+from mllm.tracking.trials import best, chosen, open_storage, study_name
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class Searched:
     members: list[str]
     base: str
     score: float  # its macro-F1 on the rows that made the final choice
-    choice: Any = None  # mllm.choice.Choice (None for a study whose trials kept no per-review scores)
+    choice: Any = None  # mllm.evaluation.choice.Choice (None for a study whose trials kept no per-review scores)
 
 
 def searched(cfg: ExperimentConfig, store: Store) -> Searched:

@@ -6,9 +6,9 @@
 
 Trials choose the method (`search.methods`), one weight per member, and the density / lambda the method
 reads; the objective is macro-F1 on the search part of the validation split (`search.crossfit_fraction`); the
-rest is scored too but never read by the sampler or pruner, and `mllm.choice` picks the searched merge from every
+rest is scored too but never read by the sampler or pruner, and `mllm.evaluation.choice` picks the searched merge from every
 trial's per-review scores (`search.choice`). The test split is never scored here, and config validation refuses
-it as an objective. A trial merges in memory (`mllm.fastmerge`: members loaded once per
+it as an objective. A trial merges in memory (`mllm.merging.inmemory`: members loaded once per
 worker, on the GPU when there is one), evaluates pre-tokenised, length-sorted validation batches (bf16 on
 CUDA), and with `search.prune` scores growing validation subsets (1/4, 1/2, all) so the median pruner can
 stop hopeless trials early. The study lives in an Optuna RDB storage: workers on any machine join it, the
@@ -32,17 +32,17 @@ from typing import Any
 import numpy as np
 
 from mllm.basics import quiet_libraries, redact
-from mllm.choice import ROWS_ATTR, rows_attr
+from mllm.evaluation.choice import ROWS_ATTR, rows_attr
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
-from mllm.fastmerge import IN_MEMORY
-from mllm.groups import LayerGroup, plan_groups
+from mllm.merging.inmemory import IN_MEMORY
+from mllm.merging.groups import LayerGroup, plan_groups
 from mllm.merge import check_members, registered_members
-from mllm.methods import info
-from mllm.scorer import Scorer, TrialScore, score_rows
-from mllm.store import Store
-from mllm.study import best, chosen, finished, objectives, open_storage, sampler, study_name
-from mllm.tracking import RunLog, owner
+from mllm.merging.methods import info
+from mllm.merging.scorer import Scorer, TrialScore, score_rows
+from mllm.tracking.store import Store
+from mllm.tracking.trials import best, chosen, finished, objectives, open_storage, sampler, study_name
+from mllm.tracking.runs import RunLog, owner
 
 __all__ = ["SearchResult", "best", "finished", "open_storage", "run", "study_name", "suggest_recipe", "work"]
 
@@ -120,7 +120,7 @@ class SearchResult:
     best_recipe: MergeConfig | None
     trials: int  # finished (complete or pruned) trials of the study
     run_id: str | None
-    chosen: Any = None  # mllm.choice.Choice: the searched merge under search.choice
+    chosen: Any = None  # mllm.evaluation.choice.Choice: the searched merge under search.choice
 
 
 def _value(score: TrialScore, recipe: MergeConfig, cfg: ExperimentConfig) -> float | tuple[float, float]:
@@ -184,7 +184,7 @@ def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: 
            ) -> tuple[TrialScore, MergeConfig, bool]:
     """Score one recipe stage by stage inside its run; (score on the search rows, recipe, whether the pruner
     stopped it). A finished trial then scores the held-out rows too and keeps its per-review predictions and NLL
-    on the whole validation split (`mllm.choice`: the policies read them; the objective never does).
+    on the whole validation split (`mllm.evaluation.choice`: the policies read them; the objective never does).
 
     A random-mask method (DARE, DELLA) is scored with `mask_seeds` seeds (merge.seed, +1, ...): the first seed stage
     by stage (the pruner reads it), the others on the whole split; the score is the mean over seeds (macro-F1,

@@ -8,7 +8,7 @@ weights exist offline) with a byte-level BPE tokenizer trained on the reviews th
 in tokens are close to GPT-2's. Data: the Drugs.com sample's training reviews, 128 tokens at most.
 
 - original: Hugging Face Trainer, fp32, batch 8, random order, dynamic padding (DataCollatorWithPadding).
-- mllm: mllm.train.train_member, the stage's own loop: length-grouped batches padded to a multiple of 8,
+- mllm: mllm.models.training.train_member, the stage's own loop: length-grouped batches padded to a multiple of 8,
   bf16 autocast and a bigger batch on CUDA.
 Prints samples/s of each and the ratio (mllm / original). Wall-clock numbers: run on an idle machine.
 """
@@ -26,7 +26,7 @@ def build_model(out: Path, texts: list[str], vocab: int) -> Path:
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from mllm.tiny import build_tiny_tokenizer
+    from mllm.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer("gpt2", vocab_size=vocab, corpus=texts)
     config = GPT2Config(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, num_labels=3,
@@ -67,7 +67,7 @@ def mllm_way(model_dir: Path, texts: list[str], labels: list[int], max_length: i
     import numpy as np
 
     from mllm.config import FinetuneConfig, ModelConfig
-    from mllm.train import train_member
+    from mllm.models.training import train_member
 
     ft = FinetuneConfig(epochs=1, batch_size=batch_size, learning_rate=2e-5, weight_decay=0.01,
                         early_stopping_patience=None)
@@ -88,7 +88,7 @@ def main() -> None:
     import torch
 
     from mllm.config import DataConfig
-    from mllm.data import load_splits
+    from mllm.data.splits import load_splits
 
     cuda = torch.cuda.is_available()
     batch = args.batch_size or (32 if cuda else 8)

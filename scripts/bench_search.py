@@ -14,8 +14,8 @@ the Drugs.com sample, 128 tokens at most. Recipe: TIES, density 0.5, equal weigh
 
 - original: write the mergekit YAML, run the `mergekit-yaml` CLI (merged model written to disk; `--cuda` on a
   GPU), reload it with transformers, `Trainer.evaluate` in fp32 with batch 8 and dynamic padding.
-- mllm: `mllm.scorer.Scorer` as a search worker runs it: members resident in memory (loaded once, not
-  counted per trial), in-memory merge (`mllm.fastmerge`) into one resident model, pre-tokenised length-sorted
+- mllm: `mllm.merging.scorer.Scorer` as a search worker runs it: members resident in memory (loaded once, not
+  counted per trial), in-memory merge (`mllm.merging.inmemory`) into one resident model, pre-tokenised length-sorted
   batches (bf16 on CUDA), all reviews scored (no pruning).
 Each way runs in its own process, so each peak RSS is its own. Prints seconds per trial, the ratio, peak RSS
 and the (K+2) x model-size memory bound of a search worker. Wall-clock numbers: run on an idle machine.
@@ -41,7 +41,7 @@ def peak_rss_gb() -> float:
 
 def reviews(n: int) -> tuple[list[str], list[int]]:
     from mllm.config import DataConfig
-    from mllm.data import load_splits
+    from mllm.data.splits import load_splits
 
     splits = load_splits(DataConfig())
     import pandas as pd
@@ -60,7 +60,7 @@ def build(root: Path) -> tuple[Path, list[Path], int]:
     from safetensors.torch import load_file, save_file
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from mllm.tiny import build_tiny_tokenizer
+    from mllm.models.tiny import build_tiny_tokenizer
 
     texts, _ = reviews(979)
     tokenizer = build_tiny_tokenizer("gpt2", vocab_size=8000, corpus=texts)
@@ -94,7 +94,7 @@ def build_trained(root: Path, base: Path, steps: int) -> tuple[list[Path], dict]
     import numpy as np
 
     from mllm.config import load_config
-    from mllm.train import train_member
+    from mllm.models.training import train_member
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     frozen = round(cfg.finetune.freeze_layers * 12 / 30)
@@ -169,7 +169,7 @@ def run_way(way: str, root: Path, n: int, trials: int, cuda: bool, members_glob:
     import numpy as np
 
     from mllm.config import ExperimentConfig, MergeConfig
-    from mllm.scorer import Scorer
+    from mllm.merging.scorer import Scorer
 
     cfg = ExperimentConfig.model_validate({"model": {"name_or_path": str(base), "device": "cuda" if cuda else "cpu"},
                                           "search": {"prune": False}, "finetune": frozen or {},

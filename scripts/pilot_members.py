@@ -41,13 +41,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from mllm.baselines import fit_tfidf
+    from mllm.evaluation.baselines import fit_tfidf
     from mllm.config.loader import load_config
-    from mllm.data import load_splits
+    from mllm.data.splits import load_splits
     from mllm.finetune import plan_members, select
-    from mllm.modeling import build_base
-    from mllm.prefix import ExampleCache, PrefixCache
-    from mllm.train import train_member
+    from mllm.models.modeling import build_base
+    from mllm.models.prefix import ExampleCache, PrefixCache
+    from mllm.models.training import train_member
 
     cfg = load_config(Path(args.config))
     splits = dataclasses.replace(load_splits(cfg.data), test=None)  # the pilot decides: it never reads test

@@ -6,7 +6,7 @@
     python scripts/study.py configs/studies/drugs.yaml --report-only --export docs/results/drugs-study-store.tar.gz
     python scripts/study.py configs/studies/drugs.yaml --import docs/results/drugs-study-store.tar.gz  # resume
 
-A study is arms x folds cells (mllm.studyconf); each cell is an MLflow experiment <study>-<arm>-f<fold> in the
+A study is arms x folds cells (mllm.study.config); each cell is an MLflow experiment <study>-<arm>-f<fold> in the
 study's store. An interrupted study resumes: finished cells are reused, registered members are not retrained, and
 a cell's Optuna search continues up to its trials. Bad input: one line on stderr, exit code 2.
 """
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mllm.errors import MllmError
-    from mllm.studyconf import load_study
-    from mllm.studyrun import run_study, write_report
-    from mllm.studystore import export_store, import_store
+    from mllm.study.config import load_study
+    from mllm.study.runner import run_study, write_report
+    from mllm.study.store import export_store, import_store
 
     try:
         study = load_study(args.config)

@@ -27,7 +27,7 @@ def readers_of_splits() -> list[object]:
     found = []
     for info in pkgutil.walk_packages(mllm.__path__, "mllm."):
         module = importlib.import_module(info.name)
-        if getattr(module, "load_splits", None) is not None and info.name != "mllm.data":
+        if getattr(module, "load_splits", None) is not None and info.name != "mllm.data.splits":
             found.append(module)
     return found
 
@@ -50,7 +50,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny random sentiment3 classifier per architecture (2 layers, hidden 32), saved with a tokenizer."""
-    from mllm.tiny import TINY_ARCHS, build_tiny_classifier
+    from mllm.models.tiny import TINY_ARCHS, build_tiny_classifier
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {a: build_tiny_classifier(a, root / a, ("negative", "neutral", "positive")) for a in TINY_ARCHS}

@@ -117,7 +117,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, GPT2LMHeadModel
 
-    from mllm.tiny import build_tiny_classifier
+    from mllm.models.tiny import build_tiny_classifier
 
     root = tmp_path_factory.mktemp("bad-models")
     out = {"good": build_tiny_classifier("gpt2", root / "good", LABELS, seed=0),
@@ -242,7 +242,7 @@ def test_bad_data(tmp_path: Path, capfd, name: str, content: str | bytes | None,
 
 def test_utf8_byte_order_mark_is_accepted(tmp_path: Path, capfd) -> None:
     """Not a refusal: Excel and Notepad write UTF-8 with a byte-order mark. It is valid UTF-8, so mllm strips it
-    when decoding (mllm.sources.parse_table) instead of refusing the file; the first header column must be found
+    when decoding (mllm.data.sources.parse_table) instead of refusing the file; the first header column must be found
     as `text`, not as `\\ufefftext`."""
     path = write(tmp_path / "bom.csv", "\ufefftext,label\ngreat drug,9\nawful side effects,1\nso-so,5\n".encode())
     capfd.readouterr()
@@ -437,8 +437,7 @@ def test_s3_upload_failing_mid_run_ends_the_run_failed(models: dict[str, Path], 
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The store fails after the pre-flight check (simulated by marking it checked): the upload inside the run
     fails, the run ends FAILED, nothing is registered, and the user still gets one line."""
-    from mllm import preflight as stores
-
+    from mllm.tracking import preflight as stores
     location, says = bad_s3
     monkeypatch.setattr(stores, "_reachable", {location})
     refused(["merge", *stage_options(tmp_path), "--set", f"tracking.artifact_location={location}", "--member",

@@ -1,4 +1,4 @@
-"""Choosing among search trials (mllm.choice): the split of validation, each policy on hand-built trials, the NLL
+"""Choosing among search trials (mllm.evaluation.choice): the split of validation, each policy on hand-built trials, the NLL
 guard, what counts as simpler and as a single member."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mllm.choice import Candidate, choose, complexity, single_member, split_rows
+from mllm.evaluation.choice import Candidate, choose, complexity, single_member, split_rows
 from mllm.config.schema import MergeConfig
 from mllm.errors import MllmError
 
@@ -56,7 +56,7 @@ def test_best_and_crossfit_read_the_rows_they_are_given() -> None:
     assert "top 2 trials" in cross.reason
     assert choose(trials, LABELS, SEARCH, HOLDOUT, 3, "crossfit", top_k=1).number == 1  # top 1: the best
     # Macro-F1 of the chosen trial on each part, as the metric computes it.
-    from mllm.metrics import macro_f1
+    from mllm.evaluation.metrics import macro_f1
 
     assert cross.search_macro_f1 == pytest.approx(macro_f1(LABELS[SEARCH], steady[SEARCH], 3))
     assert cross.holdout_macro_f1 == pytest.approx(macro_f1(LABELS[HOLDOUT], steady[HOLDOUT], 3))

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from mllm.config import DataConfig, DatasetConfig, load_config
-from mllm.data import (
+from mllm.data.splits import (
     LABEL_NAMES,
     clean_text,
     dataset_stats,

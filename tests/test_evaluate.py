@@ -11,8 +11,8 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_recall
 from mllm.config import EvaluateConfig
 from mllm.errors import MllmError
 from mllm.evaluate import metric_module, score
-from mllm.metrics import bootstrap_ci, classification_summary, paired_test, resampled_scores
-from mllm.store import Store
+from mllm.evaluation.metrics import bootstrap_ci, classification_summary, paired_test, resampled_scores
+from mllm.tracking.store import Store
 
 from .test_finetune import tiny_cfg
 
@@ -113,7 +113,6 @@ def test_score_reports_everything_named_in_the_issue() -> None:
 def merged_experiment(tmp_path_factory: pytest.TempPathFactory):
     """Tiny members fine-tuned, registered and merged (ties), in a module-scoped store."""
     from mllm import finetune, merge
-
     tmp = tmp_path_factory.mktemp("evaluate")
     cfg = tiny_cfg(tmp, "finetune.epochs=2", "evaluate.bootstrap_samples=200",
                    f"tracking.artifact_location={tmp}/artifacts")
@@ -126,8 +125,9 @@ def merged_experiment(tmp_path_factory: pytest.TempPathFactory):
 def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment) -> None:
     import mlflow
 
-    from mllm import evaluate, report
+    from mllm import evaluate
 
+    from mllm.evaluation import report
     cfg, trained, merged = merged_experiment
     result = evaluate.run(cfg, split="validation")
     roles = [(e.candidate.role, e.candidate.uri) for e in result.evaluations]
@@ -165,7 +165,7 @@ def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment)
     assert all(reused[u].metrics["macro_f1"] == pytest.approx(e.metrics["macro_f1"]) for u, e in by_uri.items())
     # The baselines a reviewer tries first: the majority class scores exactly the majority rate; the TF-IDF model
     # is a registered MLflow model (its C chosen on validation) whose validation evaluation is on its version.
-    from mllm.data import load_splits
+    from mllm.data.splits import load_splits
 
     majority, top = by_uri["majority"], int(np.bincount(load_splits(cfg.data).train["label"]).argmax())
     assert (majority.logits.argmax(1) == top).all() and majority.metrics["num_params"] == 0
@@ -197,8 +197,9 @@ def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment)
 def test_evaluate_refusals_leave_no_run(merged_experiment) -> None:
     import mlflow
 
-    from mllm import evaluate, report
+    from mllm import evaluate
 
+    from mllm.evaluation import report
     cfg, _, merged = merged_experiment
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     experiment = mlflow.get_experiment_by_name(cfg.name).experiment_id
@@ -217,7 +218,7 @@ def test_evaluate_refusals_leave_no_run(merged_experiment) -> None:
         report.run(cfg, split="train")
     assert count() == before
     # A model for another label scheme is refused in one line; its run ends FAILED, never RUNNING.
-    from mllm.tiny import build_tiny_classifier
+    from mllm.models.tiny import build_tiny_classifier
 
     other = build_tiny_classifier("gpt2", cfg.output_dir / "two-labels", ("bad", "good"))
     with pytest.raises(MllmError, match="predicts \\['bad', 'good'\\].*data.label_scheme"):
@@ -251,8 +252,9 @@ def test_cli_evaluate_and_report_one_line_errors(merged_experiment, tmp_path) ->
 
 @pytest.mark.slow
 def test_bigger_model_joins_the_baselines_with_its_relative_cost(merged_experiment) -> None:
-    from mllm import evaluate, report
-    from mllm.tiny import build_tiny_classifier
+    from mllm import evaluate
+    from mllm.evaluation import report
+    from mllm.models.tiny import build_tiny_classifier
 
     cfg, trained, merged = merged_experiment
     bigger = build_tiny_classifier("gpt2", cfg.output_dir / "bigger", LABELS, seed=1, hidden=64, layers=4)

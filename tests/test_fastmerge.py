@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from mllm.config import MergeConfig
-from mllm.fastmerge import IN_MEMORY, MemberStack
+from mllm.merging.inmemory import IN_MEMORY, MemberStack
 from mllm.merge import merge_models
 
 from .test_merge import family  # noqa: F401  (module-scoped fixture: a tiny base and three perturbed members)
@@ -104,7 +104,7 @@ def test_members_with_frozen_weights_still_match_mergekit(family, recipe, tmp_pa
 
 def grouped(stack: MemberStack, recipe: MergeConfig, n: int = 2) -> MergeConfig:
     """`recipe` with per-layer-group weights and densities (search.layer_groups = n) over the tiny family."""
-    from mllm.groups import plan_groups
+    from mllm.merging.groups import plan_groups
 
     groups = plan_groups(stack.model(), stack.names, set(stack.names) - stack.unchanged, n)
     return MergeConfig.model_validate({**recipe.model_dump(by_alias=True), "groups": [
@@ -119,7 +119,7 @@ GROUP_CASES = [c for c in CASES if c.method in {"linear", "task_arithmetic", "ti
 
 
 def test_layer_groups_cover_blocks_embeddings_and_head(stack) -> None:
-    from mllm.groups import plan_groups
+    from mllm.merging.groups import plan_groups
 
     groups = plan_groups(stack.model(), stack.names, set(stack.names) - stack.unchanged, 2)
     assert [g.name for g in groups] == ["embeddings", "block 0", "block 1", "head"]
@@ -161,7 +161,7 @@ def test_a_zero_weight_leaves_the_member_out(family, stack) -> None:  # noqa: F8
 
 def test_task_arithmetic_at_lambda_1_is_the_uniform_soup(stack) -> None:
     """Normalised task arithmetic at lambda 1 is base + mean(task vectors) = the members' average, which is why a
-    study scores it once under both names (mllm.studycell.SAME); at lambda K it is the sum, another merge."""
+    study scores it once under both names (mllm.study.cell.SAME); at lambda K it is the sum, another merge."""
     uniform = stack.merged(MergeConfig(method="linear"))
     ta1 = stack.merged(MergeConfig(method="task_arithmetic", **{"lambda": 1.0}))
     ta3 = stack.merged(MergeConfig(method="task_arithmetic", **{"lambda": 3.0}))
@@ -172,8 +172,7 @@ def test_task_arithmetic_at_lambda_1_is_the_uniform_soup(stack) -> None:
 def test_magnitude_pruning_of_large_weights_keeps_the_same_entries(monkeypatch) -> None:
     """Weights above LARGE entries find the k largest by bisection on the float bits (no topk copies): the same
     entries as topk, ties at the threshold and runs of zeros included."""
-    from mllm import fastmerge
-
+    from mllm.merging import inmemory as fastmerge
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(300, 70, generator=g)
     delta[0, :10] = 0.5  # ties

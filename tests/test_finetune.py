@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from mllm.config import ExperimentConfig, load_config
-from mllm.data import load_splits
+from mllm.data.splits import load_splits
 from mllm.errors import MllmError
-from mllm.store import Store
+from mllm.tracking.store import Store
 
 from .conftest import REPO
 
@@ -44,7 +44,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_finetune_registers_base_and_members(in_tmp: Path) -> None:
     from mllm.finetune import run
-    from mllm.modeling import load_classifier
+    from mllm.models.modeling import load_classifier
 
     cfg = tiny_cfg(in_tmp)
     result = run(cfg, progress=False)
@@ -166,8 +166,8 @@ def test_member_key_covers_its_rows_and_the_member_count(in_tmp: Path) -> None:
 
 
 def _train(tmp: Path, **ft_overrides: object):
-    from mllm.modeling import build_base
-    from mllm.train import train_member
+    from mllm.models.modeling import build_base
+    from mllm.models.training import train_member
 
     cfg = tiny_cfg(tmp, *(f"finetune.{k}={v}" for k, v in ft_overrides.items()))
     splits = load_splits(cfg.data)
@@ -255,7 +255,6 @@ def test_killed_member_resumes_from_newest_complete_checkpoint(tmp_path: Path, s
 def test_failed_stage_ends_runs_failed(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An exception inside training ends the member run and its parent FAILED, and registers nothing."""
     from mllm import finetune
-
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 

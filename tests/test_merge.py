@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from mllm.config import MergeConfig
 from mllm.errors import MllmError
 from mllm.merge import merge_models
-from mllm.modeling import SOURCE_FILE, load_classifier
-from mllm.store import Store
-from mllm.tiny import build_tiny_classifier
+from mllm.models.modeling import SOURCE_FILE, load_classifier
+from mllm.tracking.store import Store
+from mllm.models.tiny import build_tiny_classifier
 
 LABELS = ("negative", "neutral", "positive")
 

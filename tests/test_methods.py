@@ -1,4 +1,4 @@
-"""Merge-method knowledge read from mergekit's registry (mllm.methods) against the tables mllm kept by hand."""
+"""Merge-method knowledge read from mergekit's registry (mllm.merging.methods) against the tables mllm kept by hand."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from typing import get_args
 
 import pytest
 
-from mllm import methods
+from mllm.merging import methods
 from mllm.config import MergeMethod
 from mllm.errors import MllmError
-from mllm.methods import IN_MEMORY, info, methods_where, methods_with
+from mllm.merging.methods import IN_MEMORY, info, methods_where, methods_with
 
-# The hand-kept tables of mllm/merge.py and mllm/fastmerge.py (after mergekit 0.1.5's method specs): the reference.
+# The hand-kept tables of mllm/merge.py and mllm/merging/inmemory.py (after mergekit 0.1.5's method specs): the reference.
 TASK_VECTOR = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                "della_linear"}
 USES_DENSITY = TASK_VECTOR - {"task_arithmetic"}
@@ -85,8 +85,7 @@ def test_per_member_and_shared_parameters() -> None:
 
 
 def test_task_vector_family_matches_fastmerge_table() -> None:
-    from mllm import fastmerge
-
+    from mllm.merging import inmemory as fastmerge
     derived = {m: (info(m).sparsifier, info(m).consensus, info(m).rescale) for m in ALL if info(m).task_vector}
     assert derived == GTA
     assert fastmerge.GTA == GTA
@@ -95,8 +94,7 @@ def test_task_vector_family_matches_fastmerge_table() -> None:
 
 
 def test_in_memory() -> None:
-    from mllm import fastmerge
-
+    from mllm.merging import inmemory as fastmerge
     expected = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
                 "della", "della_linear"}
     assert IN_MEMORY == expected

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mllm.modeling import encode, load_classifier, predict_logits
-from mllm.prefix import PrefixCache, fingerprint_batches, prefix_state
-from mllm.tiny import build_tiny_classifier
+from mllm.models.modeling import encode, load_classifier, predict_logits
+from mllm.models.prefix import PrefixCache, fingerprint_batches, prefix_state
+from mllm.models.tiny import build_tiny_classifier
 
 LABELS = ("negative", "neutral", "positive")
 TEXTS = ["great drug, no side effects", "terrible headache and nausea", "it was ok I guess",
@@ -70,7 +70,7 @@ def test_different_prefix_or_batches_run_in_full(tmp_path) -> None:
 def test_training_validation_with_prefix_reuse_matches_without(tmp_path) -> None:
     """Two members evaluated through one shared cache get the metrics they get without it."""
     from mllm.config import FinetuneConfig, ModelConfig
-    from mllm.train import train_member
+    from mllm.models.training import train_member
 
     base = build_tiny_classifier("llama", tmp_path / "base", LABELS, seed=0, layers=3)
     labels = np.array([0, 1, 2] * 6)
@@ -96,8 +96,8 @@ def test_training_with_replayed_frozen_states_matches_full_forward(tmp_path) -> 
     from safetensors.torch import load_file
 
     from mllm.config import FinetuneConfig, ModelConfig
-    from mllm.prefix import dropout_free
-    from mllm.train import train_member
+    from mllm.models.prefix import dropout_free
+    from mllm.models.training import train_member
 
     base = build_tiny_classifier("llama", tmp_path / "base", LABELS, seed=0, layers=3)
     model, _ = load_classifier(base)
@@ -124,8 +124,8 @@ def test_members_sharing_one_example_cache_train_as_if_alone(tmp_path) -> None:
     from safetensors.torch import load_file
 
     from mllm.config import FinetuneConfig, ModelConfig
-    from mllm.prefix import ExampleCache
-    from mllm.train import train_member
+    from mllm.models.prefix import ExampleCache
+    from mllm.models.training import train_member
 
     base = build_tiny_classifier("llama", tmp_path / "base", LABELS, seed=0, layers=3)
     labels = np.array([0, 1, 2] * 6)
@@ -150,7 +150,7 @@ def test_members_sharing_one_example_cache_train_as_if_alone(tmp_path) -> None:
 
 
 def test_gpt2_with_dropout_does_not_cache_training_states(tmp_path) -> None:
-    from mllm.prefix import dropout_free
+    from mllm.models.prefix import dropout_free
 
     model, _ = load_classifier(build_tiny_classifier("gpt2", tmp_path / "g", LABELS, seed=0))
     assert not dropout_free(model)

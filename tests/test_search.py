@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mllm.errors import MllmError
-from mllm.store import Store
+from mllm.tracking.store import Store
 
 from .conftest import readers_of_splits
 from .test_finetune import tiny_cfg
@@ -20,7 +20,6 @@ from .test_finetune import tiny_cfg
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
     from mllm import finetune
-
     tmp = tmp_path_factory.mktemp("search")
     cfg = tiny_cfg(tmp, f"search.storage=sqlite:///{tmp}/optuna.db", "search.n_trials=6",
                    f"tracking.artifact_location={tmp}/artifacts", "evaluate.bootstrap_samples=200")
@@ -40,8 +39,9 @@ def test_search_tracks_every_trial_never_reads_test_and_resumes(trained, monkeyp
     import mlflow
     import optuna
 
-    from mllm import data, search
+    from mllm import search
 
+    from mllm.data import splits as data
     cfg, ft = trained
     real = data.load_splits
     for module in readers_of_splits():  # the test split unreadable to every module that reads data
@@ -88,8 +88,9 @@ def test_stale_trial_of_a_killed_worker_is_retried_with_its_parameters(trained) 
     import mlflow
     import optuna
 
-    from mllm import search, tracking
+    from mllm import search
 
+    from mllm.tracking import runs as tracking
     cfg, _ = trained
     # Not enqueued: Optuna runs waiting trials first come, first served, so the standard merges would take the
     # three trials before the re-queued one (a real study's budget is larger than its enqueued trials).
@@ -124,7 +125,6 @@ def test_two_local_workers_share_one_study(trained) -> None:
     import optuna
 
     from mllm import search
-
     cfg, _ = trained
     cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"study_name": "pair", "n_trials": 6,
                                                                           "workers": 2})})
@@ -146,7 +146,7 @@ def test_layer_group_search_and_its_mergekit_merge(trained) -> None:
     from safetensors.torch import load_file
 
     from mllm import merge, search
-    from mllm.fastmerge import MemberStack
+    from mllm.merging.inmemory import MemberStack
 
     cfg, ft = trained
     cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={
@@ -167,7 +167,6 @@ def test_layer_group_search_and_its_mergekit_merge(trained) -> None:
 
 def test_search_refuses_bad_storage_and_methods(tmp_path) -> None:
     from mllm import search
-
     cfg = tiny_cfg(tmp_path, "search.storage=notadb://x")
     with pytest.raises(MllmError, match="search.storage: cannot open notadb://x"):
         search.open_storage(cfg)
@@ -216,7 +215,6 @@ def test_concurrent_promoters_leave_champion_on_the_better_model(trained, tmp_pa
 @pytest.mark.slow
 def test_a_single_member_recipe_is_refused_at_the_gate_in_one_line(trained, tmp_path, capsys) -> None:
     from mllm import promote, search
-
     cfg, ft = trained
     cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={
         "study_name": "single", "n_trials": 1, "enqueue": False, "nll_guard": None})})

@@ -7,10 +7,10 @@ import optuna
 import pytest
 
 from mllm.config import load_config
-from mllm.groups import LayerGroup
-from mllm.scorer import stage_shares
+from mllm.merging.groups import LayerGroup
+from mllm.merging.scorer import stage_shares
 from mllm.search import standard_trials, suggest_recipe, weights_from
-from mllm.study import startup_trials
+from mllm.tracking.trials import startup_trials
 
 
 def cfg(*overrides: str):

@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mllm.baselines import fit_tfidf, majority_logits, save_tfidf
+from mllm.evaluation.baselines import fit_tfidf, majority_logits, save_tfidf
 from mllm.config import load_config
-from mllm.data import SplitData, load_splits, split_rows
+from mllm.data.splits import SplitData, load_splits, split_rows
 from mllm.errors import ConfigError, DataError
-from mllm.metrics import bootstrap_p, holm, macro_f1, paired_test
+from mllm.evaluation.metrics import bootstrap_p, holm, macro_f1, paired_test
 from mllm.promote import decide
-from mllm.pyfunc_model import load_tfidf, tfidf_logits
-from mllm.selection import best_member, reading
-from mllm.soups import greedy_order, greedy_weights
+from mllm.tracking.pyfunc_model import load_tfidf, tfidf_logits
+from mllm.evaluation.selection import best_member, reading
+from mllm.merging.soups import greedy_order, greedy_weights
 
 
 def noisy(labels: np.ndarray, accuracy: float, seed: int) -> np.ndarray:
@@ -172,7 +172,7 @@ def fake_run(uri: str, role: str, parents: str = "", base: str = "") -> object:
 
 
 def test_report_is_scoped_to_one_member_set_and_base() -> None:
-    from mllm.report import scope
+    from mllm.evaluation.report import scope
 
     ours, theirs = "models:/x-finetuned/1,models:/x-finetuned/2", "models:/x-finetuned/3,models:/x-finetuned/4"
     runs = [fake_run("models:/x-merged/9", "merged", ours, "models:/x-base/1"),  # newest first: the anchor
@@ -189,7 +189,7 @@ def test_report_is_scoped_to_one_member_set_and_base() -> None:
 
 
 def test_a_merge_with_all_weight_on_one_member_is_that_member() -> None:
-    from mllm.report import single_member
+    from mllm.evaluation.report import single_member
 
     parents = "models:/x-finetuned/1,models:/x-finetuned/2,models:/x-finetuned/3"
     assert single_member({"weights": "[0.0, 1.0, 0.0]", "parents": parents}) == "models:/x-finetuned/2"

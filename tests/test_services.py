@@ -102,8 +102,8 @@ def test_tiny_pipeline_on_the_stack(stack: dict[str, str], tmp_path: Path) -> No
     import mlflow
 
     from mllm.config import load_config
-    from mllm.modeling import load_classifier
-    from mllm.store import Store
+    from mllm.models.modeling import load_classifier
+    from mllm.tracking.store import Store
 
     name = f"svc-pipe-{uuid.uuid4().hex[:8]}"
     out = ok(mllm("pipeline", "-c", str(TINY), *settings(stack, name, tmp_path / "out", **{"search.n_trials": 4}),

@@ -24,7 +24,7 @@ import pytest
 
 from mllm.config import load_config
 from mllm.errors import MllmError
-from mllm.store import Store
+from mllm.tracking.store import Store
 
 from .conftest import REPO, readers_of_splits
 
@@ -48,8 +48,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     every stage but the final evaluation: a stage that read it would crash the pipeline."""
     import dataclasses
 
-    from mllm import data, pipeline
+    from mllm import pipeline
 
+    from mllm.data import splits as data
     tmp = tmp_path_factory.mktemp("serving")
     cwd = os.getcwd()
     os.chdir(tmp)
@@ -132,7 +133,7 @@ def test_champion_loads_with_pyfunc_and_agrees_with_evaluate(pipeline) -> None:
 @pytest.mark.slow
 def test_only_the_final_evaluation_reads_test_and_promotion_used_validation(pipeline) -> None:
     cfg, result, tmp = pipeline
-    assert {m.__name__ for m in readers_of_splits()} >= {"mllm.finetune", "mllm.evaluate", "mllm.scorer", "mllm.merge"}
+    assert {m.__name__ for m in readers_of_splits()} >= {"mllm.finetune", "mllm.evaluate", "mllm.merging.scorer", "mllm.merge"}
     assert TEST_READS["sealed"] >= 5 and TEST_READS["final"] == 1  # every stage ran sealed; test was read once
     store = Store(cfg)
     promote_run = store.find_runs({"mllm.stage": "promote"})[0]
@@ -140,9 +141,9 @@ def test_only_the_final_evaluation_reads_test_and_promotion_used_validation(pipe
     assert test_runs and min(r.info.start_time for r in test_runs) >= promote_run.info.end_time
     # The decision is tagged with the figures it used: the held-out validation rows, which the search never
     # optimised (its objective read the other rows), recomputed here from the validation evaluations' predictions.
-    from mllm.choice import split_rows
-    from mllm.data import load_splits
-    from mllm.metrics import macro_f1
+    from mllm.evaluation.choice import split_rows
+    from mllm.data.splits import load_splits
+    from mllm.evaluation.metrics import macro_f1
 
     version = store.resolve(promote_run.data.tags["mllm.model_uri"])[1]
     assert version.tags["promotion_split"] == "holdout" and version.tags["promotion_outcome"] == "became champion"
@@ -261,7 +262,6 @@ def test_plain_folder_versions_still_load_and_broken_models_are_refused(pipeline
     """Versions registered before mllm logged MLflow models (plain folders) still load in mllm's stages; a model
     whose files are missing is refused in one line naming its URI."""
     from mllm import evaluate
-
     cfg, result, _ = pipeline
     store = Store(cfg)
     member = store.download("models:/tiny-finetuned/1")  # the Hugging Face folder inside the MLflow model

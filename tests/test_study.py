@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from mllm.errors import ConfigError, MllmError
-from mllm.studyconf import cell_config, load_study
-from mllm.studystats import compare, fold_bootstrap, reading, t_interval, t_test_p
+from mllm.study.config import cell_config, load_study
+from mllm.study.stats import compare, fold_bootstrap, reading, t_interval, t_test_p
 
 from .conftest import REPO
 
@@ -140,7 +140,7 @@ def test_equivalent_only_where_the_training_variance_interval_fits_the_margin() 
     many = compare(labels, steady, seeds, 3, 2000)
     width = lambda x: x.hier_ci[1] - x.hier_ci[0]  # noqa: E731
     assert width(many) > 1.5 * width(one)
-    from mllm.metrics import macro_f1
+    from mllm.evaluation.metrics import macro_f1
 
     assert many.per_fold[0] == pytest.approx(macro_f1(labels[0], steady[0], 3)
                                              - np.mean([macro_f1(labels[0], p, 3) for p in seeds[0]]))
@@ -153,9 +153,13 @@ def test_equivalent_only_where_the_training_variance_interval_fits_the_margin() 
 def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from mllm import scorer, search, studycell
-    from mllm.studyrun import run_study, write_report
-    from mllm.studystore import export_store, import_store
+    from mllm import search
+
+    from mllm.merging import scorer
+
+    from mllm.study import cell as studycell
+    from mllm.study.runner import run_study, write_report
+    from mllm.study.store import export_store, import_store
 
     monkeypatch.chdir(tmp_path)
     study = load_study(write_study(tmp_path))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from mllm.tiny import TINY_ARCHS, build_tiny_classifier
+from mllm.models.tiny import TINY_ARCHS, build_tiny_classifier
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -46,7 +46,7 @@ class SearchConfig(Section):
                                      "sampler or the pruner, it chooses among the top trials (choice=crossfit) and is "
                                      "the promotion gate's split (promote.split=holdout).")
     choice: Literal["best", "crossfit", "one_se", "nll"] = Field(
-        "best", description="How the searched merge is chosen among the trials (mllm.choice): best search-row "
+        "best", description="How the searched merge is chosen among the trials (mllm.evaluation.choice): best search-row "
         "macro-F1 (default: chosen by the study's no-test criterion, docs/RESULTS.md); crossfit (the top_k "
         "re-scored on the held-out rows); one_se (the simplest within se_multiplier bootstrap SEs of the best); nll "
         "(lowest search-row NLL).")

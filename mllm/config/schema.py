@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mllm.config.base import LabelKind, LabelScheme, MergeMethod, PresetName, Section, refuse_test
 from mllm.config.choosing import PromoteConfig, SearchConfig
-from mllm.presets import PRESETS
+from mllm.data.presets import PRESETS
 
 __all__ = ["DataConfig", "DatasetConfig", "EvaluateConfig", "ExperimentConfig", "FinetuneConfig", "GroupRecipe",
            "LabelKind", "LabelScheme", "MergeConfig", "MergeMethod", "ModelConfig", "PresetName", "PromoteConfig",

@@ -20,9 +20,9 @@ mllm="$venv/bin/mllm"
 members=$("$venv/bin/python" - "$config" "$@" <<'PY'
 import sys
 from mllm.config import load_config
-from mllm.data import load_splits
+from mllm.data.splits import load_splits
 from mllm.finetune import BIGGER, plan_members
-from mllm.modeling import bigger_needs_training
+from mllm.models.modeling import bigger_needs_training
 args = sys.argv[2:]
 sets = [args[i + 1] for i in range(len(args)) if args[i] in ("--set", "-s")]
 cfg = load_config(sys.argv[1], sets)

@@ -1,0 +1,1 @@
+"""Data: sources, presets, normalisation, splits and shards, statistics."""

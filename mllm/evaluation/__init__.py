@@ -1,0 +1,1 @@
+"""Evaluation: metrics, choices under noise, selection and readings, baselines, the report."""

@@ -1,0 +1,1 @@
+"""Merging: methods, the in-memory merge, layer groups, soups and the trial scorer."""

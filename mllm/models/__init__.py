@@ -1,0 +1,1 @@
+"""Models: pretrained sources, checkpoints, batching, the training loop, frozen-prefix reuse, tiny models."""

@@ -1,0 +1,1 @@
+"""The cross-validated study: its config, cells, runner, statistics, light store and document."""

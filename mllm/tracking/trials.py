@@ -1,0 +1,136 @@
+"""The Optuna study behind a search: its storage (with heartbeats and retries of killed workers' trials), its
+name, objectives and samplers, and its best trial, which `mllm.promote` also reads.
+
+    st = open_storage(cfg)                    # sqlite:///optuna.db, or one PostgreSQL shared by many workers
+    study = optuna.load_study(study_name=study_name(cfg), storage=st)
+    best(study)                               # the trial promote materialises
+
+A trial whose worker stops beating for `search.grace_s` seconds is failed and re-queued with the same
+parameters (up to 3 times), and its MLflow run is ended KILLED.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from mllm.basics import redact
+from mllm.evaluation.choice import candidates_of, choose, split_rows
+from mllm.config.schema import ExperimentConfig
+from mllm.data.splits import load_splits
+from mllm.errors import MllmError
+from mllm.evaluation.selection import best_member
+from mllm.tracking.store import Store
+
+
+def study_name(cfg: ExperimentConfig) -> str:
+    return cfg.search.study_name or f"{cfg.name}-search"
+
+
+def objectives(cfg: ExperimentConfig) -> list[str]:
+    second = cfg.search.second_objective
+    return ["maximize"] + ([] if second == "none" else ["minimize" if second == "density" else "maximize"])
+
+
+def startup_trials(cfg: ExperimentConfig) -> int:
+    """Random start-up trials before TPE / CMA-ES model the space: search.startup_trials, else n_trials // 4 and
+    at least 4 (TPE's fixed 10 would leave a 10-trial search all random)."""
+    s = cfg.search
+    return s.startup_trials if s.startup_trials is not None else max(4, s.n_trials // 4)
+
+
+def sampler(cfg: ExperimentConfig, worker: int) -> Any:
+    import optuna
+
+    seed = cfg.search.seed + worker  # workers of one study must not propose the same sequence
+    startup = startup_trials(cfg)
+    if cfg.search.sampler == "tpe":  # liar: parallel workers spread out
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
+    if cfg.search.sampler == "cmaes":  # the method (categorical) is sampled independently
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+    if cfg.search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def _retry_stale(cfg: ExperimentConfig | None, study: Any, trial: Any) -> None:
+    """A killed worker's trial: re-queue it with the same parameters and end its MLflow run KILLED."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id and cfg is not None:
+        Store(cfg).terminate_run(run_id, "KILLED")
+
+
+def storage(url: str, heartbeat: int = 10, grace: int = 30, cfg: ExperimentConfig | None = None) -> Any:
+    """The study storage, with heartbeats: a trial whose worker stops beating for `grace` seconds is failed
+    and re-queued with the same parameters (up to 3 times); with `cfg`, its MLflow run in that store is ended."""
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                          heartbeat_stale_trial_callback=functools.partial(_retry_stale, cfg),
+                                          engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
+                                          else None)
+    except Exception as e:  # sqlalchemy's ArgumentError / OperationalError: a bad or unreachable URL
+        first = redact(str(e)).splitlines()[0][:200]
+        raise MllmError(f"search.storage: cannot open {redact(url)} ({first})",
+                        "give a database URL (sqlite:///optuna.db, postgresql+psycopg2://user:pw@host/db) "
+                        "that is reachable") from None
+
+
+def open_storage(cfg: ExperimentConfig) -> Any:
+    return storage(cfg.search.storage, cfg.search.heartbeat_s, cfg.search.grace_s, cfg)
+
+
+def finished(study: Any) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def best(study: Any) -> Any | None:
+    """The best finished trial (multi-objective: the Pareto trial with the highest macro-F1)."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        return None
+    if len(study.directions) == 1:
+        return study.best_trial
+    return max(study.best_trials, key=lambda t: t.values[0])
+
+
+def reference_nll(store: Store, members: list[str]) -> float | None:
+    """The validation NLL of the best member (mllm.evaluation.selection's rule), as recorded on its registered version: the
+    NLL guard's reference."""
+    versions = {m: store.resolve(m)[1] for m in members}
+    tags = {m: dict(v.tags) if v is not None else {} for m, v in versions.items()}
+
+    def value(m: str, key: str) -> float | None:
+        return float(tags[m][key]) if tags[m].get(key) else None
+
+    top, _ = best_member([(m, value(m, "val_macro_f1"), value(m, "val_nll")) for m in members])
+    return value(top, "val_nll") if top else None
+
+
+def chosen(cfg: ExperimentConfig, study: Any, store: Store) -> Any | None:
+    """The searched merge: search.choice applied to the study's complete trials (mllm.evaluation.choice), or None when no
+    complete trial kept its per-review scores."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    candidates = candidates_of(complete)
+    if not candidates:
+        return None
+    data = load_splits(cfg.data)
+    labels = data.validation["label"].to_numpy()
+    search, holdout = split_rows(labels, cfg.search.crossfit_fraction, cfg.search.seed)
+    s = cfg.search
+    return choose(candidates, labels, search, holdout, len(data.label_names), s.choice, s.top_k, s.se_multiplier,
+                  s.nll_guard, reference_nll(store, study.user_attrs.get("members", [])), s.seed)
