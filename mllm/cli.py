@@ -6,7 +6,8 @@
 User errors (`MllmError`) print one line on stderr and exit with code 2; heavy libraries are imported
 inside commands so that `mllm --help` stays instant (`mllm.config`, `mllm.errors`, `mllm.basics` are light).
 
-Options that set a config field (`merge --density 0.4`) are listed once, in `CONFIG_OPTIONS`; their typed values
+Options that set a config field (`merge --density 0.4`) are listed once, in `CONFIG_OPTIONS`; their help is the
+field's description and their choices the field's Literal values (one source: the schema); their typed values
 reach `load_config(..., values=...)` as they are, never re-written as `--set` strings. MLflow Project entry points
 (`mllm.entry`) derive their parameters from these commands.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from mllm.basics import quiet_libraries, redact
-from mllm.config import load_config
+from mllm.config import ExperimentConfig, load_config
 from mllm.errors import ConfigError, MllmError, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -40,7 +42,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
 
 # CLI options that set a config field: the option's parameter name (`n_trials` for `--n-trials`, also its MLflow
 # Project parameter) -> the dotted field. Commands pass their values typed, as `load_config(values=...)`; the tests
-# check that each field exists in ExperimentConfig and that each option's help names its field.
+# check that each field exists in ExperimentConfig and that each option's help and choices are its field's.
 CONFIG_OPTIONS: dict[str, str] = {
     "method": "merge.method",
     "weights": "merge.weights",
@@ -54,9 +56,31 @@ CONFIG_OPTIONS: dict[str, str] = {
 }
 
 
-def field_option(name: str, help: str) -> Any:
-    """The typer option for parameter `name` of CONFIG_OPTIONS; its help ends with the field it sets."""
-    return typer.Option(help=f"{help} Sets {CONFIG_OPTIONS[name]}.")
+def config_field(dotted: str) -> Any:
+    """The pydantic field of ExperimentConfig at `dotted` (`merge.density`: MergeConfig's `density`)."""
+    *sections, leaf = dotted.split(".")
+    model: Any = ExperimentConfig
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[leaf]
+
+
+def field_option(name: str, **kwargs: Any) -> Any:
+    """The typer option for parameter `name` of CONFIG_OPTIONS: the field's description, naming the field."""
+    help = f"{config_field(CONFIG_OPTIONS[name]).description} Sets {CONFIG_OPTIONS[name]}."
+    return typer.Option(help=help, **kwargs)
+
+
+def field_choices(dotted: str) -> Any:
+    """The Literal type of the field at `dotted` (typer turns it into the option's choices)."""
+    annotation = config_field(dotted).annotation
+    return next(t for t in (annotation, *typing.get_args(annotation)) if typing.get_origin(t) is typing.Literal)
+
+
+# Choices read from the schema (typer makes a Literal a choice: a value outside it exits 2 in one line).
+MergeMethodName = field_choices(CONFIG_OPTIONS["method"])
+SamplerName = field_choices(CONFIG_OPTIONS["sampler"])
+SplitName = field_choices("evaluate.split")
 
 
 def config_values(**options: Any) -> dict[str, Any]:
@@ -139,9 +163,9 @@ def finetune(
 def merge(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    method: Annotated[str | None, field_option("method", "mergekit method.")] = None,
-    weights: Annotated[str | None, field_option("weights", "Comma-separated member weights, e.g. 0.5,0.3,0.2.")] = None,
-    density: Annotated[float | None, field_option("density", "Share of task-vector entries kept.")] = None,
+    method: Annotated[MergeMethodName | None, field_option("method")] = None,
+    weights: Annotated[str | None, field_option("weights", metavar="W1,W2,...")] = None,
+    density: Annotated[float | None, field_option("density")] = None,
     member: Annotated[list[str] | None, typer.Option(
         "--member", "-m", help="Member model URI (models:/..., runs:/..., folder); repeatable. Default: the "
         "experiment's newest registered members.")] = None,
@@ -152,15 +176,9 @@ def merge(
     from mllm.merge import run
 
     cfg = load_config(config, set_ or [], values=config_values(
-        method=method or None, weights=parse_floats("--weights", weights), density=density))
+        method=method, weights=parse_floats("--weights", weights), density=density))
     result = run(cfg, member or None, base, force=force)
     typer.echo(f"{result.method} merge of {', '.join(result.parents)} -> {result.model_uri} (run {result.run_id})")
-
-
-class Split(str, Enum):
-    train = "train"
-    validation = "validation"
-    test = "test"
 
 
 @app.command()
@@ -170,7 +188,7 @@ def evaluate(
     model: Annotated[list[str] | None, typer.Option(
         "--model", help="Model to score: models:/name/version, models:/name@alias, runs:/id/path or a folder; "
         "repeatable. Default: every merge of the experiment's newest base.")] = None,
-    split: Annotated[Split | None, typer.Option(help="Split to score (default: evaluate.split).")] = None,
+    split: Annotated[SplitName | None, typer.Option(help="Split to score (default: evaluate.split).")] = None,
     baselines: Annotated[bool | None, typer.Option(
         "--baselines/--no-baselines", help="Also score members, their ensemble, the base (evaluate.baselines).",
         show_default=False)] = None,
@@ -179,7 +197,7 @@ def evaluate(
     from mllm.evaluate import run
 
     cfg = load_config(config, set_ or [])
-    result = run(cfg, model or None, split.value if split else None, baselines)
+    result = run(cfg, model or None, split, baselines)
     typer.echo(f"{len(result.evaluations)} evaluations on {result.split} (run {result.run_id}); "
                f"compare them with: mllm report {cfg.name} --split {result.split}")
 
@@ -190,7 +208,7 @@ def report(
                                                      show_default=False)] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    split: Annotated[Split | None, typer.Option(help="Split (default: evaluate.split).")] = None,
+    split: Annotated[SplitName | None, typer.Option(help="Split (default: evaluate.split).")] = None,
     output: Annotated[OutputFormat, typer.Option("--format", "-f", help="table (markdown) or json.")] =
     OutputFormat.table,
 ) -> None:
@@ -199,7 +217,7 @@ def report(
     from mllm.evaluation.report import run, to_json
 
     cfg = load_config(config, set_ or [])
-    result = run(cfg, experiment, split.value if split else None)
+    result = run(cfg, experiment, split)
     typer.echo(to_json(result) if output is OutputFormat.json else result.markdown)
 
 
@@ -207,14 +225,12 @@ def report(
 def search(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    n_trials: Annotated[int | None, field_option("n_trials", "Finished trials the study should have; a rerun "
-                                                 "continues the study up to it.")] = None,
-    workers: Annotated[int | None, field_option("workers", "Local worker processes.")] = None,
-    storage: Annotated[str | None, field_option("storage", "Optuna storage URL shared by all workers.")] = None,
-    study_name: Annotated[str | None, field_option("study_name", "Study name (default <experiment>-search).")] = None,
-    sampler: Annotated[str | None, field_option("sampler", "tpe, cmaes, random or nsgaii.")] = None,
-    layer_groups: Annotated[int | None, field_option("layer_groups", "0: one weight per member; N: per-layer-group "
-                                                     "weights and densities over N groups of trained blocks.")] = None,
+    n_trials: Annotated[int | None, field_option("n_trials")] = None,
+    workers: Annotated[int | None, field_option("workers")] = None,
+    storage: Annotated[str | None, field_option("storage")] = None,
+    study_name: Annotated[str | None, field_option("study_name")] = None,
+    sampler: Annotated[SamplerName | None, field_option("sampler")] = None,
+    layer_groups: Annotated[int | None, field_option("layer_groups")] = None,
     member: Annotated[list[str] | None, typer.Option(
         "--member", "-m", help="Member URI; repeatable (default: the experiment's registered members).")] = None,
     base: Annotated[str | None, typer.Option(help="Base URI (with --member).")] = None,
@@ -245,8 +261,8 @@ def search(
 def promote(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    storage: Annotated[str | None, field_option("storage", "Optuna storage URL.")] = None,
-    study_name: Annotated[str | None, field_option("study_name", "Study name (default <experiment>-search).")] = None,
+    storage: Annotated[str | None, field_option("storage")] = None,
+    study_name: Annotated[str | None, field_option("study_name")] = None,
 ) -> None:
     """Merge the search's chosen recipe (search.choice) with mergekit, set `challenger`, gate `champion` on the rows
     the search never optimised (promote.split), then score it on test for the report."""
@@ -279,8 +295,53 @@ def pipeline(config: ConfigOpt = None, set_: SetOpt = None) -> None:
                f"No merge earned @champion: {result.promotion}")
 
 
+@app.command()
+def study(
+    config: Annotated[Path, typer.Argument(help="Study config (YAML), e.g. configs/studies/drugs.yaml.",
+                                           show_default=False)],
+    arm: Annotated[list[str] | None, typer.Option("--arm", help="Run only this arm; repeatable.")] = None,
+    fold: Annotated[list[int] | None, typer.Option("--fold", help="Run only this fold; repeatable.")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Write RESULTS.md from the finished cells "
+                                              "only.")] = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Run the cells, do not write RESULTS.md.")] = False,
+    export: Annotated[Path | None, typer.Option("--export", metavar="TAR_GZ", help="Then write the light store "
+                                                "(databases, small artifacts).")] = None,
+    import_: Annotated[Path | None, typer.Option("--import", metavar="TAR_GZ", help="First unpack a light store "
+                                                 "written by --export (into an empty study store).")] = None,
+) -> None:
+    """Run (or resume) a study, arms x folds cells each an MLflow experiment <study>-<arm>-f<fold>, and write its
+    RESULTS.md from the study's MLflow runs. Finished cells are reused, registered members are not retrained."""
+    from mllm.study.config import load_study
+    from mllm.study.runner import run_study, write_report
+    from mllm.study.store import export_store, import_store
+
+    spec = load_study(config)
+    bad = [f for f in fold or [] if not 0 <= f < spec.folds]
+    if bad:
+        raise ConfigError(f"--fold {bad[0]}: the study has folds 0..{spec.folds - 1}", "pass one of those")
+    if import_:
+        import_store(spec, import_)
+    if not report_only:
+        run_study(spec, arm or None, fold or None)
+    if not no_report:
+        write_report(spec, str(config))
+    if export:
+        export_store(spec, export)
+
+
 # typer >= 0.24 bundles its own click: its exceptions are not the `click` package's, so take them from typer.
 _CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def usage_line(error: Exception) -> str | None:
+    """A usage error (a value outside an option's choices, an unknown option) as one line naming `--help`; None
+    for what click shows in full (the help of a group called without a command)."""
+    if not isinstance(error, _USAGE_ERROR) or type(error).__name__ == "NoArgsIsHelpError":
+        return None
+    ctx = getattr(error, "ctx", None)
+    what = " ".join(error.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    return f"mllm: error: {what}; fix: see {ctx.command_path if ctx else 'mllm'} --help"
 
 
 def run_guarded(call: Callable[[], object]) -> NoReturn:
@@ -296,7 +357,11 @@ def run_guarded(call: Callable[[], object]) -> NoReturn:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except _CLICK_ERROR as e:
-        e.show()  # type: ignore[attr-defined]
+        line = usage_line(e)
+        if line is None:
+            e.show()  # type: ignore[attr-defined]
+        else:
+            print(line, file=sys.stderr)
         sys.exit(e.exit_code)  # type: ignore[attr-defined]
     except (typer.Abort, KeyboardInterrupt):
         print("mllm: interrupted", file=sys.stderr)

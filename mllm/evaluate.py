@@ -32,17 +32,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mllm.evaluation.baselines import ensure_tfidf, majority_logits, register_ensemble
 from mllm.basics import short_hash, slug
 from mllm.config.schema import EvaluateConfig, ExperimentConfig
 from mllm.data.splits import SplitData, load_splits
 from mllm.errors import MllmError, ModelError
+from mllm.evaluation.baselines import ensure_tfidf, majority_logits, register_ensemble
+from mllm.evaluation.metrics import bootstrap_ci, confusion, log_softmax
 from mllm.finetune import bigger_uri
 from mllm.merging.methods import METHODS, info
-from mllm.evaluation.metrics import bootstrap_ci, confusion, log_softmax
 from mllm.models.modeling import encode, iter_logits, load_classifier, resolve_device
 from mllm.models.prefix import PrefixCache, fingerprint_batches
+from mllm.tracking.runs import RunLog
 from mllm.tracking.store import Store
+from mllm.tracking.tags import VersionTags
 
 METRIC_MODULES = Path(__file__).parent / "evaluation" / "metric_modules"
 
@@ -154,38 +156,33 @@ def describe(uri: str, store: Store, role: str | None = None) -> Candidate:
     if version is None:
         return Candidate(uri, role or "model", reusable=not Path(uri).exists(),  # runs:/ URIs are immutable
                          label=f"{role or 'model'} {Path(uri).name or uri}")
-    tags = version.tags
+    t = VersionTags.of(version)
     found = store.role_of(version.name)
     role = role or found
     if found == "tfidf":
-        return Candidate(canonical, "tfidf", "tf-idf + logistic regression", f"C={tags.get('C', '?')}",
-                         val_macro_f1=float(tags["val_macro_f1"]) if tags.get("val_macro_f1") else None,
-                         model_id=store.model_id(version), label=f"tfidf v{version.version}")
+        return Candidate(canonical, "tfidf", "tf-idf + logistic regression", f"C={t.C if t.C is not None else '?'}",
+                         val_macro_f1=t.val.get("macro_f1"), model_id=store.model_id(version),
+                         label=f"tfidf v{version.version}")
     if found == "ensemble":  # scored from its members' logits, like the ensemble the report always has
-        parts = tuple(p for p in tags.get("members", "").split(",") if p)
-        return Candidate(canonical, "ensemble", "logit average", f"{len(parts)} members", parts=parts,
+        return Candidate(canonical, "ensemble", "logit average", f"{len(t.members)} members", parts=t.members,
                          model_id=store.model_id(version), label=f"ensemble v{version.version}")
-    recipe = ""
-    if found == "merged":
-        weights = json.loads(tags.get("weights") or "null")
-        how = info(tags["method"]) if tags.get("method") in METHODS else None
-        parts = [f"weights={[round(w, 3) for w in weights] if weights else 'equal'}",
-                 f"density={float(tags['density']):.3g}" if tags.get("density") and how and how.uses("density") else "",
-                 f"lambda={float(tags['lambda']):.3g}" if tags.get("lambda") and how and how.task_vector else "",
-                 f"(search trial {tags['trial']})" if tags.get("trial") else ""]
-        recipe = " ".join(p for p in parts if p)
-        if tags.get("soup"):
-            recipe = f"{tags['soup']} soup: {recipe}"
-    elif found == "member":
-        recipe = tags.get("member", "")
-    val, nll = tags.get("val_macro_f1"), tags.get("val_nll")
-    method = tags.get("method", {"member": "fine-tuned"}.get(found, ""))
-    base = tags.get("base") or (store.model_uri("base", tags["base_version"]) if tags.get("base_version") else None)
-    return Candidate(canonical, role, method, recipe, val_macro_f1=float(val) if val else None,
-                     val_nll=float(nll) if nll else None,
-                     parents=tuple(p for p in tags.get("parents", "").split(",") if p),
-                     base=base, model_id=store.model_id(version),
-                     label=f"{role} v{version.version} {tags.get('member') or method}".strip())
+    recipe = merge_recipe(t) if found == "merged" else (t.member or "") if found == "member" else ""
+    method = t.method or {"member": "fine-tuned"}.get(found, "")
+    base = t.base or (store.model_uri("base", t.base_version) if t.base_version else None)
+    return Candidate(canonical, role, method, recipe, val_macro_f1=t.val.get("macro_f1"), val_nll=t.val.get("nll"),
+                     parents=t.parents, base=base, model_id=store.model_id(version),
+                     label=f"{role} v{version.version} {t.member or method}".strip())
+
+
+def merge_recipe(t: VersionTags) -> str:
+    """A merge's recipe in one line, from its version's tags (what the report's `parameters` column shows)."""
+    how = info(t.method) if t.method in METHODS else None
+    parts = [f"weights={[round(w, 3) for w in t.weights] if t.weights else 'equal'}",
+             f"density={t.density:.3g}" if t.density is not None and how and how.uses("density") else "",
+             f"lambda={t.lambda_:.3g}" if t.lambda_ is not None and how and how.task_vector else "",
+             f"(search trial {t.trial})" if t.trial is not None else ""]
+    recipe = " ".join(p for p in parts if p)
+    return f"{t.soup} soup: {recipe}" if t.soup else recipe
 
 
 def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool, store: Store) -> list[Candidate]:
@@ -203,7 +200,7 @@ def plan(cfg: ExperimentConfig, models: list[str] | None, baselines: bool, store
         merged = store.find_versions(store.model_name("merged"), {}) if base else []
         newest_base = store.model_uri("base", base.version) if base else None
         chosen = [describe(store.model_uri("merged", v.version), store) for v in reversed(merged)
-                  if v.tags.get("base") == newest_base]
+                  if VersionTags.of(v).base == newest_base]
         if not chosen:
             raise MllmError(f"no merged models of experiment {cfg.name} to evaluate",
                             "run mllm merge first, or pass --model URI")
@@ -313,73 +310,87 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
     """One candidate's evaluation run, or the finished run with the same key (its logits read back)."""
     labels = frame["label"].to_numpy()
     dtype = str(resolve_device(cfg.model)[1] or "float32")
-    fresh: dict[str, Evaluation] = {}
-    if c.parts and c.model_id is None:  # the ensemble of these members, served and compared like the others
-        version = register_ensemble(list(c.parts), data, store)
-        c = dataclasses.replace(c, uri=store.model_uri("ensemble", version.version), model_id=store.model_id(version),
-                                label=f"ensemble v{version.version}")
-    if c.uri == "tfidf":  # the TF-IDF baseline of this data: fitted and registered once, then scored like the others
-        c = describe(store.model_uri("tfidf", ensure_tfidf(cfg, data, store).version), store, "tfidf")
+    c = registered(c, cfg, data, store)
     key = eval_key(c, split, data.fingerprint, cfg, dtype)
+    found = store.find_evaluation(key) if c.reusable else None
+    if found is not None:
+        path = store.run_artifact(found.info.run_id, "predictions.csv", store.downloads / "eval" / key)
+        logits = logits_from_frame(pd.read_csv(path, keep_default_na=False), data.label_names)
+        print(f"evaluate {c.role} {c.uri}: reused run {found.info.run_id}")
+        # Same key, same settings: the logged metrics are what scoring these logits gives.
+        return Evaluation(c, split, dict(found.data.metrics), logits, labels, found.info.run_id, True)
+    tags = {"mllm.eval_key": key, "mllm.model_uri": c.uri, "mllm.role": c.role, "mllm.method": c.method,
+            "mllm.recipe": c.recipe, "mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint,
+            "mllm.parents": ",".join(c.parts or c.parents), "mllm.base": c.base or "",
+            **({"mllm.val_macro_f1": str(c.val_macro_f1)} if c.val_macro_f1 is not None else {}),
+            **({"mllm.val_nll": str(c.val_nll)} if c.val_nll is not None else {})}
+    with store.run(f"eval {c.label or slug(c.uri)} on {split}"[:250], stage="evaluation", tags=tags,
+                   log_config=False) as run_:
+        start = time.perf_counter()
+        logits, params, passes = candidate_logits(c, cfg, data, frame, done, prefix, store, run_)
+        wall = time.perf_counter() - start
+        metrics = score(logits, labels, data.label_names, cfg.evaluate)
+        metrics.update(num_params=float(params), forward_passes=float(passes), wall_s=wall,
+                       reviews_per_s=len(labels) / wall if wall > 0 else 0.0)
+        log_evaluation(run_, c, split, cfg, dtype, metrics, logits, frame, data.label_names)
+    print(f"evaluate {c.role} {c.uri}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+          f" ({wall:.1f} s)")
+    if c.uri.startswith("models:/"):  # where people look: the version's tags and description
+        store.note_version(c.uri, f"{split} macro-F1", f"{metrics['macro_f1']:.4f} (CI "
+                           f"{metrics['macro_f1_ci_low']:.3f}-{metrics['macro_f1_ci_high']:.3f}), accuracy "
+                           f"{metrics['accuracy']:.4f}, {len(labels)} reviews")
+        if split == "validation" and c.role in ("merged", "ensemble"):  # what the report's choices read
+            store.tag_version(c.uri, {"val_macro_f1": round(metrics["macro_f1"], 6),
+                                      "val_nll": round(metrics["nll"], 6)})
+    return Evaluation(c, split, metrics, logits, labels, run_.id, False)
 
-    def make() -> Any:
-        tags = {"mllm.eval_key": key, "mllm.model_uri": c.uri, "mllm.role": c.role, "mllm.method": c.method,
-                "mllm.recipe": c.recipe, "mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint,
-                "mllm.parents": ",".join(c.parts or c.parents), "mllm.base": c.base or "",
-                **({"mllm.val_macro_f1": str(c.val_macro_f1)} if c.val_macro_f1 is not None else {}),
-                **({"mllm.val_nll": str(c.val_nll)} if c.val_nll is not None else {})}
-        with store.run(f"eval {c.label or slug(c.uri)} on {split}"[:250], stage="evaluation", tags=tags,
-                       log_config=False) as run_:
-            start = time.perf_counter()
-            if c.parts:  # the ensemble: average of its members' logits, K forward passes per review
-                missing = [p for p in c.parts if p not in done]
-                if missing:
-                    raise ModelError(f"ensemble member {missing[0]} was not evaluated", "evaluate its members")
-                logits = np.mean([done[p].logits for p in c.parts], axis=0).astype(np.float32)
-                params, passes = sum(done[p].metrics["num_params"] for p in c.parts), len(c.parts)
-            elif c.role == "majority":  # the most frequent training label for every review
-                logits = majority_logits(data.train["label"].to_numpy(), len(data.label_names), len(labels))
-                params, passes = 0, 0
-            elif c.role == "tfidf":  # through its MLflow model, as a user would load it
-                probs = store.predict_proba(c.uri, frame["text"].tolist())
-                logits = np.log(np.clip(probs, 1e-30, None)).astype(np.float32)
-                params, passes = int(store.resolve(c.uri)[1].tags.get("num_params", 0)), 1
-            else:
-                logits, params, replayed = model_logits(store.download(c.uri), frame["text"].tolist(),
-                                                        data.label_names, cfg, f"{c.role} {c.uri}", prefix)
-                run_.tags({"mllm.prefix_reused": replayed})
-                passes = 1
-            wall = time.perf_counter() - start
-            metrics = score(logits, labels, data.label_names, cfg.evaluate)
-            metrics.update(num_params=float(params), forward_passes=float(passes), wall_s=wall,
-                           reviews_per_s=len(labels) / wall if wall > 0 else 0.0)
-            run_.params({"model_uri": c.uri, "split": split, "role": c.role, "batch_size": cfg.evaluate.batch_size,
-                         "max_length": cfg.model.max_length, "dtype": dtype})
-            run_.metrics(metrics)
-            if c.model_id:  # the Models tab: the model's own metrics on this dataset
-                run_.model_metrics({f"{split}_{k}": v for k, v in metrics.items() if k in MODEL_METRICS
-                                    or k.startswith("f1_")}, c.model_id, frame, f"{cfg.name}-{split}")
-            run_.json({"model": c.uri, "split": split, "metrics": metrics}, "metrics.json")
-            run_.table(predictions_frame(frame, logits, data.label_names), "predictions.csv")
-            run_.figure(confusion_figure(labels, logits.argmax(1), data.label_names, f"{c.uri} on {split}"),
-                        "confusion_matrix.png")
-            fresh["ev"] = Evaluation(c, split, metrics, logits, labels, run_.id, False)
-        print(f"evaluate {c.role} {c.uri}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
-              f" ({wall:.1f} s)")
-        if c.uri.startswith("models:/"):  # where people look: the version's tags and description
-            store.note_version(c.uri, f"{split} macro-F1", f"{metrics['macro_f1']:.4f} (CI "
-                               f"{metrics['macro_f1_ci_low']:.3f}-{metrics['macro_f1_ci_high']:.3f}), accuracy "
-                               f"{metrics['accuracy']:.4f}, {len(labels)} reviews")
-            if split == "validation" and c.role in ("merged", "ensemble"):  # what the report's choices read
-                store.tag_version(c.uri, {"val_macro_f1": round(metrics["macro_f1"], 6),
-                                          "val_nll": round(metrics["nll"], 6)})
-        return fresh["ev"]
 
-    found, reused = store.find_or_run("evaluation", key, make, force=not c.reusable)
-    if not reused:
-        return found
-    path = store.run_artifact(found.info.run_id, "predictions.csv", store.downloads / "eval" / key)
-    logits = logits_from_frame(pd.read_csv(path, keep_default_na=False), data.label_names)
-    print(f"evaluate {c.role} {c.uri}: reused run {found.info.run_id}")
-    # Same key, same settings: the logged metrics are what scoring these logits gives.
-    return Evaluation(c, split, dict(found.data.metrics), logits, labels, found.info.run_id, True)
+def registered(c: Candidate, cfg: ExperimentConfig, data: SplitData, store: Store) -> Candidate:
+    """The candidate as a registered version: the ensemble of its members and the TF-IDF baseline of this data
+    are registered (once) so they are served and compared like every other model."""
+    if c.parts and c.model_id is None:
+        version = register_ensemble(list(c.parts), data, store)
+        return dataclasses.replace(c, uri=store.model_uri("ensemble", version.version),
+                                   model_id=store.model_id(version), label=f"ensemble v{version.version}")
+    if c.uri == "tfidf":
+        return describe(store.model_uri("tfidf", ensure_tfidf(cfg, data, store).version), store, "tfidf")
+    return c
+
+
+def candidate_logits(c: Candidate, cfg: ExperimentConfig, data: SplitData, frame: pd.DataFrame,
+                     done: dict[str, Evaluation], prefix: PrefixCache, store: Store,
+                     run_: RunLog) -> tuple[np.ndarray, int, int]:
+    """(logits, parameters, forward passes per review) of one candidate on `frame`."""
+    if c.parts:  # the ensemble: average of its members' logits, K forward passes per review
+        missing = [p for p in c.parts if p not in done]
+        if missing:
+            raise ModelError(f"ensemble member {missing[0]} was not evaluated", "evaluate its members")
+        logits = np.mean([done[p].logits for p in c.parts], axis=0).astype(np.float32)
+        return logits, int(sum(done[p].metrics["num_params"] for p in c.parts)), len(c.parts)
+    if c.role == "majority":  # the most frequent training label for every review
+        return majority_logits(data.train["label"].to_numpy(), len(data.label_names), len(frame)), 0, 0
+    if c.role == "tfidf":  # through its MLflow model, as a user would load it
+        probs = store.predict_proba(c.uri, frame["text"].tolist())
+        params = VersionTags.of(store.resolve(c.uri)[1]).num_params or 0
+        return np.log(np.clip(probs, 1e-30, None)).astype(np.float32), params, 1
+    logits, params, replayed = model_logits(store.download(c.uri), frame["text"].tolist(), data.label_names, cfg,
+                                            f"{c.role} {c.uri}", prefix)
+    run_.tags({"mllm.prefix_reused": replayed})
+    return logits, params, 1
+
+
+def log_evaluation(run_: RunLog, c: Candidate, split: str, cfg: ExperimentConfig, dtype: str,
+                   metrics: dict[str, float], logits: np.ndarray, frame: pd.DataFrame,
+                   label_names: tuple[str, ...]) -> None:
+    """An evaluation run's params, metrics, model metrics (the Models tab), predictions and confusion matrix."""
+    labels = frame["label"].to_numpy()
+    run_.params({"model_uri": c.uri, "split": split, "role": c.role, "batch_size": cfg.evaluate.batch_size,
+                 "max_length": cfg.model.max_length, "dtype": dtype})
+    run_.metrics(metrics)
+    if c.model_id:  # the Models tab: the model's own metrics on this dataset
+        run_.model_metrics({f"{split}_{k}": v for k, v in metrics.items() if k in MODEL_METRICS
+                            or k.startswith("f1_")}, c.model_id, frame, f"{cfg.name}-{split}")
+    run_.json({"model": c.uri, "split": split, "metrics": metrics}, "metrics.json")
+    run_.table(predictions_frame(frame, logits, label_names), "predictions.csv")
+    run_.figure(confusion_figure(labels, logits.argmax(1), label_names, f"{c.uri} on {split}"),
+                "confusion_matrix.png")

@@ -26,9 +26,10 @@ from mllm.data.splits import SplitData, load_splits, make_shards
 from mllm.errors import MllmError
 from mllm.models.modeling import bigger_needs_training, build_base, check_pretrained, read_source, update_source
 from mllm.models.prefix import ExampleCache, PrefixCache
-from mllm.tracking.store import Role, Store
-from mllm.tracking.runs import git_sha
 from mllm.models.training import train_member
+from mllm.tracking.runs import git_sha
+from mllm.tracking.store import Role, Store
+from mllm.tracking.tags import VersionTags
 
 BIGGER = "bigger"  # the member name of model.bigger_model, fine-tuned on all training rows
 
@@ -153,20 +154,19 @@ def ensure_base(cfg: ExperimentConfig, splits: SplitData, store: Store) -> tuple
     key = base_key(cfg, splits.label_names)
     local = cfg.output_dir / "base"
 
-    def make() -> Any:
+    version = store.find("base", key)
+    if version is None:
         build_base(cfg.model, splits.label_names, cfg.finetune.seed, local)
         update_source(local, base_key=key)
+        tags = VersionTags(base_key=key, pretrained=cfg.model.name_or_path, labels=tuple(splits.label_names),
+                           seed=cfg.finetune.seed)
         with store.run("base", stage="base", tags={"mllm.base_key": key}, log_config=False) as run_:
-            return store.register("base", run_, local, {"base_key": key, "pretrained": cfg.model.name_or_path,
-                                                        "labels": ",".join(splits.label_names),
-                                                        "seed": cfg.finetune.seed},
-                                  description=f"**Shared base classifier**: `{cfg.model.name_or_path}` with one "
-                                  f"seeded head (seed {cfg.finetune.seed}) for {', '.join(splits.label_names)}; "
-                                  "every member is fine-tuned from it and task vectors are taken against it.",
-                                  examples=splits.examples())
-
-    version, reused = store.find_or_run("base", key, make)
-    if reused and read_source(local).get("base_key") != key:
+            version = store.register("base", run_, local, tags.as_tags(),
+                                     description=f"**Shared base classifier**: `{cfg.model.name_or_path}` with one "
+                                     f"seeded head (seed {cfg.finetune.seed}) for {', '.join(splits.label_names)}; "
+                                     "every member is fine-tuned from it and task vectors are taken against it.",
+                                     examples=splits.examples())
+    elif read_source(local).get("base_key") != key:
         local = store.download(store.model_uri("base", version.version),
                                cfg.output_dir / "downloads" / f"base-{key}")
     return local, str(version.version)
@@ -194,39 +194,33 @@ def member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir:
     """Train one member (or reuse the registered version with the same key) and register it (`role`: member, or
     bigger for model.bigger_model)."""
     key = member_key(cfg, spec, base_version, splits.fingerprint, git_sha())
-    trained: dict[str, Any] = {}
-
-    def make() -> Any:
-        tags = {"mllm.member": spec.name, "mllm.strategy": spec.strategy, "mllm.member_key": key,
-                "mllm.base_version": base_version, "mllm.dataset_fingerprint": splits.fingerprint}
-        with store.run(spec.name, stage="finetune-member", parent_run_id=parent, tags=tags) as run_:
-            trained["run_id"], trained["result"] = run_.id, _train(cfg, spec, splits, base_dir, key, run_, force,
-                                                                   progress, prefix, examples)
-            result = trained["result"]
-            update_source(result.model_dir, base_key=base_key(cfg, splits.label_names), base_version=base_version)
-            return store.register(role, run_, result.model_dir, {
-                "member": spec.name, "strategy": spec.strategy, "shard": spec.shard, "domain": spec.domain,
-                "seed": spec.seed, "learning_rate": spec.learning_rate, "base_version": base_version,
-                "dataset_fingerprint": splits.fingerprint, "member_key": key,
-                **({"pretrained": cfg.model.name_or_path} if role == "bigger" else {}),
-                **{f"val_{k}": round(v, 6) for k, v in result.best.items() if k != "step"},
-            }, description=member_description(cfg, spec, base_version, result.best), examples=splits.examples(),
-                title=spec.name)
-
-    version, reused = store.find_or_run(role, key, make, force=force)
-    uri = store.model_uri(role, version.version)
-    if reused:
-        metrics = {k.removeprefix("val_"): float(t) for k, t in version.tags.items() if k.startswith("val_")}
+    version = None if force else store.find(role, key)
+    if version is not None:
+        uri = store.model_uri(role, version.version)
         print(f"finetune {spec.name}: reusing {uri} (same config, data, base and code)")
-        return MemberOutcome(spec.name, uri, str(version.version), version.run_id, metrics, 0.0, True)
-    result = trained["result"]
+        return MemberOutcome(spec.name, uri, str(version.version), version.run_id, VersionTags.of(version).val, 0.0,
+                             True)
+    run_tags = {"mllm.member": spec.name, "mllm.strategy": spec.strategy, "mllm.member_key": key,
+                "mllm.base_version": base_version, "mllm.dataset_fingerprint": splits.fingerprint}
+    with store.run(spec.name, stage="finetune-member", parent_run_id=parent, tags=run_tags) as run_:
+        result = _train(cfg, spec, splits, base_dir, key, run_, force, progress, prefix, examples)
+        update_source(result.model_dir, base_key=base_key(cfg, splits.label_names), base_version=base_version)
+        tags = VersionTags(member=spec.name, strategy=spec.strategy, shard=spec.shard, domain=spec.domain,
+                           seed=spec.seed, learning_rate=spec.learning_rate, base_version=base_version,
+                           dataset_fingerprint=splits.fingerprint, member_key=key,
+                           pretrained=cfg.model.name_or_path if role == "bigger" else None,
+                           val={k: round(v, 6) for k, v in result.best.items() if k != "step"})
+        version = store.register(role, run_, result.model_dir, tags.as_tags(),
+                                 description=member_description(cfg, spec, base_version, result.best),
+                                 examples=splits.examples(), title=spec.name)
+    uri = store.model_uri(role, version.version)
     work = cfg.output_dir / "members" / spec.name
     # Registered: the crash-recovery state has served its purpose (the final weights stay in work/final).
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     (work / "best.safetensors").unlink(missing_ok=True)
     print(f"finetune {spec.name}: val macro-F1 {result.best.get('macro_f1', float('nan')):.4f}, "
           f"{result.wall_s:.1f} s -> {uri}")
-    return MemberOutcome(spec.name, uri, str(version.version), trained["run_id"],
+    return MemberOutcome(spec.name, uri, str(version.version), run_.id,
                          {k: v for k, v in result.best.items() if k != "step"}, result.wall_s, False)
 
 

@@ -12,7 +12,6 @@ layers, vocabulary, labels, and descent from the given base.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,9 @@ from mllm.data.splits import load_splits
 from mllm.errors import MllmError, ModelError
 from mllm.merging.methods import info
 from mllm.models.modeling import atomic_dir, check_classifier, publish_dir, read_source, resolve_device, write_source
-from mllm.tracking.store import Store
 from mllm.tracking.runs import git_sha
+from mllm.tracking.store import Store
+from mllm.tracking.tags import VersionTags
 
 # Config keys that must agree between members and the base (label names are compared separately).
 SHAPE_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size",
@@ -172,7 +172,7 @@ def registered_members(store: Store) -> tuple[str, list[str]]:
                         f"run mllm finetune for experiment {store.experiment} first")
     newest: dict[str, Any] = {}
     for v in store.find_versions(store.model_name("member"), {"base_version": str(base.version)}):
-        newest.setdefault(v.tags.get("member"), v)  # versions come newest first
+        newest.setdefault(VersionTags.of(v).member, v)  # versions come newest first
     members = [store.model_uri("member", v.version) for name, v in sorted(newest.items()) if name != "full"]
     if not members:
         raise MllmError(f"no members of {store.model_name('member')} descend from {store.model_name('base')} "
@@ -205,11 +205,12 @@ def merge_key(recipe: MergeConfig, members: Sequence[str], base: str | None, cod
 
 
 def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None,
-        tags: dict[str, Any] | None = None, force: bool = False, store: Store | None = None) -> MergeResult:
-    """Merge registered (or given) members with `cfg.merge`, log the mergekit YAML, register the result.
-    An identical merge (same recipe, parents, base and code version) already registered is reused."""
+        tags: dict[str, Any] | None = None, force: bool = False, store: Store | None = None,
+        recipe: MergeConfig | None = None) -> MergeResult:
+    """Merge registered (or given) members with `recipe` (by default `cfg.merge`), log the mergekit YAML, register
+    the result. An identical merge (same recipe, parents, base and code version) already registered is reused."""
     store = store or Store(cfg)
-    given, recipe = bool(members), cfg.merge
+    given, recipe = bool(members), recipe or cfg.merge
     for uri in [*(members or []), *([base] if base else [])]:  # before any download or run (check_members,
         store.check_uri(uri, "--member" if uri != base else "--base", tokenizer=False)  # below: the tokenizer)
     base_uri, members = (base, list(members or [])) if given else registered_members(store)
@@ -222,28 +223,26 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
                   "--base" if base else store.model_name("base"))
     check_weights(recipe, len(member_dirs))
     key = merge_key(recipe, members, base_uri, git_sha())
-    made: dict[str, Any] = {}
-    examples = load_splits(cfg.data).examples()  # the input example logged with the model
-
-    def make() -> Any:
-        run_tags = {"mllm.merge_method": recipe.method, "mllm.parents": ",".join(members), "mllm.base": base_uri or "",
-                    **{f"mllm.{k}": v for k, v in (tags or {}).items()}}
-        with store.run(f"merge-{recipe.method}", stage="merge", tags=run_tags) as run_:
-            made["dir"], yaml_text = merge_models(recipe, member_dirs, base_dir, cfg.output_dir / "merged" / run_.id,
-                                                  device=resolve_device(cfg.model)[0].type)
-            run_.text(yaml_text, "mergekit_config.yml")
-            return store.register("merged", run_, made["dir"], {
-                "method": recipe.method, "parents": ",".join(members), "base": base_uri or "",
-                "weights": json.dumps(recipe.weights), "density": recipe.density, "lambda": recipe.lambda_,
-                "normalize": recipe.normalize, "seed": recipe.seed, "merge_key": key, **(tags or {}),
-                **({"groups": json.dumps([g.model_dump(mode="json", exclude={"filters"}) for g in recipe.groups])}
-                   if recipe.groups else {}),
-            }, description=merge_description(recipe, members, base_uri, tags), examples=examples,
-                title=recipe.method + (f" trial {tags['trial']}" if tags and "trial" in tags else ""))
-
-    version, reused = store.find_or_run("merged", key, make, force=force)
-    if reused:
+    version = None if force else store.find("merged", key)
+    if version is not None:
         print(f"merge {recipe.method}: reusing {store.model_name('merged')} version {version.version} "
               "(same recipe, parents, code)")
+        return MergeResult(store.model_uri("merged", version.version), str(version.version), version.run_id,
+                           recipe.method, list(members), base_uri, None, reused=True)
+    run_tags = {"mllm.merge_method": recipe.method, "mllm.parents": ",".join(members), "mllm.base": base_uri or "",
+                **{f"mllm.{k}": v for k, v in (tags or {}).items()}}
+    logged = cfg if recipe is cfg.merge else cfg.model_copy(update={"merge": recipe})  # the run's config: its recipe
+    with store.run(f"merge-{recipe.method}", stage="merge", tags=run_tags, config=logged) as run_:
+        folder, yaml_text = merge_models(recipe, member_dirs, base_dir, cfg.output_dir / "merged" / run_.id,
+                                         device=resolve_device(cfg.model)[0].type)
+        run_.text(yaml_text, "mergekit_config.yml")
+        written = VersionTags(
+            method=recipe.method, parents=tuple(members), base=base_uri or "", weights=recipe.weights,
+            density=recipe.density, lambda_=recipe.lambda_, normalize=recipe.normalize, seed=recipe.seed,
+            merge_key=key, groups=[g.model_dump(mode="json", exclude={"filters"}) for g in recipe.groups or []] or None)
+        version = store.register("merged", run_, folder, {**written.as_tags(), **(tags or {})},
+                                 description=merge_description(recipe, members, base_uri, tags),
+                                 examples=load_splits(cfg.data).examples(),  # the input example logged with it
+                                 title=recipe.method + (f" trial {tags['trial']}" if tags and "trial" in tags else ""))
     return MergeResult(store.model_uri("merged", version.version), str(version.version), version.run_id,
-                       recipe.method, list(members), base_uri, made.get("dir"), reused=reused)
+                       recipe.method, list(members), base_uri, folder)

@@ -22,11 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mllm import evaluate, finetune, merge, promote, search
-
-from mllm.evaluation import report
-
-from mllm.merging import soups
 from mllm.config.schema import ExperimentConfig
+from mllm.evaluation import report
+from mllm.merging import soups
 from mllm.tracking.store import Store
 
 STANDARD_METHODS = ("linear", "ties", "dare_ties", "dare_linear")
@@ -63,9 +61,10 @@ def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METH
         trained = timed("finetune", finetune.run, cfg)
         members = [m.model_uri for m in sorted(trained.members, key=lambda m: m.name)
                    if m.name not in ("full", finetune.BIGGER)]  # reference models, never merged
-        merges = [timed("merge", merge.run, cfg.model_copy(update={"merge": cfg.merge.model_copy(
-            update={"method": method})}), members, trained.base_uri,
-            tags={"soup": "uniform"} if method == "linear" else None).model_uri for method in standard_methods]
+        merges = [timed("merge", merge.run, cfg, members, trained.base_uri,
+                        tags={"soup": "uniform"} if method == "linear" else None,
+                        recipe=cfg.merge.model_copy(update={"method": method})).model_uri
+                  for method in standard_methods]
         if len(members) > 1:
             merges.append(timed("merge", soups.greedy_soup, cfg, members, trained.base_uri).model_uri)
         # Validation figures of every merge and baseline: what the report's choices read (never test).
@@ -82,5 +81,5 @@ def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METH
     if not promoted.champion_after:
         print(f"pipeline: no merge earned @champion ({promoted.decision.reason})")
     return PipelineResult(parent.id, rep.markdown, f"models:/{store.model_name('merged')}@champion" if champion
-                          else None, seconds, store.client.get_run(parent.id).info.experiment_id,
+                          else None, seconds, store.experiment_id(parent.id),
                           promoted.decision.reason)

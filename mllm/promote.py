@@ -4,14 +4,14 @@ the search never optimised, whether it becomes `champion`.
     mllm promote -c configs/tiny.yaml                 # the chosen trial of <experiment>-search (search.choice)
     mllm promote --study-name drugs-1 --storage postgresql+psycopg2://...
 
-The chosen trial (`mllm.evaluation.choice`: by default the best of the top trials re-scored on the held-out half) is merged by
-mergekit's `run_merge` (the same maths the in-memory trial used; tests hold them equal), registered as a version
-of `<experiment>-merged` tagged with its study, trial and policy, and gets alias `challenger`. A recipe with all
+The chosen trial (`search.choice` applied by `mllm.evaluation.choice`; by default the best on the search rows) is
+merged by mergekit's `run_merge` (the same maths the in-memory trial used; tests hold them equal), registered as a
+version of `<experiment>-merged` tagged with its study, trial and policy, and gets alias `challenger`. A recipe with all
 its weight on one member is refused before that, in one line naming the member. The gate reads `promote.split`
 (holdout: the validation rows the search's objective never read; or a selection split carved from train), never
 test, with paired bootstrap tests (`promote.bootstrap_samples`, at least 10,000):
-1. non-inferiority to the best member (chosen by validation, `mllm.evaluation.selection`): the one-sided (1 - alpha) lower
-   confidence bound of (challenger - best member) macro-F1 must exceed -`promote.non_inferiority_margin`;
+1. non-inferiority to the best member (chosen by validation, `mllm.evaluation.selection`): the one-sided (1 - alpha)
+   lower confidence bound of (challenger - best member) macro-F1 must exceed -`promote.non_inferiority_margin`;
 2. with a champion, superiority: the lower bound of (challenger - champion) must exceed `promote.margin`.
 Each states its power (a challenger exactly as good passes with it). A challenger that fails stays `challenger`;
 the reason is printed, tagged on the version (with the figures the decision used) and written into its
@@ -33,13 +33,13 @@ import numpy as np
 
 from mllm import evaluate, merge
 from mllm.basics import redact
-from mllm.evaluation.choice import single_member, split_rows
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data.splits import load_splits
 from mllm.errors import MllmError
-from mllm.tracking.locks import db_lock
+from mllm.evaluation.choice import single_member, split_rows
 from mllm.evaluation.metrics import macro_f1, paired_test
 from mllm.evaluation.selection import best_member
+from mllm.tracking.locks import db_lock
 from mllm.tracking.store import Store
 from mllm.tracking.trials import best, chosen, open_storage, study_name
 
@@ -249,7 +249,7 @@ def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = N
             if pick.choice.holdout_macro_f1 is not None:
                 tags.update({"holdout_macro_f1": round(pick.choice.holdout_macro_f1, 6),
                              "search_optimism": round(pick.choice.optimism, 6)})
-        merged = merge.run(cfg.model_copy(update={"merge": pick.recipe}), members, pick.base, store=store, tags=tags)
+        merged = merge.run(cfg, members, pick.base, store=store, tags=tags, recipe=pick.recipe)
 
         def scored(uris: list[str]) -> list[Any]:  # reused when that version was scored on this data and split
             return evaluate.run(cfg, uris, split=data_split, baselines=False, prefix=prefix, store=store).evaluations

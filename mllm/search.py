@@ -6,8 +6,8 @@
 
 Trials choose the method (`search.methods`), one weight per member, and the density / lambda the method
 reads; the objective is macro-F1 on the search part of the validation split (`search.crossfit_fraction`); the
-rest is scored too but never read by the sampler or pruner, and `mllm.evaluation.choice` picks the searched merge from every
-trial's per-review scores (`search.choice`). The test split is never scored here, and config validation refuses
+rest is scored too but never read by the sampler or pruner, and `mllm.evaluation.choice` picks the searched merge from
+every trial's per-review scores (`search.choice`). The test split is never scored here, and config validation refuses
 it as an objective. A trial merges in memory (`mllm.merging.inmemory`: members loaded once per
 worker, on the GPU when there is one), evaluates pre-tokenised, length-sorted validation batches (bf16 on
 CUDA), and with `search.prune` scores growing validation subsets (1/4, 1/2, all) so the median pruner can
@@ -32,17 +32,18 @@ from typing import Any
 import numpy as np
 
 from mllm.basics import quiet_libraries, redact
-from mllm.evaluation.choice import ROWS_ATTR, rows_attr
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
-from mllm.merging.inmemory import IN_MEMORY
-from mllm.merging.groups import LayerGroup, plan_groups
+from mllm.evaluation.choice import ROWS_ATTR, rows_attr
 from mllm.merge import check_members, registered_members
+from mllm.merging.groups import LayerGroup, plan_groups
+from mllm.merging.inmemory import IN_MEMORY
 from mllm.merging.methods import info
 from mllm.merging.scorer import Scorer, TrialScore, score_rows
-from mllm.tracking.store import Store
-from mllm.tracking.trials import best, chosen, finished, objectives, open_storage, sampler, study_name
 from mllm.tracking.runs import RunLog, owner
+from mllm.tracking.store import Store
+from mllm.tracking.tags import VersionTags
+from mllm.tracking.trials import best, chosen, finished, objectives, open_storage, sampler, study_name
 
 __all__ = ["SearchResult", "best", "finished", "open_storage", "run", "study_name", "suggest_recipe", "work"]
 
@@ -371,7 +372,7 @@ def open_study(cfg: ExperimentConfig, members: list[str] | None, base: str | Non
 def greedy_soup_weights(store: Store, members: list[str], base: str) -> list[float] | None:
     """The 1/0 weights of the newest greedy soup registered over these members and base, if any."""
     soup = store.newest("merged", {"soup": "greedy", "parents": ",".join(members), "base": base})
-    return json.loads(soup.tags["weights"]) if soup is not None and soup.tags.get("weights") else None
+    return VersionTags.of(soup).weights if soup is not None else None
 
 
 def run_workers(cfg: ExperimentConfig, parent_run_id: str, worker_index: int, members: list[str], base: str) -> None:

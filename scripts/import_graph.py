@@ -59,8 +59,19 @@ def main() -> None:
         return (module, *max(below, key=len, default=()))
 
     largest = max(lines, key=lines.get)
+    folders: dict[str, list[str]] = {}
+    for m in sorted(modules - packages):
+        folders.setdefault(m.rpartition(".")[0], []).append(m.rpartition(".")[2])
+    units = [(unit_lines(files[m]), m) for m in sorted(modules)]
     print(f"checkout: {root}")
     print(f"modules: {len(modules)}, lines: {sum(lines.values()):,}, largest: {largest} ({lines[largest]})")
+    print("modules per folder: " + ", ".join(f"{f.replace('.', '/')}/ {len(ms)}" for f, ms in folders.items()))
+    longest_unit = max(((n, f"{m}.{name}") for found, m in units for n, name in found), default=(0, "none"))
+    print(f"largest unit (function or class): {longest_unit[1]} ({longest_unit[0]} lines)")
+    over = [f"{m}.{name} ({n})" for found, m in units for n, name in found
+            if n > (layout.MAX_CLASS_LINES if name[:1].isupper() else layout.MAX_FUNCTION_LINES)]
+    limits = f"functions over {layout.MAX_FUNCTION_LINES} or classes over {layout.MAX_CLASS_LINES} lines"
+    print(f"{limits}: {', '.join(over) or 'none'}")
     print(f"over 400 lines: {', '.join(f'{m} ({n})' for m, n in sorted(lines.items()) if n > 400) or 'none'}")
     print(f"import cycles: {len(groups)}" + "".join(f"\n  {' <-> '.join(g)}" for g in groups))
     lazy = ", ".join(sorted(layout.LAZY_IMPORT_MODULES))
@@ -68,6 +79,12 @@ def main() -> None:
     print(f"modules importing mlflow: {', '.join(sorted(mlflow_users))}")
     longest = max((chain(m) for m in sorted(modules)), key=len)
     print(f"longest import chain: {len(longest)} modules (floors): {' -> '.join(longest)}")
+
+
+def unit_lines(path: Path) -> list[tuple[int, str]]:
+    """(lines, name) of every function and class in a file, at any depth."""
+    return [(node.end_lineno - node.lineno + 1, node.name) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
 if __name__ == "__main__":

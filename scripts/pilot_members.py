@@ -41,9 +41,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from mllm.evaluation.baselines import fit_tfidf
     from mllm.config.loader import load_config
     from mllm.data.splits import load_splits
+    from mllm.evaluation.baselines import fit_tfidf
     from mllm.finetune import plan_members, select
     from mllm.models.modeling import build_base
     from mllm.models.prefix import ExampleCache, PrefixCache

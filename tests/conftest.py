@@ -1,13 +1,22 @@
-"""Shared fixtures: a per-session download cache, the real data samples in ../shared/data, tiny models."""
+"""Shared fixtures and helpers: a per-session download cache, the real data samples in ../shared/data, tiny
+models, the tiny family (a base and three perturbed members), tiny configs, and backdated Optuna heartbeats.
+Test files import helpers from here, never from one another."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from mllm.config import ExperimentConfig
+
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+LABELS = ("negative", "neutral", "positive")  # the tiny configs' classes
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # tests never reach the network
 # Tests choose their stores explicitly; a shell with the stack's env file sourced must not redirect them (the
 # services tests read MLLM_STACK_TRACKING_URI instead).
@@ -54,6 +63,69 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {a: build_tiny_classifier(a, root / a, ("negative", "neutral", "positive")) for a in TINY_ARCHS}
+
+
+def tiny_cfg(tmp: Path, *overrides: str) -> ExperimentConfig:
+    """configs/tiny.yaml with its MLflow store (sqlite) and outputs under `tmp`, 150 rows, then `overrides`."""
+    from mllm.config import load_config
+
+    return load_config(TINY, [f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", f"output_dir={tmp}/out",
+                              "data.max_rows=150", *overrides])
+
+
+def perturbed(base: Path, out: Path, seed: int, scale: float = 0.05) -> Path:
+    """A stand-in member: the base plus seeded noise (a fake task vector), with lineage recorded."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mllm.models.modeling import SOURCE_FILE
+
+    shutil.copytree(base, out)
+    g = torch.Generator().manual_seed(seed)
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v + scale * torch.randn(v.shape, generator=g) for k, v in weights.items()},
+              out / "model.safetensors", metadata={"format": "pt"})
+    (out / SOURCE_FILE).write_text(json.dumps({"role": "member", "base_key": "tiny-base"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny gpt2 base and three perturbed members (m0, m1, m2), built once per test module."""
+    import json
+
+    from mllm.models.modeling import SOURCE_FILE
+    from mllm.models.tiny import build_tiny_classifier
+
+    root = tmp_path_factory.mktemp("family")
+    base = build_tiny_classifier("gpt2", root / "base", LABELS, seed=0)
+    (base / SOURCE_FILE).write_text(json.dumps({"role": "base", "base_key": "tiny-base"}))
+    return {"base": base, **{f"m{i}": perturbed(base, root / f"m{i}", seed=i + 1) for i in range(3)}}
+
+
+def backdate_heartbeats(storage: Any, trial_ids: Iterable[int], seconds: float) -> int:
+    """Move the last heartbeat of each of `trial_ids` `seconds` into the past in an Optuna RDBStorage (its
+    `trial_heartbeats` table: trial_id, heartbeat DateTime): a dead worker's trial then reads as stale to the
+    next worker's check (database now() - heartbeat > grace period) without the test waiting the grace period
+    out. Relative to the stored value, so the database's clock and time zone do not matter. Returns how many
+    heartbeats were moved (a trial that never beat has none)."""
+    from datetime import timedelta
+
+    import sqlalchemy as sa
+
+    beats = sa.table("trial_heartbeats", sa.column("trial_id", sa.Integer), sa.column("heartbeat", sa.DateTime))
+    moved = 0
+    with storage.engine.begin() as conn:
+        for trial_id in trial_ids:
+            beat = conn.execute(sa.select(beats.c.heartbeat).where(beats.c.trial_id == trial_id)).scalar()
+            if beat is not None:
+                conn.execute(sa.update(beats).where(beats.c.trial_id == trial_id)
+                             .values(heartbeat=beat - timedelta(seconds=seconds)))
+                moved += 1
+    return moved
 
 
 @pytest.fixture(autouse=True)

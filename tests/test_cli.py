@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import types
+import typing
 from pathlib import Path
 
 import pytest
+import typer
 
-from mllm.cli import main
+from mllm.cli import CONFIG_OPTIONS, app, config_field, main
 
 from .conftest import REPO
 
@@ -57,6 +59,11 @@ BAD = [
     (["data", "stats", "--dataset", "nonexistent-set"], None, "not a configured dataset, preset or existing file"),
     (["data", "stats", "--set", "data.label_scheme=rating10", "--dataset", "drugscom-sample"], None,
      "has sentiment labels"),
+    (["study", "{tmp}/absent.yaml"], None, "not found"),
+    (["study", "{tmp}/bad-study.yaml"], "study: s\ncolour: red\n", "bad-study.yaml"),
+    (["merge", "--method", "soup"], None, "'soup' is not one of 'linear'"),
+    (["evaluate", "--split", "dev"], None, "'dev' is not one of 'train', 'validation', 'test'"),
+    (["search", "--colour", "red"], None, "No such option: --colour; fix: see mllm search --help"),
 ]
 
 
@@ -120,3 +127,48 @@ def test_config_options_reach_load_config_typed(monkeypatch: pytest.MonkeyPatch,
 
     code, _, err = run_cli(["merge", "--weights", "1,x"], capsys)
     assert code == 2 and err.startswith("mllm: error: --weights '1,x'") and err.count("\n") == 1
+
+
+def cli_options() -> list[tuple[str, object]]:
+    """(command name, click option) of every CLI option that sets a config field."""
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    return [(name, p) for name, cmd in commands.items() if hasattr(cmd, "params") for p in cmd.params
+            if p.name in CONFIG_OPTIONS]
+
+
+@pytest.mark.parametrize(("command", "param"), cli_options(), ids=lambda x: getattr(x, "name", x))
+def test_config_option_help_and_choices_come_from_the_schema(command: str, param, capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    """One source: an option that sets a field has the field's description as its help, and a Literal field's values
+    as its choices (each accepted, anything else refused in one line, exit 2)."""
+    field = CONFIG_OPTIONS[param.name]
+    description = config_field(field).description
+    assert description and param.help == f"{description} Sets {field}."
+    annotation = config_field(field).annotation
+    literal = next((t for t in (annotation, *typing.get_args(annotation)) if typing.get_origin(t) is typing.Literal),
+                   None)
+    if literal is None:
+        return
+    click_command = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    option = next(o for o in param.opts if o.startswith("--"))
+    for value in typing.get_args(literal):
+        assert click_command.make_context(f"mllm {command}", [option, value]).params[param.name] == value
+    code, _, err = run_cli([command, option, "not-a-choice"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"mllm: error: Invalid value for '{option}'")
+    assert f"'not-a-choice' is not one of '{typing.get_args(literal)[0]}'" in err
+
+
+def test_study_help_lists_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["study", "--help"], capsys)
+    assert code == 0
+    for option in ("--arm", "--fold", "--report-only", "--no-report", "--export", "--import"):
+        assert option in out, option
+    assert "CONFIG" in out.upper()
+
+
+def test_study_script_is_the_cli_command() -> None:
+    """scripts/study.py is a shim: its errors are the CLI's (one line `mllm: error: ...`, exit 2)."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), "absent.yaml", "--fold", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("mllm: error: study config absent.yaml not found")
+    assert proc.stderr.count("\n") == 1

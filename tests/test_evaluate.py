@@ -14,7 +14,7 @@ from mllm.evaluate import metric_module, score
 from mllm.evaluation.metrics import bootstrap_ci, classification_summary, paired_test, resampled_scores
 from mllm.tracking.store import Store
 
-from .test_finetune import tiny_cfg
+from .conftest import tiny_cfg
 
 LABELS = ("negative", "neutral", "positive")
 

@@ -10,8 +10,6 @@ from mllm.config import MergeConfig
 from mllm.merging.inmemory import IN_MEMORY, MemberStack
 from mllm.merge import merge_models
 
-from .test_merge import family  # noqa: F401  (module-scoped fixture: a tiny base and three perturbed members)
-
 CASES = [
     MergeConfig(method="linear"),
     MergeConfig(method="linear", weights=[0.2, 0.5, 1.3], normalize=False),
@@ -33,12 +31,12 @@ def test_cases_cover_every_in_memory_method() -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(family) -> MemberStack:  # noqa: F811
+def stack(family) -> MemberStack:
     return MemberStack(family["base"], [family["m0"], family["m1"], family["m2"]])
 
 
 @pytest.mark.parametrize("recipe", CASES, ids=lambda r: f"{r.method}-{r.density}-{r.seed}")
-def test_in_memory_merge_equals_mergekit(family, stack, recipe: MergeConfig, tmp_path) -> None:  # noqa: F811
+def test_in_memory_merge_equals_mergekit(family, stack, recipe: MergeConfig, tmp_path) -> None:
     out, _ = merge_models(recipe, [family["m0"], family["m1"], family["m2"]], family["base"], tmp_path / "mk")
     reference = load_file(out / "model.safetensors")
     ours = stack.merged(recipe)
@@ -48,7 +46,7 @@ def test_in_memory_merge_equals_mergekit(family, stack, recipe: MergeConfig, tmp
     assert worst < 2e-6, f"max abs difference {worst}"
 
 
-def test_merging_into_a_resident_model_changes_its_predictions(family, stack) -> None:  # noqa: F811
+def test_merging_into_a_resident_model_changes_its_predictions(family, stack) -> None:
     model = stack.model()
     ids = torch.randint(3, 100, (2, 12))
     before = model(input_ids=ids).logits.detach().clone()
@@ -76,7 +74,7 @@ def test_out_of_memory_methods_are_refused(stack) -> None:
 
 
 @pytest.mark.parametrize("recipe", [c for c in CASES if c.method != "linear"], ids=lambda r: r.method)
-def test_members_with_frozen_weights_still_match_mergekit(family, recipe, tmp_path) -> None:  # noqa: F811
+def test_members_with_frozen_weights_still_match_mergekit(family, recipe, tmp_path) -> None:
     """Members that left some weights exactly at the base (frozen layers): the shortcut for unchanged weights
     keeps every tensor, and the random masks drawn after it, equal to mergekit's."""
     import shutil
@@ -134,7 +132,7 @@ def test_layer_groups_cover_blocks_embeddings_and_head(stack) -> None:
 
 
 @pytest.mark.parametrize("recipe", GROUP_CASES, ids=lambda r: f"{r.method}-{r.seed}")
-def test_layer_group_merge_equals_mergekit(family, stack, recipe: MergeConfig, tmp_path) -> None:  # noqa: F811
+def test_layer_group_merge_equals_mergekit(family, stack, recipe: MergeConfig, tmp_path) -> None:
     """Per-layer-group weights and densities: in memory, tensor for tensor equal to mergekit's conditional
     (filtered) parameters, DARE's masks included."""
     recipe = grouped(stack, recipe)
@@ -149,7 +147,7 @@ def test_layer_group_merge_equals_mergekit(family, stack, recipe: MergeConfig, t
     assert any(not torch.equal(plain[n], ours[n]) for n in ours)
 
 
-def test_a_zero_weight_leaves_the_member_out(family, stack) -> None:  # noqa: F811
+def test_a_zero_weight_leaves_the_member_out(family, stack) -> None:
     """Weights [1, 0, 0] merge to member 0 itself (linear, and TIES at density 1 with lambda 1): single members
     are in the search space."""
     m0 = load_file(family["m0"] / "model.safetensors")

@@ -19,14 +19,7 @@ from mllm.data.splits import load_splits
 from mllm.errors import MllmError
 from mllm.tracking.store import Store
 
-from .conftest import REPO
-
-TINY = REPO / "configs" / "tiny.yaml"
-
-
-def tiny_cfg(tmp: Path, *overrides: str) -> ExperimentConfig:
-    return load_config(TINY, [f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db", f"output_dir={tmp}/out",
-                              "data.max_rows=150", *overrides])
+from .conftest import TINY, tiny_cfg
 
 
 def runs(cfg: ExperimentConfig):

@@ -362,3 +362,16 @@ def test_the_folders_hold_the_concerns() -> None:
 def test_the_unit_scan_measures_lines() -> None:
     source = "def short():\n    return 1\n\n\ndef long():\n" + "    x = 1\n" * MAX_FUNCTION_LINES + "\n"
     assert long_units("m", ast.parse(source)) == [f"m:5: long is {MAX_FUNCTION_LINES + 1} lines (at most 60)"]
+
+
+def client_uses(module: str, tree: ast.Module) -> list[str]:
+    """`<anything>.client` attribute reads: the MLflow client a Store holds, for the tracking package only."""
+    return sorted((f"{module}:{node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree)
+                   if isinstance(node, ast.Attribute) and node.attr == "client"), key=line_order)
+
+
+def test_only_the_tracking_package_reaches_the_mlflow_client() -> None:
+    offenders = [use for module in sorted(MODULES) if not module.startswith(MLFLOW_PACKAGE)
+                 for use in client_uses(module, tree_of(module))]
+    assert not offenders, report("the MLflow client reached outside mllm.tracking (add a Store method)", offenders)
+    assert client_uses("m", ast.parse("store.client.get_run(x)\nclient = 1")) == ["m:1: store.client"]

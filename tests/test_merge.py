@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mllm.config import MergeConfig
 from mllm.errors import MllmError
@@ -17,26 +17,7 @@ from mllm.models.modeling import SOURCE_FILE, load_classifier
 from mllm.tracking.store import Store
 from mllm.models.tiny import build_tiny_classifier
 
-LABELS = ("negative", "neutral", "positive")
-
-
-def perturbed(base: Path, out: Path, seed: int, scale: float = 0.05) -> Path:
-    """A stand-in member: the base plus seeded noise (a fake task vector), with lineage recorded."""
-    shutil.copytree(base, out)
-    g = torch.Generator().manual_seed(seed)
-    weights = load_file(base / "model.safetensors")
-    save_file({k: v + scale * torch.randn(v.shape, generator=g) for k, v in weights.items()},
-              out / "model.safetensors", metadata={"format": "pt"})
-    (out / SOURCE_FILE).write_text(json.dumps({"role": "member", "base_key": "tiny-base"}))
-    return out
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("family")
-    base = build_tiny_classifier("gpt2", root / "base", LABELS, seed=0)
-    (base / SOURCE_FILE).write_text(json.dumps({"role": "base", "base_key": "tiny-base"}))
-    return {"base": base, **{f"m{i}": perturbed(base, root / f"m{i}", seed=i + 1) for i in range(3)}}
+from .conftest import LABELS, perturbed  # the `family` fixture (a base and three perturbed members) is there too
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

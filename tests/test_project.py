@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel
 from mllm.cli import CONFIG_OPTIONS, app
 from mllm.config import ExperimentConfig
 from mllm.entry import COMMANDS, cli_argv, entry_parameters, run_entry
+from mllm.errors import MllmError
+from mllm.tracking.runs import PROJECT_RUN_ENV
 
 from .conftest import REPO
 
@@ -80,7 +83,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "config": ("c.yaml", Path("c.yaml")), "overrides": ("a.b=1 c.d='x y'", ["a.b=1", "c.d=x y"]),
     "density": ("0.4", 0.4), "n_trials": ("5", 5), "workers": ("2", 2), "worker_index": ("1", 1),
     "split": ("validation", "validation"), "format": ("json", "json"), "sampler": ("random", "random"),
-    "layer_groups": ("3", 3),
+    "layer_groups": ("3", 3), "method": ("dare_ties", "dare_ties"),
 }
 
 
@@ -184,29 +187,164 @@ def test_conda_env_installs_this_package() -> None:
     assert pip == ["-e ."]
 
 
-@pytest.mark.slow
-def test_mlflow_run_entry_points(tmp_path: Path) -> None:
-    """`mlflow run . -e validate|main --env-manager local` as a user runs it, in a scratch tracking store; main
-    is the whole pipeline on the tiny config."""
+# --- `mlflow run`'s own run ------------------------------------------------------------------------------------
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def open_project_run(monkeypatch: pytest.MonkeyPatch, uri: str, experiment: str | None, entry_point: str) -> str:
+    """What `mlflow run -e <entry_point> [--experiment-name <experiment>]` does before it starts the entry point: a
+    run in that experiment (None: Default) of its store, handed over in MLFLOW_RUN_ID, _EXPERIMENT_ID, _TRACKING_URI."""
     from mlflow import MlflowClient
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment(experiment) if experiment else "0"
+    run = client.create_run(experiment_id, tags={"mlflow.project.entryPoint": entry_point,
+                                                 "mlflow.source.type": "PROJECT"})
+    monkeypatch.delenv(PROJECT_RUN_ENV, raising=False)
+    for var, value in (("MLFLOW_RUN_ID", run.info.run_id), ("MLFLOW_EXPERIMENT_ID", experiment_id),
+                       ("MLFLOW_TRACKING_URI", uri)):
+        monkeypatch.setenv(var, value)
+    return run.info.run_id
+
+
+def fake_merge(monkeypatch: pytest.MonkeyPatch, error: bool = False) -> list:
+    """`mllm.merge.run` replaced by a stage that opens one real tracked run (and fails in it when `error`)."""
+    calls: list = []
+
+    def run(cfg, *args, **kwargs):
+        from mllm.tracking.store import Store
+
+        calls.append(cfg)
+        with Store(cfg).run(f"merge-{cfg.merge.method}", stage="merge") as stage:
+            if error:
+                raise MllmError("the stage failed", "fix it")
+        return types.SimpleNamespace(method=cfg.merge.method, parents=["a"], model_uri="models:/m/1", run_id=stage.id)
+
+    module = types.ModuleType("mllm.merge")
+    module.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "mllm.merge", module)
+    return calls
+
+
+def runs_of(uri: str, experiment: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+@pytest.mark.parametrize("error", [False, True], ids=["ok", "stage-fails"])
+def test_entry_point_adopts_the_mlflow_run_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str], error: bool) -> None:
+    """`mlflow run . -e merge --experiment-name tiny`: one top-level run, named merge, in the config's experiment,
+    the stage's run nested under it, both ended (FAILED when the stage fails); nothing in Default."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    project = open_project_run(monkeypatch, uri, "tiny", "merge")
+    calls = fake_merge(monkeypatch, error)
+    with pytest.raises(SystemExit) as info:
+        run_entry("merge", ["--config", TINY, "--overrides", f"tracking.tracking_uri={uri} output_dir={tmp_path}/o",
+                            "--method", "linear", "--force", ""])
+    assert (info.value.code or 0) == (2 if error else 0), capsys.readouterr().err
+    assert [c.merge.method for c in calls] == ["linear"]
+    runs = {r.info.run_name: r for r in runs_of(uri, "tiny")}
+    assert set(runs) == {"merge", "merge-linear"} and not runs_of(uri, "Default")
+    top, stage = runs["merge"], runs["merge-linear"]
+    assert top.info.run_id == project and "mlflow.parentRunId" not in top.data.tags
+    assert top.data.tags["mllm.entry_point"] == "merge" and "mllm.git_sha" in top.data.tags
+    assert stage.data.tags["mlflow.parentRunId"] == project
+    assert {top.info.status, stage.info.status} == {"FAILED" if error else "FINISHED"}
+    assert "MLFLOW_RUN_ID" not in os.environ and PROJECT_RUN_ENV not in os.environ
+
+
+def test_entry_point_under_mlflow_run_as_a_process(tmp_path: Path) -> None:
+    """`python -m entrypoints.validate` with the variables `mlflow run` sets: its run is named validate, FINISHED."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("tiny"), tags={"mlflow.project.entryPoint": "validate"})
+    env = {**os.environ, "MLFLOW_RUN_ID": run.info.run_id, "MLFLOW_EXPERIMENT_ID": run.info.experiment_id,
+           "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.validate", "--config", TINY, "--overrides",
+                           f"tracking.tracking_uri={uri}"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    done = client.get_run(run.info.run_id)
+    assert (done.info.run_name, done.info.status) == ("validate", "FINISHED")
+    assert len(runs_of(uri, "tiny")) == 1 and not runs_of(uri, "Default")
+
+
+@pytest.mark.parametrize("where", ["experiment", "store"])
+def test_entry_point_refuses_a_run_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str], where: str) -> None:
+    """`mlflow run` without --experiment-name (its run in Default) or on another store than the config's: MLflow
+    cannot move runs, so one line naming the fix, exit 2, its run FAILED, nothing else created."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config_uri = uri if where == "experiment" else f"sqlite:///{tmp_path}/other.db"
+    project = open_project_run(monkeypatch, uri, None if where == "experiment" else "tiny", "merge")
+    calls = fake_merge(monkeypatch)
+    with pytest.raises(SystemExit) as info:
+        run_entry("merge", ["--config", TINY, "--overrides", f"tracking.tracking_uri={config_uri}"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("mllm: error: mlflow run ")
+    assert ("fix: pass --experiment-name tiny to mlflow run" if where == "experiment" else
+            f"fix: run MLFLOW_TRACKING_URI={config_uri} mlflow run") in err
+    client = MlflowClient(uri)
+    every = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not calls and [(r.info.run_id, r.info.status) for r in every] == [(project, "FAILED")]
+    if where == "experiment":
+        assert client.get_experiment_by_name("tiny") is None
+    else:
+        assert not (tmp_path / "other.db").exists()
+
+
+def test_stage_run_is_no_child_of_a_run_in_another_experiment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """A stage started inside `mlflow run` without an entry point (MLFLOW_RUN_ID in Default): its run is not
+    parented across experiments, and mlflow does not reattach to that run."""
+    from mllm.config import load_config
+    from mllm.tracking.store import Store
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    open_project_run(monkeypatch, uri, None, "merge")
+    cfg = load_config(TINY, [f"tracking.tracking_uri={uri}", f"output_dir={tmp_path}/o"])
+    with Store(cfg).run("merge-ties", stage="merge", log_config=False, system_metrics=False):
+        pass
+    [run] = runs_of(uri, "tiny")
+    assert run.info.run_name == "merge-ties" and "mlflow.parentRunId" not in run.data.tags
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_points(tmp_path: Path) -> None:
+    """`MLFLOW_TRACKING_URI=<the config's> mlflow run . -e validate|main --experiment-name tiny --env-manager local`
+    as a user runs it, in a scratch tracking store; main is the whole pipeline on the tiny config. Without
+    --experiment-name, one line says to pass it."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow-tiny.db"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
     mlflow = str(Path(sys.executable).with_name("mlflow"))
-    ok = subprocess.run([mlflow, "run", str(REPO), "-e", "validate", "-P", f"config={REPO}/configs/tiny.yaml",
-                         "-P", "overrides=merge.method=linear", "--env-manager", "local"],
+    ok = subprocess.run([mlflow, "run", str(REPO), "-e", "validate", "--experiment-name", "tiny", "-P",
+                         f"config={REPO}/configs/tiny.yaml", "-P", f"overrides=merge.method=linear "
+                         f"tracking.tracking_uri={uri}", "--env-manager", "local"],
                         capture_output=True, text=True, env=env, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "merge linear" in ok.stdout
-    bad = subprocess.run([mlflow, "run", str(REPO), "-e", "validate", "-P", f"config={REPO}/configs/tiny.yaml",
-                          "-P", "overrides=merge.colour=red", "--env-manager", "local"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    bad = subprocess.run([mlflow, "run", str(REPO), "-e", "validate", "--experiment-name", "tiny", "-P",
+                          f"config={REPO}/configs/tiny.yaml", "-P", "overrides=merge.colour=red", "--env-manager",
+                          "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode != 0 and "unknown key 'merge.colour'" in bad.stderr
-    main = subprocess.run([mlflow, "run", str(REPO), "-e", "main", "-P", f"config={REPO}/configs/tiny.yaml",
-                           "-P", f"overrides=evaluate.bootstrap_samples=200 tracking.tracking_uri=sqlite:///{tmp_path}"
-                           f"/mlflow-tiny.db search.storage=sqlite:///{tmp_path}/optuna-tiny.db "
-                           f"output_dir={tmp_path}/o",
-                           "--env-manager", "local"],
+    elsewhere = subprocess.run([mlflow, "run", str(REPO), "-e", "validate", "-P", f"config={REPO}/configs/tiny.yaml",
+                                "-P", f"overrides=tracking.tracking_uri={uri}", "--env-manager", "local"],
+                               capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert elsewhere.returncode != 0 and "fix: pass --experiment-name tiny to mlflow run" in elsewhere.stderr
+    main = subprocess.run([mlflow, "run", str(REPO), "-e", "main", "--experiment-name", "tiny", "-P",
+                           f"config={REPO}/configs/tiny.yaml", "-P", f"overrides=evaluate.bootstrap_samples=200 "
+                           f"tracking.tracking_uri={uri} search.storage=sqlite:///{tmp_path}/optuna-tiny.db "
+                           f"output_dir={tmp_path}/o", "--env-manager", "local"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert main.returncode == 0, main.stderr[-3000:]
     # The whole flow: members, standard merges, evaluation, >= 10 trials, a champion, the report table.
@@ -216,24 +354,30 @@ def test_mlflow_run_entry_points(tmp_path: Path) -> None:
 
     study = optuna.load_study(study_name="tiny-search", storage=f"sqlite:///{tmp_path}/optuna-tiny.db")
     assert len([t for t in study.trials if t.state.is_finished()]) >= 10
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow-tiny.db")
+    client = MlflowClient(tracking_uri=uri)
     champion = client.get_model_version_by_alias("tiny-merged", "champion")
     assert champion.tags["study"] == "tiny-search" and champion.tags["parents"].count("tiny-finetuned") == 3
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert "RUNNING" not in {r.info.status for r in runs}
+    # One top-level run per `mlflow run` (the one refused without --experiment-name is in Default, FAILED).
+    top = sorted((r.info.run_name, r.info.status) for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert [t for t in top if t[0] in ("validate", "main")] == [("main", "FINISHED"), ("validate", "FINISHED")]
+    assert [r.info.status for r in client.search_runs(["0"])] == ["FAILED"]
 
 
 @pytest.mark.slow
 def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
     """The acceptance commands: base + 3 tiny members trained and registered under the project run, merged,
-    evaluated with baselines and reported, each through `mlflow run`."""
+    evaluated with baselines and reported, each through `mlflow run --experiment-name tiny`: one top-level run each,
+    named after its entry point, in the config's experiment."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow-tiny.db"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
     proc = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", "finetune",
-                           "-P", f"config={REPO}/configs/tiny.yaml", "-P", f"overrides=tracking.tracking_uri={uri}",
-                           "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
+                           "--experiment-name", "tiny", "-P", f"config={REPO}/configs/tiny.yaml",
+                           "-P", f"overrides=tracking.tracking_uri={uri}", "--env-manager", "local"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not a registry an earlier test set
@@ -242,13 +386,15 @@ def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
     assert len(client.search_model_versions("name = 'tiny-base'")) == 1
     all_runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
     assert {r.info.status for r in all_runs} == {"FINISHED"}
-    stage = next(r for r in all_runs if r.info.run_name == "finetune")
-    project_run = stage.data.tags["mlflow.parentRunId"]  # the run `mlflow run` opened is the stage's parent
-    assert client.get_run(project_run).data.tags.get("mlflow.project.entryPoint") == "finetune"
+    stage = next(r for r in all_runs if r.data.tags.get("mllm.stage") == "finetune")
+    project_run = client.get_run(stage.data.tags["mlflow.parentRunId"])  # `mlflow run`'s run: the stage's parent
+    assert project_run.data.tags.get("mlflow.project.entryPoint") == "finetune"
+    assert project_run.info.run_name == "finetune" and "mlflow.parentRunId" not in project_run.data.tags
 
     merged = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", "merge",
-                             "-P", f"config={REPO}/configs/tiny.yaml", "-P", f"overrides=tracking.tracking_uri={uri}",
-                             "-P", "method=ties", "--env-manager", "local"],
+                             "--experiment-name", "tiny", "-P", f"config={REPO}/configs/tiny.yaml",
+                             "-P", f"overrides=tracking.tracking_uri={uri}", "-P", "method=ties",
+                             "--env-manager", "local"],
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert merged.returncode == 0, merged.stderr[-3000:]
     [version] = client.search_model_versions("name = 'tiny-merged'")
@@ -259,7 +405,7 @@ def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
 
     for entry, params in (("evaluate", ["-P", "split=validation"]), ("report", ["-P", "split=validation"])):
         done = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(REPO), "-e", entry,
-                               "-P", f"config={REPO}/configs/tiny.yaml", "-P",
+                               "--experiment-name", "tiny", "-P", f"config={REPO}/configs/tiny.yaml", "-P",
                                f"overrides=tracking.tracking_uri={uri} evaluate.bootstrap_samples=200", *params,
                                "--env-manager", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -267,3 +413,7 @@ def test_mlflow_run_finetune_then_merge_tiny(tmp_path: Path) -> None:
     evaluations = mlflow.search_runs(experiment_names=["tiny"], filter_string="tags.`mllm.stage` = 'evaluation'",
                                      output_format="list")
     assert len(evaluations) == 9  # 3 members, ensemble, full-data member, base, the merge, majority, TF-IDF
+    all_runs = mlflow.search_runs(experiment_names=["tiny"], output_format="list")
+    top = sorted(r.info.run_name for r in all_runs if "mlflow.parentRunId" not in r.data.tags)
+    assert top == ["evaluate", "finetune", "merge", "report"] and {r.info.status for r in all_runs} == {"FINISHED"}
+    assert not client.search_runs(["0"])  # nothing in Default

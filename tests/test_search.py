@@ -13,8 +13,7 @@ import pytest
 from mllm.errors import MllmError
 from mllm.tracking.store import Store
 
-from .conftest import readers_of_splits
-from .test_finetune import tiny_cfg
+from .conftest import backdate_heartbeats, readers_of_splits, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +94,10 @@ def test_stale_trial_of_a_killed_worker_is_retried_with_its_parameters(trained) 
     # Not enqueued: Optuna runs waiting trials first come, first served, so the standard merges would take the
     # three trials before the re-queued one (a real study's budget is larger than its enqueued trials).
     cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={
-        "study_name": "stale", "n_trials": 3, "heartbeat_s": 1, "grace_s": 2, "enqueue": False})})
+        "study_name": "stale", "n_trials": 3, "heartbeat_s": 1, "grace_s": 60, "enqueue": False})})
     search.run(cfg, create_only=True)
-    # A worker that started a trial (heartbeat recorded, MLflow run open) and then died with SIGKILL:
+    # A worker that started a trial (heartbeat recorded, MLflow run open) and then died with SIGKILL. A long
+    # grace period: only the backdated heartbeat below makes a trial stale, never a slow machine.
     st = search.open_storage(cfg)
     s = optuna.load_study(study_name="stale", storage=st)
     trial = s.ask({"method": optuna.distributions.CategoricalDistribution(cfg.search.methods)})
@@ -108,7 +108,7 @@ def test_stale_trial_of_a_killed_worker_is_retried_with_its_parameters(trained) 
     trial.set_user_attr("mlflow_run_id", dead_run.info.run_id)
     trial.set_user_attr("recipe", {"method": params["method"]})
     st.record_heartbeat(trial._trial_id)
-    time.sleep(3)  # past the grace period: stale
+    assert backdate_heartbeats(st, [trial._trial_id], cfg.search.grace_s + 1) == 1  # past the grace period: stale
 
     search.run(cfg)
     trials = optuna.load_study(study_name="stale", storage=st).trials

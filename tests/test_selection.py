@@ -189,10 +189,27 @@ def test_report_is_scoped_to_one_member_set_and_base() -> None:
 
 
 def test_a_merge_with_all_weight_on_one_member_is_that_member() -> None:
-    from mllm.evaluation.report import single_member
+    from mllm.tracking.tags import VersionTags
+
+    def single_member(tags: dict[str, str]) -> str | None:
+        return VersionTags.of(tags).single_member
 
     parents = "models:/x-finetuned/1,models:/x-finetuned/2,models:/x-finetuned/3"
     assert single_member({"weights": "[0.0, 1.0, 0.0]", "parents": parents}) == "models:/x-finetuned/2"
     assert single_member({"weights": "[1.0, 0.0, 1.0]", "parents": parents}) is None
     assert single_member({"weights": "null", "parents": parents}) is None  # equal weights: a real merge
     assert single_member({}) is None
+
+
+def test_version_tags_read_back_what_they_write() -> None:
+    from mllm.tracking.tags import VersionTags
+
+    written = VersionTags(method="ties", parents=("models:/x-finetuned/1", "models:/x-finetuned/2"), base="",
+                          weights=[0.25, 0.75], density=0.5, lambda_=1.5, normalize=True, seed=0, trial=3,
+                          merge_key="k", val={"macro_f1": 0.5, "nll": 0.9}, extra={"promotion_outcome": "refused"})
+    tags = written.as_tags()
+    assert tags["lambda"] == "1.5" and tags["weights"] == "[0.25, 0.75]" and tags["val_nll"] == "0.9"
+    assert tags["parents"] == "models:/x-finetuned/1,models:/x-finetuned/2" and "shard" not in tags
+    assert VersionTags.of(tags) == written
+    old = VersionTags.of({"shard": "None", "density": "None", "seed": "2", "member": "seed-2"})  # an older mllm's
+    assert old.shard is None and old.density is None and old.seed == 2 and old.member == "seed-2"

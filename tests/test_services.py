@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+from .conftest import backdate_heartbeats
+
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +202,7 @@ def test_sigkilled_worker_trial_is_retried(stack: dict[str, str], members: dict[
 
     folder, sets = members["folder"], members["sets"]
     name = f"kill-{uuid.uuid4().hex[:8]}"
-    n, grace = 10, 3
+    n, grace = 10, 60  # long: only the backdated heartbeats below make a trial stale, never a slow machine
     args = ["search", "-c", str(TINY), *sets, "--study-name", name, "--n-trials", str(n),
             "--set", "search.heartbeat_s=1", "--set", f"search.grace_s={grace}"]
     ok(mllm(*args, "--create-only", cwd=folder))
@@ -232,7 +234,11 @@ def test_sigkilled_worker_trial_is_retried(stack: dict[str, str], members: dict[
     print(f"SIGKILL landed inside trial {owner.number} on attempt {attempt + 1}")
     assert owner.user_attrs["owner"].endswith(f"/{victim.pid}")
 
-    time.sleep(grace + 2)  # the dead worker's heartbeat is now stale
+    # Every worker so far is dead: backdate their RUNNING trials' last heartbeats past the grace period (stale
+    # now, for the survivor's check), instead of waiting it out.
+    dead = [t._trial_id for t in study(stack, name).get_trials(deepcopy=False,
+                                                                states=(optuna.trial.TrialState.RUNNING,))]
+    assert owner._trial_id in dead and backdate_heartbeats(_STORAGES[stack["storage"]], dead, grace + 1) >= 1
     survivor = popen(*args, "--worker-index", "9", cwd=folder)
     out = survivor.communicate(timeout=600)[0]
     assert survivor.returncode == 0, out[-3000:]

@@ -102,7 +102,7 @@ def test_fold_bootstrap_resamples_within_folds_and_pairs_the_models() -> None:
     # The point is the mean of the per-fold differences, not the difference on the pooled reviews.
     assert better.point == pytest.approx(np.mean(better.per_fold))
     assert reading(better, 0.05, better.p_boot).startswith("better; better by more than 0.05")
-    assert reading(same, 0.05, 1.0) == "no significant difference; equivalent within +-0.05"
+    assert reading(same, 0.05, 1.0) == "not distinguishable at this size; equivalent within +-0.05"
 
 
 def _shifted(y: np.ndarray, wrong: float, seed: int) -> np.ndarray:

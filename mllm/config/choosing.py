@@ -16,15 +16,17 @@ class SearchConfig(Section):
     n_trials: int = Field(10, ge=1, le=100_000, description="Finished (complete or pruned) trials the study "
                           "should have; a rerun continues it up to this number.")
     methods: list[MergeMethod] = Field(
-        default_factory=lambda: ["linear", "ties", "dare_ties", "dare_linear"], min_length=1
-    )
-    sampler: Literal["tpe", "cmaes", "random", "nsgaii"] = Field("tpe")
+        default_factory=lambda: ["linear", "ties", "dare_ties", "dare_linear"], min_length=1,
+        description="Merge methods the search may choose (in-memory ones).")
+    sampler: Literal["tpe", "cmaes", "random", "nsgaii"] = Field("tpe", description="The Optuna sampler.")
     objective_split: Literal["validation", "test"] = Field("validation", description="Must be validation.")
-    second_objective: Literal["none", "worst_class_f1", "density"] = Field("none")
+    second_objective: Literal["none", "worst_class_f1", "density"] = Field(
+        "none", description="A second Optuna objective beside macro-F1 (a multi-objective study: a "
+        "Pareto front).")
     storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL shared by all workers.")
     study_name: str | None = Field(None, description="Default: <experiment>-search.")
     workers: int = Field(1, ge=1, le=256, description="Local worker processes.")
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, gt=0, description="Stop starting trials after this many seconds.")
     prune: bool = Field(True, description="Score growing validation subsets and prune hopeless trials (a pruning "
                         "decision never reads fewer than prune_min_rows reviews; off when validation is smaller).")
     prune_min_rows: int = Field(100, ge=1, description="Fewest validation reviews a pruning decision may read.")
@@ -46,8 +48,8 @@ class SearchConfig(Section):
                                      "sampler or the pruner, it chooses among the top trials (choice=crossfit) and is "
                                      "the promotion gate's split (promote.split=holdout).")
     choice: Literal["best", "crossfit", "one_se", "nll"] = Field(
-        "best", description="How the searched merge is chosen among the trials (mllm.evaluation.choice): best search-row "
-        "macro-F1 (default: chosen by the study's no-test criterion, docs/RESULTS.md); crossfit (the top_k "
+        "best", description="How the searched merge is chosen among the trials (mllm.evaluation.choice): best "
+        "search-row macro-F1 (default: chosen by the study's no-test criterion, docs/RESULTS.md); crossfit (the top_k "
         "re-scored on the held-out rows); one_se (the simplest within se_multiplier bootstrap SEs of the best); nll "
         "(lowest search-row NLL).")
     top_k: int = Field(5, ge=1, le=1000, description="choice=crossfit: trials re-scored on the held-out rows.")
@@ -57,7 +59,7 @@ class SearchConfig(Section):
                                     "above the best member's validation NLL are never chosen (None: no guard).")
     heartbeat_s: int = Field(10, ge=1, le=3600, description="Workers' heartbeat interval (seconds).")
     grace_s: int = Field(30, ge=2, le=86400, description="A trial without a heartbeat for this long is retried.")
-    seed: int = Field(0)
+    seed: int = Field(0, description="Seed of the sampler and of the search/held-out split of validation.")
 
     @field_validator("objective_split")
     @classmethod

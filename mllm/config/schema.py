@@ -144,14 +144,14 @@ class FinetuneConfig(Section):
     include_full: bool = Field(True, description="Also train one member on all training data: the model a merge "
                                "of shard or domain members stands in for (a baseline, never merged). Strategy seeds "
                                "trains none: every seed member is one.")
-    epochs: float = Field(1.0, gt=0, le=100)
+    epochs: float = Field(1.0, gt=0, le=100, description="Passes over each member's training rows (fractions allowed).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps.")
-    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="AdamW peak learning rate (linear warmup, then decay).")
     learning_rates: list[float] | None = Field(None, description="Per-member rates (strategy seeds).")
-    batch_size: int = Field(8, ge=1, le=4096)
+    batch_size: int = Field(8, ge=1, le=4096, description="Training reviews per step (length-grouped batches).")
     grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation steps.")
-    weight_decay: float = Field(0.0, ge=0, lt=1)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up.")
     early_stopping_patience: int | None = Field(2, ge=1, description="Evaluations without macro-F1 gain.")
     eval_every_steps: int | None = Field(None, ge=1, description="Validate every N steps (None: per epoch).")
     freeze_embeddings: bool = Field(False, description="Keep the token embeddings fixed.")
@@ -159,7 +159,8 @@ class FinetuneConfig(Section):
     class_weights: Literal["balanced", "none"] = Field(
         "balanced", description="Cross-entropy class weights: balanced = n / (classes x count) from the member's "
         "training rows (all 1 on balanced data), or none.")
-    seed: int = Field(42)
+    seed: int = Field(42, description="Seed of the base classifier's head; member i trains with seed + i (the full "
+                      "member: seed).")
 
     @model_validator(mode="after")
     def _rates_per_member(self) -> FinetuneConfig:

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from mllm.config.schema import DataConfig, DatasetConfig, LabelScheme
-from mllm.errors import DataError
 from mllm.data.sources import read_raw
+from mllm.errors import DataError
 
 LABEL_NAMES: dict[str, tuple[str, ...]] = {
     "rating10": tuple(str(i) for i in range(1, 11)),

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from mllm.config.schema import DataConfig, DatasetConfig
+from mllm.data.presets import PRESETS
 from mllm.data.splits import LABEL_NAMES, dataset_stats, load_dataset_rows, split_dataset
 from mllm.errors import DataError
-from mllm.data.presets import PRESETS
 
 
 def select_datasets(cfg: DataConfig, selectors: list[str]) -> list[tuple[int, DatasetConfig]]:

@@ -30,6 +30,7 @@ from mllm.data.splits import SplitData
 from mllm.evaluation.metrics import classification_summary
 from mllm.models.modeling import atomic_dir, publish_dir
 from mllm.tracking.store import Store
+from mllm.tracking.tags import VersionTags
 
 NGRAMS = (1, 2)
 
@@ -141,46 +142,45 @@ def ensure_tfidf(cfg: ExperimentConfig, splits: SplitData, store: Store) -> Any:
     cs = list(cfg.evaluate.tfidf_c)
     key = tfidf_key(splits, cs)
 
-    def make() -> Any:
-        model, history = fit_tfidf(splits, cs, cfg.evaluate.seed)
-        folder = save_tfidf(model, cfg.output_dir / "tfidf" / key)
-        best = next(h for h in history if h["C"] == model.c)
-        with store.run("tfidf", stage="tfidf", tags={"mllm.tfidf_key": key,
-                                                     "mllm.dataset_fingerprint": splits.fingerprint},
-                       log_config=False) as run_:
-            run_.params({"C_grid": json.dumps(cs), "chosen_C": model.c, "ngram_range": "1,2", "sublinear_tf": True,
-                         "class_weight": "balanced", "vocabulary_size": len(model.vocabulary),
-                         "train_rows": len(splits.train)})
-            for step, h in enumerate(history):
-                run_.metrics(h, step=step)
-            run_.metrics({"best_val_macro_f1": best["val_macro_f1"], "best_val_nll": best["val_nll"]})
-            run_.figure(c_figure(history, model.c), "tfidf_c_search.png")
-            return store.register("tfidf", run_, folder, {
-                "tfidf_key": key, "dataset_fingerprint": splits.fingerprint, "C": model.c,
-                "vocabulary_size": len(model.vocabulary), "num_params": model.num_params,
-                "val_macro_f1": round(best["val_macro_f1"], 6), "val_nll": round(best["val_nll"], 6)},
-                description=f"**TF-IDF + logistic regression** (word 1-2-grams, sublinear tf, class-balanced, "
-                f"C={model.c:g} chosen on validation from {cs}), fitted on {len(splits.train)} training reviews.\n\n"
-                f"- validation macro-F1 {best['val_macro_f1']:.4f}, NLL {best['val_nll']:.3f}",
-                examples=splits.examples(), labels=splits.label_names)
-
-    version, reused = store.find_or_run("tfidf", key, make)
-    if not reused:
-        print(f"tfidf: C={version.tags['C']} (validation macro-F1 {float(version.tags['val_macro_f1']):.4f}) -> "
-              f"{store.model_uri('tfidf', version.version)}")
+    version = store.find("tfidf", key)
+    if version is not None:
+        return version
+    model, history = fit_tfidf(splits, cs, cfg.evaluate.seed)
+    folder = save_tfidf(model, cfg.output_dir / "tfidf" / key)
+    best = next(h for h in history if h["C"] == model.c)
+    with store.run("tfidf", stage="tfidf", tags={"mllm.tfidf_key": key, "mllm.dataset_fingerprint": splits.fingerprint},
+                   log_config=False) as run_:
+        run_.params({"C_grid": json.dumps(cs), "chosen_C": model.c, "ngram_range": "1,2", "sublinear_tf": True,
+                     "class_weight": "balanced", "vocabulary_size": len(model.vocabulary),
+                     "train_rows": len(splits.train)})
+        for step, h in enumerate(history):
+            run_.metrics(h, step=step)
+        run_.metrics({"best_val_macro_f1": best["val_macro_f1"], "best_val_nll": best["val_nll"]})
+        run_.figure(c_figure(history, model.c), "tfidf_c_search.png")
+        tags = VersionTags(tfidf_key=key, dataset_fingerprint=splits.fingerprint, C=model.c,
+                           vocabulary_size=len(model.vocabulary), num_params=model.num_params,
+                           val={"macro_f1": round(best["val_macro_f1"], 6), "nll": round(best["val_nll"], 6)})
+        version = store.register(
+            "tfidf", run_, folder, tags.as_tags(), examples=splits.examples(), labels=splits.label_names,
+            description=f"**TF-IDF + logistic regression** (word 1-2-grams, sublinear tf, class-balanced, "
+            f"C={model.c:g} chosen on validation from {cs}), fitted on {len(splits.train)} training reviews.\n\n"
+            f"- validation macro-F1 {best['val_macro_f1']:.4f}, NLL {best['val_nll']:.3f}")
+    print(f"tfidf: C={model.c} (validation macro-F1 {best['val_macro_f1']:.4f}) -> "
+          f"{store.model_uri('tfidf', version.version)}")
     return version
 
 
 def register_ensemble(members: list[str], data: SplitData, store: Store) -> Any:
     """The `<experiment>-ensemble` version averaging these members' logits (registered once per member set)."""
-    def make() -> Any:
-        with store.run(f"ensemble of {len(members)}", stage="ensemble", tags={"mllm.parents": ",".join(members)},
-                       log_config=False) as run_:
-            return store.register("ensemble", run_, None, {"members": ",".join(members), "ensemble_key": key,
-                                                           **{f"member_{i}": m for i, m in enumerate(members)}},
-                                  description=f"**Logit-average ensemble** of {len(members)} members (K forward "
-                                  "passes per review): " + ", ".join(f"`{m}`" for m in members),
-                                  examples=data.examples(), members=members, labels=data.label_names)
-
     key = short_hash(members)
-    return store.find_or_run("ensemble", key, make)[0]
+    version = store.find("ensemble", key)
+    if version is not None:
+        return version
+    tags = VersionTags(members=tuple(members), ensemble_key=key,
+                       extra={f"member_{i}": m for i, m in enumerate(members)})
+    with store.run(f"ensemble of {len(members)}", stage="ensemble", tags={"mllm.parents": ",".join(members)},
+                   log_config=False) as run_:
+        return store.register("ensemble", run_, None, tags.as_tags(),
+                              description=f"**Logit-average ensemble** of {len(members)} members (K forward "
+                              "passes per review): " + ", ".join(f"`{m}`" for m in members),
+                              examples=data.examples(), members=members, labels=data.label_names)

@@ -31,8 +31,8 @@ import numpy as np
 
 from mllm.config.schema import MergeConfig
 from mllm.errors import MllmError
-from mllm.merging.methods import info
 from mllm.evaluation.metrics import log_softmax, macro_f1, resampled_scores
+from mllm.merging.methods import info
 
 Policy = Literal["best", "crossfit", "one_se", "nll"]
 POLICIES: tuple[str, ...] = ("best", "crossfit", "one_se", "nll")

@@ -7,9 +7,9 @@ paired tests against the best member, and what the numbers allow one to say.
 Reads the evaluation runs the evaluate stage logged (nothing is re-scored): the newest per model on the newest
 evaluated data, scoped to the member set (and base) of the newest merge, so evaluations of other member sets that
 share the data are never pooled. Two choices are made, both on validation figures recorded before this split was
-read (`mllm.evaluation.selection`): the best member, and the selected merge (highest validation macro-F1 among the merges).
-Every other model is compared with the best member, and the selected merge with the ensemble and the bigger model,
-by a paired bootstrap of the macro-F1 difference (p = (1 + count) / (B + 1)); Holm's correction runs over all of
+read (`mllm.evaluation.selection`): the best member, and the selected merge (highest validation macro-F1 among the
+merges). Every other model is compared with the best member, and the selected merge with the ensemble and the bigger
+model, by a paired bootstrap of the macro-F1 difference (p = (1 + count) / (B + 1)); Holm's correction runs over all of
 these comparisons. Below the table, one sentence per question says "better", "worse" or "not distinguishable at
 this size", with the non-inferiority reading beside it. The table is printed and logged as `report.md` (plus
 `report.json` and an MLflow table) in a `report` run.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ from mllm.errors import MllmError
 from mllm.evaluation.metrics import PairedTest, holm, paired_test
 from mllm.evaluation.selection import best_member, reading
 from mllm.tracking.store import Store
+from mllm.tracking.tags import VersionTags
 
 ROLE_ORDER = {"merged": 0, "ensemble": 1, "member": 2, "full": 3, "bigger": 4, "tfidf": 5, "majority": 6, "base": 7,
               "model": 8}
@@ -126,102 +127,118 @@ def _float(tags: dict[str, str], key: str) -> float | None:
     return float(tags[key]) if tags.get(key) else None
 
 
-def version_tags(uri: str, store: Store) -> dict[str, str]:
-    """A registered version's tags ({} for anything else)."""
-    if not uri.startswith("models:/"):
-        return {}
-    _, version = store.resolve(uri)
-    return dict(version.tags) if version is not None else {}
+def version_tags(uri: str, store: Store) -> VersionTags:
+    """A registered version's tags (empty for anything else)."""
+    version = store.resolve(uri)[1] if uri.startswith("models:/") else None
+    return VersionTags.of(version) if version is not None else VersionTags()
 
 
-def single_member(tags: dict[str, str]) -> str | None:
-    """The one parent a "merge" puts all its weight on (a greedy soup that kept one member), else None."""
-    weights = json.loads(tags.get("weights") or "null")
-    parents = [p for p in tags.get("parents", "").split(",") if p]
-    kept = [p for p, w in zip(parents, weights or [], strict=False) if w]
-    return kept[0] if weights and len(kept) == 1 else None
-
-
-def decisions(role: str, tags: dict[str, str]) -> list[str]:
+def decisions(role: str, t: VersionTags) -> list[str]:
     """The validation decisions a registered model took part in, from its version's tags."""
     out = []
-    if tags.get("trial"):
-        out.append(f"search winner (trial {tags['trial']})")
-    if tags.get("soup") == "greedy":
+    if t.trial is not None:
+        out.append(f"search winner (trial {t.trial})")
+    if t.soup == "greedy":
         out.append("greedy soup (members kept on validation)")
-    if tags.get("promotion_outcome"):
-        out.append(f"promotion gate ({tags.get('promotion_split', 'validation')}): {tags['promotion_outcome']}")
+    if t.get("promotion_outcome"):
+        out.append(f"promotion gate ({t.get('promotion_split', 'validation')}): {t.get('promotion_outcome')}")
     if role == "tfidf":
-        out.append(f"C={tags.get('C')} chosen")
+        out.append(f"C={t.C} chosen")
     return out
 
 
-def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store) -> ReportResult:
-    runs = scope(runs)
+def validation_score(r: Any) -> tuple[str, float | None, float | None]:
+    """(model URI, validation macro-F1, validation NLL) of an evaluation run: its own scores on validation, else
+    the validation figures it was tagged with."""
+    t, m = r.data.tags, r.data.metrics
+    if t.get("mllm.split") == "validation" and not t.get("mllm.val_macro_f1"):  # the run is the validation score
+        return t["mllm.model_uri"], m.get("macro_f1"), m.get("nll")
+    return t["mllm.model_uri"], _float(t, "mllm.val_macro_f1"), _float(t, "mllm.val_nll")
+
+
+class Scored(NamedTuple):
+    """Evaluation runs with their predictions as class indices over one label code."""
+
+    runs: list[Any]
+    names: list[str]
+    labels: np.ndarray
+    predicted: dict[str, np.ndarray]  # run id -> predicted class indices
+    classes: dict[str, set[str]]  # run id -> the classes it predicts
+
+
+def scored(runs: list[Any], work: Path, store: Store) -> Scored:
     preds = {r.info.run_id: pd.read_csv(store.run_artifact(r.info.run_id, "predictions.csv", work / r.info.run_id),
                                         keep_default_na=False) for r in runs}
     names = sorted({x for f in preds.values() for x in (*f["label"], *f["predicted"])})
     code = {n: i for i, n in enumerate(names)}
     labels = np.array([code[x] for x in next(iter(preds.values()))["label"]]) if preds else np.array([], int)
+    return Scored(runs, names, labels, {i: np.array([code[x] for x in f["predicted"]]) for i, f in preds.items()},
+                  {i: set(f["predicted"]) for i, f in preds.items()})
 
-    def predicted(r: Any) -> np.ndarray:
-        return np.array([code[x] for x in preds[r.info.run_id]["predicted"]])
 
-    def val(r: Any) -> tuple[str, float | None, float | None]:
-        t, m = r.data.tags, r.data.metrics
-        if t.get("mllm.split") == "validation" and not t.get("mllm.val_macro_f1"):  # the run is the validation score
-            return t["mllm.model_uri"], m.get("macro_f1"), m.get("nll")
-        return t["mllm.model_uri"], _float(t, "mllm.val_macro_f1"), _float(t, "mllm.val_nll")
-
-    by_role: dict[str, list[Any]] = {}
-    for r in runs:
-        by_role.setdefault(r.data.tags.get("mllm.role", "model"), []).append(r)
-    tags = {r.data.tags["mllm.model_uri"]: version_tags(r.data.tags["mllm.model_uri"], store) for r in runs}
-    best, refused = best_member([val(r) for r in by_role.get("member", [])])
-    # A "merge" with all its weight on one member is that member: listed, never selected as the merge.
-    selected, _ = best_member([val(r) for r in by_role.get("merged", [])
-                               if not single_member(tags[r.data.tags["mllm.model_uri"]])])
-    run_of = {r.data.tags["mllm.model_uri"]: r for r in runs}
-    e = cfg.evaluate
+def paired_tests(s: Scored, best: str | None, selected: str | None, others: dict[str, list[Any]],
+                 cfg: ExperimentConfig) -> dict[tuple[str, str], PairedTest]:
+    """Every model against the best member, and the selected merge against the ensemble and the bigger model."""
+    e, run_of = cfg.evaluate, {r.data.tags["mllm.model_uri"]: r for r in s.runs}
 
     def compare(a: Any, b: Any) -> PairedTest:
-        return paired_test(labels, predicted(a), predicted(b), len(names), e.bootstrap_samples, e.confidence, e.seed)
+        return paired_test(s.labels, s.predicted[a.info.run_id], s.predicted[b.info.run_id], len(s.names),
+                           e.bootstrap_samples, e.confidence, e.seed)
 
     tests: dict[tuple[str, str], PairedTest] = {}
     if best:
-        for r in runs:
+        for r in s.runs:
             if r.data.tags.get("mllm.role") != "member":
                 tests[(r.data.tags["mllm.model_uri"], best)] = compare(r, run_of[best])
-    others = {"ensemble": by_role.get("ensemble", []), "bigger": by_role.get("bigger", [])}
     if selected:
         for found in others.values():
             if found:
                 tests[(selected, found[0].data.tags["mllm.model_uri"])] = compare(run_of[selected], found[0])
+    return tests
+
+
+def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store) -> ReportResult:
+    s = scored(scope(runs), work, store)
+    by_role: dict[str, list[Any]] = {}
+    for r in s.runs:
+        by_role.setdefault(r.data.tags.get("mllm.role", "model"), []).append(r)
+    tags = {r.data.tags["mllm.model_uri"]: version_tags(r.data.tags["mllm.model_uri"], store) for r in s.runs}
+    best, refused = best_member([validation_score(r) for r in by_role.get("member", [])])
+    # A "merge" with all its weight on one member is that member: listed, never selected as the merge.
+    selected, _ = best_member([validation_score(r) for r in by_role.get("merged", [])
+                               if not tags[r.data.tags["mllm.model_uri"]].single_member])
+    others = {"ensemble": by_role.get("ensemble", []), "bigger": by_role.get("bigger", [])}
+    tests = paired_tests(s, best, selected, others, cfg)
     adjusted = dict(zip(tests, holm([t.bootstrap_p for t in tests.values()]), strict=True))
-    unit = run_of[best].data.metrics.get("num_params") if best else None
-    rows = []
-    for r in sorted(runs, key=lambda r: (ROLE_ORDER.get(r.data.tags.get("mllm.role", "model"), 9),
-                                         r.data.tags["mllm.model_uri"] != selected,
-                                         -r.data.metrics.get("macro_f1", 0))):
-        t, m, uri = r.data.tags, r.data.metrics, r.data.tags["mllm.model_uri"]
-        role = t.get("mllm.role", "model")
-        notes, chosen = [], []
-        classes = set(preds[r.info.run_id]["predicted"])
-        if len(classes) == 1 and role != "majority":
-            notes.append(f"**predicts one class** ({next(iter(classes))})")
-        if role == "merged" and single_member(tags[uri]):
-            notes.append(f"**a single member** (all weight on {single_member(tags[uri])}): not a merge, never selected")
-        if role == "member":
-            chosen.append("best member" if uri == best else "ranked for best member, not chosen")
-        if role == "merged" and not single_member(tags[uri]):
-            chosen.append("selected merge" if uri == selected else "ranked for selected merge, not chosen")
-        chosen += decisions(role, tags[uri])
-        cost = m.get("num_params", 0.0) / unit if unit else m.get("forward_passes", 1.0)
-        rows.append(Row(uri, role, t.get("mllm.method", ""), t.get("mllm.recipe", ""), dict(m), cost, r.info.run_id,
-                        _float(t, "mllm.val_macro_f1"), tuple(notes), tuple(chosen), tests.get((uri, best or "")),
-                        adjusted.get((uri, best or ""))))
+    unit = next((r.data.metrics.get("num_params") for r in s.runs if r.data.tags["mllm.model_uri"] == best), None)
+    rows = [row(r, tags[r.data.tags["mllm.model_uri"]], s.classes[r.info.run_id], best, selected, unit, tests,
+                adjusted)
+            for r in sorted(s.runs, key=lambda r: (ROLE_ORDER.get(r.data.tags.get("mllm.role", "model"), 9),
+                                                   r.data.tags["mllm.model_uri"] != selected,
+                                                   -r.data.metrics.get("macro_f1", 0)))]
     verdicts = verdict_lines(selected, best, others, tests, adjusted, cfg)
     return ReportResult(cfg.name, "", rows, best, "", None, selected, [*refused, *verdicts], len(tests))
+
+
+def row(r: Any, vt: VersionTags, classes: set[str], best: str | None, selected: str | None, unit: float | None,
+        tests: dict[tuple[str, str], PairedTest], adjusted: dict[tuple[str, str], float]) -> Row:
+    """One evaluation run's row: its figures, its notes and the validation decisions it took part in."""
+    t, m, uri = r.data.tags, r.data.metrics, r.data.tags["mllm.model_uri"]
+    role = t.get("mllm.role", "model")
+    notes, chosen = [], []
+    if len(classes) == 1 and role != "majority":
+        notes.append(f"**predicts one class** ({next(iter(classes))})")
+    if role == "merged" and vt.single_member:
+        notes.append(f"**a single member** (all weight on {vt.single_member}): not a merge, never selected")
+    if role == "member":
+        chosen.append("best member" if uri == best else "ranked for best member, not chosen")
+    if role == "merged" and not vt.single_member:
+        chosen.append("selected merge" if uri == selected else "ranked for selected merge, not chosen")
+    chosen += decisions(role, vt)
+    cost = m.get("num_params", 0.0) / unit if unit else m.get("forward_passes", 1.0)
+    return Row(uri, role, t.get("mllm.method", ""), t.get("mllm.recipe", ""), dict(m), cost, r.info.run_id,
+               _float(t, "mllm.val_macro_f1"), tuple(notes), tuple(chosen), tests.get((uri, best or "")),
+               adjusted.get((uri, best or "")))
 
 
 def verdict_lines(selected: str | None, best: str | None, others: dict[str, list[Any]],
@@ -313,7 +330,7 @@ def run(cfg: ExperimentConfig, experiment: str | None = None, split: str | None 
     experiment = experiment or cfg.name
     split = split or cfg.evaluate.split
     runs = collect(store, experiment, split) if not evaluations else sorted(  # newest first, as collect gives them
-        (store.client.get_run(i) for i in evaluations), key=lambda r: r.info.start_time, reverse=True)
+        (store.get_run(i) for i in evaluations), key=lambda r: r.info.start_time, reverse=True)
     built = build(runs, cfg, cfg.output_dir / "report", store)
     result = ReportResult(experiment, split, built.rows, built.best_member, "", None, built.selected_merge,
                           built.verdicts, built.comparisons)

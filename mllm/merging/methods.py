@@ -108,7 +108,8 @@ def methods_with(param: str) -> frozenset[str]:
 
 @cache
 def in_memory() -> frozenset[str]:
-    """Methods mllm.merging.inmemory merges in memory: linear and the task-vector family with a sparsifier it implements."""
+    """Methods mllm.merging.inmemory merges in memory: linear and the task-vector family with a sparsifier it
+    implements."""
     return frozenset({"linear"}) | methods_where(lambda i: i.task_vector and i.sparsifier in KERNEL_SPARSIFIERS)
 
 

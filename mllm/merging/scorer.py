@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from mllm.evaluation.choice import split_rows
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data.splits import load_splits
-from mllm.merging.inmemory import MemberStack
+from mllm.evaluation.choice import split_rows
 from mllm.evaluation.metrics import classification_summary, per_class_f1
+from mllm.merging.inmemory import MemberStack
 from mllm.models.modeling import collate, encode, length_batches, load_tokenizer, resolve_device
 from mllm.models.prefix import PrefixCache, prefix_state
 

@@ -5,8 +5,8 @@ only if the soup's validation macro-F1 does not drop.
 
 Each candidate soup is the uniform average of the kept members (`linear`, normalised), merged in memory
 (`mllm.merging.inmemory`) and scored on the whole validation split; the first member is the best one by validation
-(`mllm.evaluation.selection.best_member`'s order). The soup is registered through `mllm.merge.run` as a linear merge over all
-members with weight 1 for the kept ones and 0 for the others, so its parents are the member set it was chosen
+(`mllm.evaluation.selection.best_member`'s order). The soup is registered through `mllm.merge.run` as a linear merge
+over all members with weight 1 for the kept ones and 0 for the others, so its parents are the member set it was chosen
 from; the history (member tried, soup score, kept or not) is logged in a `greedy-soup` run.
 """
 
@@ -21,8 +21,8 @@ from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.evaluate import describe
 from mllm.evaluation.metrics import macro_f1
-from mllm.merging.scorer import Scorer
 from mllm.evaluation.selection import best_member
+from mllm.merging.scorer import Scorer
 from mllm.tracking.store import Store
 
 
@@ -79,7 +79,7 @@ def greedy_soup(cfg: ExperimentConfig, members: list[str], base: str, store: Sto
                                                                      for h in history]}, "greedy_soup.json")
         kept = [members[i] for i, w in enumerate(weights) if w]
         recipe = cfg.merge.model_copy(update={"method": "linear", "weights": weights, "normalize": True})
-        result = merge.run(cfg.model_copy(update={"merge": recipe}), members, base, store=store, tags={
+        result = merge.run(cfg, members, base, store=store, recipe=recipe, tags={
             "soup": "greedy", "soup_order": json.dumps([members[i] for i in order]),
             "soup_val_macro_f1": round(value, 6)})
         run_.tags({"mllm.model_uri": result.model_uri, "mllm.soup_kept": ",".join(kept)})

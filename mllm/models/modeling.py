@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from mllm.config.schema import ModelConfig
-from mllm.errors import ModelError
 from mllm.data.sources import cache_dir, pypi_wheel
+from mllm.errors import ModelError
 from mllm.models.tiny import TINY_ARCHS, build_tiny_classifier
 
 SMOLLM2 = {

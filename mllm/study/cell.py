@@ -2,16 +2,17 @@
 
     run_id = run_cell(study, study.arm("soup"), fold=0)     # the cell's MLflow run; reused once it finished
 
-In order, with every choice on validation and the test split read last:
-1. members: the registered members of the cell's data (any code version: a study resumes), trained when missing;
-2. validation: each member, the uniform soup, task arithmetic at lambda K and TIES, merged in memory
-   (mllm.merging.inmemory) and scored; the best member and the greedy soup are chosen on these figures; then the Optuna
-   search (`trials`) on validation;
-3. test: those recipes, DARE-TIES and DARE-linear at merge.density / merge.lambda over `mask_seeds` seeds, the
-   greedy soup and the searched recipe scored once, with the members' logit ensemble, the majority class and
-   TF-IDF (C chosen on validation). Task arithmetic at lambda 1 is the uniform soup's merge (SAME).
-Each model is one MLflow run nested under the cell's run: validation and test metrics, the recipe as params, and
-`predictions.csv` (split, row, label, one logit column per class), from which RESULTS.md is computed.
+In order (`run_cell`), with every choice on validation and the test split read last:
+1. members (`cell_members`): the registered members of the cell's data (any code version: a study resumes), trained
+   when missing;
+2. validation (`score_validation`, `search_choices`): each member, the uniform soup, task arithmetic at lambda K and
+   TIES, merged in memory (mllm.merging.inmemory) and scored; the best member and the greedy soup are chosen on these
+   figures; then the Optuna search (`trials`) on validation and each choice policy's pick among its trials;
+3. test (`score_test`): those recipes, DARE-TIES and DARE-linear at merge.density / merge.lambda over `mask_seeds`
+   seeds, the greedy soup and the searched recipe scored once, with the members' logit ensemble, the majority class
+   and TF-IDF (C chosen on validation). Task arithmetic at lambda 1 is the uniform soup's merge (SAME).
+Each model is one MLflow run nested under the cell's run (`log_models`): validation and test metrics, the recipe as
+params, and `predictions.csv` (split, row, label, one logit column per class), from which RESULTS.md is computed.
 """
 
 from __future__ import annotations
@@ -19,25 +20,29 @@ from __future__ import annotations
 import gc
 import json
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mllm import finetune, search
-from mllm.evaluation.baselines import ensure_tfidf, majority_logits
 from mllm.basics import short_hash
-from mllm.evaluation.choice import POLICIES, Choice, candidates_of, choose, split_rows
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data.splits import SplitData, load_splits
 from mllm.evaluate import score
+from mllm.evaluation.baselines import ensure_tfidf, majority_logits
+from mllm.evaluation.choice import POLICIES, Choice, candidates_of, choose, split_rows
 from mllm.evaluation.metrics import classification_summary, log_softmax
-from mllm.merging.scorer import Scorer
 from mllm.evaluation.selection import best_member
+from mllm.merging.scorer import Scorer
 from mllm.merging.soups import greedy_order, greedy_weights
-from mllm.tracking.store import Store
-from mllm.tracking.trials import open_storage
 from mllm.study.config import Arm, StudyConfig, cell_config
+from mllm.tracking.runs import RunLog
+from mllm.tracking.store import Store
+from mllm.tracking.tags import VersionTags
+from mllm.tracking.trials import open_storage
 
 # Task arithmetic at lambda 1 on normalised weights is base + mean(task vectors): the uniform soup's weights (equal
 # up to float rounding, tests/test_fastmerge.py), so it is scored once and recorded under both names.
@@ -46,6 +51,7 @@ SAME = {"ta-1": "uniform"}
 # with their search trials. DARE's per-seed merges are scored on test only (their validation figures are the
 # search's enqueued DARE trials).
 VALIDATION_KINDS = ("member", "merge", "searched")
+Earlier = dict[str, tuple[dict[str, np.ndarray], str, dict[str, str]]]  # name -> (split -> logits, run id, params)
 
 
 def fixed_recipes(cfg: ExperimentConfig, k: int, mask_seeds: int) -> dict[str, tuple[str, MergeConfig]]:
@@ -76,8 +82,9 @@ def cell_members(cfg: ExperimentConfig, store: Store, data: SplitData) -> tuple[
     def found() -> dict[str, Any]:
         out: dict[str, Any] = {}
         for v in store.find_versions(store.model_name("member"), {"dataset_fingerprint": data.fingerprint}):
-            if v.tags.get("member_key"):  # a light store's import untags versions whose weights were not exported
-                out.setdefault(v.tags.get("member", ""), v)
+            tags = VersionTags.of(v)
+            if tags.member_key:  # a light store's import untags versions whose weights were not exported
+                out.setdefault(tags.member or "", v)
         return out
 
     have = found()
@@ -85,7 +92,7 @@ def cell_members(cfg: ExperimentConfig, store: Store, data: SplitData) -> tuple[
     if missing:
         finetune.run(cfg, missing, store=store)
         have = found()
-    bases = {have[n].tags["base_version"] for n in names}
+    bases = {VersionTags.of(have[n]).base_version for n in names}
     if len(bases) != 1:
         raise RuntimeError(f"{cfg.name}: members of several bases {sorted(bases)}")
     return store.model_uri("base", bases.pop()), [(n, store.model_uri("member", have[n].version)) for n in names]
@@ -96,11 +103,8 @@ def cell_key(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, fingerprint: s
     study settings that change a cell's figures; not where the store lies, so an imported light store resumes, and
     not search.choice: a cell scores every policy's choice, and which one the report calls the searched merge is
     read when the report is written."""
-    where_free = cfg.to_dict()
-    where_free.pop("output_dir")
-    where_free.pop("tracking")
-    where_free["search"].pop("storage")
-    where_free["search"].pop("choice")
+    where_free = {k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "tracking")}
+    where_free["search"] = {k: v for k, v in where_free["search"].items() if k not in ("storage", "choice")}
     return short_hash([where_free, fingerprint, study.trials, study.mask_seeds, arm.name, arm.reference], 20)
 
 
@@ -108,30 +112,25 @@ def _train_seconds(store: Store, uris: list[str]) -> float:
     """Wall time of the members' training runs (recorded by finetune, whenever they ran)."""
     total = 0.0
     for uri in uris:
-        run = store.client.get_run(store.resolve(uri)[1].run_id)
+        run = store.get_run(store.resolve(uri)[1].run_id)
         total += ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
     return total
 
 
 def _predictions(frames: dict[str, np.ndarray], labels: dict[str, np.ndarray], names: tuple[str, ...]
                  ) -> pd.DataFrame:
-    parts = []
-    for split, logits in frames.items():
-        part = pd.DataFrame(logits, columns=[f"logit_{n}" for n in names])
-        part.insert(0, "label", labels[split])
-        part.insert(0, "row", np.arange(len(logits)))
-        part.insert(0, "split", split)
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)
+    return pd.concat([pd.DataFrame({"split": split, "row": np.arange(len(logits)), "label": labels[split],
+                                    **{f"logit_{n}": logits[:, j] for j, n in enumerate(names)}})
+                      for split, logits in frames.items()], ignore_index=True)
 
 
 def policy_choices(cfg: ExperimentConfig, study_name: str, labels: np.ndarray, members: list[np.ndarray],
-                   cell: Any) -> dict[str, Choice]:
-    """The searched merge under every choice policy (mllm.evaluation.choice), all from the one search's trials: "searched" is
-    the configured search.choice, "policy:<name>" the others, and "policy:best-all" the old rule (the highest
-    macro-F1 on every validation row, no guard). The trials' per-review scores go to the cell run as `trials.json`
-    (with the members' per-review NLL and the rows each part holds), from which the report measures every policy
-    between validation halves without reading test."""
+                   cell: RunLog) -> dict[str, Choice]:
+    """The searched merge under every choice policy (mllm.evaluation.choice), all from the one search's trials:
+    "searched" is the configured search.choice, "policy:<name>" the others, and "policy:best-all" the old rule (the
+    highest macro-F1 on every validation row, no guard). The trials' per-review scores go to the cell run as
+    `trials.json` (with the members' per-review NLL and the rows each part holds), from which the report measures
+    every policy between validation halves without reading test."""
     import optuna
 
     trials = optuna.load_study(study_name=study_name, storage=open_storage(cfg)).get_trials(
@@ -150,8 +149,7 @@ def policy_choices(cfg: ExperimentConfig, study_name: str, labels: np.ndarray, m
 
     out = {"searched": pick(s.choice)}
     out.update({f"policy:{p}": pick(p) for p in POLICIES if p != s.choice})
-    every = np.arange(len(labels))
-    old = choose(candidates, labels, every, np.zeros(0, dtype=np.int64), k, "best")
+    old = choose(candidates, labels, np.arange(len(labels)), np.zeros(0, dtype=np.int64), k, "best")
     out["policy:best-all"] = Choice("best-all", old.number, old.recipe, old.search_macro_f1, None, old.search_nll,
                                     "every validation row", "highest macro-F1 on every validation row (the old rule)")
     cell.json({"labels": labels.tolist(), "search_rows": search.tolist(), "holdout_rows": holdout.tolist(),
@@ -174,7 +172,7 @@ def read_predictions(path: str) -> dict[str, np.ndarray]:
 
 
 def earlier_models(study: StudyConfig, arm: Arm, fold: int, store: Store, key: str, members: list[np.ndarray]
-                   ) -> dict[str, tuple[dict[str, np.ndarray], str, dict[str, str]]]:
+                   ) -> Earlier:
     """The fixed models of an earlier finished cell of this arm and fold (another key: older code or settings)
     whose members give these validation logits (to 1e-4): name -> (split -> logits, run id, params). Their
     figures do not depend on the search, so a rerun of the choice takes them over instead of scoring them again;
@@ -185,7 +183,7 @@ def earlier_models(study: StudyConfig, arm: Arm, fold: int, store: Store, key: s
     if not cells:
         return {}
     cell = cells[0]  # the newest
-    out = {}
+    out: Earlier = {}
     for r in store.find_runs({"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": str(fold),
                               "mllm.stage": "study-model"}):
         name = r.data.tags["mllm.study_model"]
@@ -201,6 +199,40 @@ def earlier_models(study: StudyConfig, arm: Arm, fold: int, store: Store, key: s
     print(f"study: {arm.name} f{fold}: members equal those of cell run {cell.info.run_id}; its fixed models are "
           "taken over, not scored again")
     return out
+
+
+@dataclass
+class CellWork:
+    """One cell as its phases fill it in: what they read, then what they hand on (models, logits, choices, seconds)."""
+
+    study: StudyConfig
+    arm: Arm
+    fold: int
+    key: str
+    cfg: ExperimentConfig  # with the cell's own Optuna study
+    whole: ExperimentConfig  # cfg without pruning: fixed models are scored on all validation rows
+    store: Store
+    data: SplitData
+    base: str  # the base's model URI
+    members: list[tuple[str, str]]  # (name, model URI)
+    base_dir: Path
+    dirs: list[Path]
+    labels: dict[str, np.ndarray]  # split -> labels
+    seconds: dict[str, float]
+    recipes: dict[str, tuple[str, MergeConfig | None]] = field(default_factory=dict)  # name -> (kind, recipe)
+    val: dict[str, np.ndarray] = field(default_factory=dict)  # name -> logits
+    test: dict[str, np.ndarray] = field(default_factory=dict)
+    earlier: Earlier = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)  # members best-first on validation
+    weights: list[float] = field(default_factory=list)  # the greedy soup's
+    history: list[Any] = field(default_factory=list)  # the greedy soup's steps
+    picks: dict[str, Choice] = field(default_factory=dict)  # "searched" and "policy:<name>"
+    tfidf: str = ""  # the TF-IDF model's URI
+
+    def taken_over(self, name: str) -> bool:
+        """Whether an earlier cell's logits of `name` stand for this cell's (the greedy soup: with the same weights)."""
+        return name in self.earlier and (
+            name != "greedy" or self.earlier[name][2].get("weights") == json.dumps(self.weights))
 
 
 def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
@@ -228,117 +260,139 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
                      "members": json.dumps([n for n, _ in members]), "trials": study.trials,
                      "mask_seeds": study.mask_seeds, **{f"{s}_rows": n for s, n in data.sizes().items()}})
         whole = cfg.model_copy(update={"search": cfg.search.model_copy(update={"prune": False})})
-        base_dir, dirs = store.download(base), [store.download(u) for u in uris]
-        recipes = fixed_recipes(cfg, len(uris), study.mask_seeds)
-        labels = {"validation": data.validation["label"].to_numpy(), "test": data.test["label"].to_numpy()}
-
-        if arm.reference:  # members only: another arm's reference model
-            recipes = {k: v for k, v in recipes.items() if v[0] == "member"}
+        work = CellWork(study, arm, fold, key, cfg, whole, store, data, base, members, store.download(base),
+                        [store.download(u) for u in uris],
+                        {"validation": data.validation["label"].to_numpy(), "test": data.test["label"].to_numpy()},
+                        seconds)
         tick = time.perf_counter()  # 1. validation: every choice is made here
-        scorer: Scorer | None = Scorer(whole, base_dir, dirs)
-        assert scorer is not None
-        val = {name: scorer.logits(r) for name, (kind, r) in recipes.items() if kind == "member"}
-        earlier = earlier_models(study, arm, fold, store, key, [val[f"member:{i}"] for i in range(len(uris))])
-        for name, (kind, r) in recipes.items():
-            if kind in VALIDATION_KINDS and name not in SAME and name not in val:
-                val[name] = earlier[name][0]["validation"] if "validation" in earlier.get(name, ({}, "", {}))[0] \
-                    else scorer.logits(r)
-        member_f1 = [classification_summary(val[f"member:{i}"], labels["validation"]) for i in range(len(uris))]
-        order = [int(i) for i in greedy_order([(str(i), f["macro_f1"], f["nll"]) for i, f in enumerate(member_f1)])]
-
-        soups: dict[tuple[float, ...], np.ndarray] = {}  # the greedy soup's validation logits, scored once
-
-        def soup_f1(weights: list[float]) -> float:
-            assert scorer is not None
-            logits = scorer.logits(MergeConfig(method="linear", weights=weights, normalize=True))
-            soups[tuple(weights)] = logits
-            return classification_summary(logits, labels["validation"])["macro_f1"]
-
-        weights, history = [1.0] * len(uris), []
-        if not arm.reference:
-            weights, _, history = greedy_weights(order, soup_f1, len(uris))
-            recipes["greedy"] = ("merge", MergeConfig(method="linear", weights=weights, normalize=True))
-            val["greedy"] = soups[tuple(weights)]
+        scorer = Scorer(whole, work.base_dir, work.dirs)
+        score_validation(work, scorer)
         seconds["validation_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        picks: dict[str, Choice] = {}
         if not arm.reference:
-            result = search.run(cfg, uris, base, parent_run_id=cell.id, store=store)
-            picks = policy_choices(cfg, result.study_name, labels["validation"], [val[f"member:{i}"]
-                                                                                  for i in range(len(uris))], cell)
-            for name, pick in picks.items():  # one validation scoring per distinct trial
-                recipes[name] = ("searched" if name == "searched" else "policy", pick.recipe)
-                same = next((n for n, p in picks.items() if n in val and p.number == pick.number), None)
-                val[name] = val[same] if same else scorer.logits(pick.recipe)
+            search_choices(work, scorer, cell)
         seconds["search_s"] = time.perf_counter() - tick
-        scorer = None
+        del scorer
         gc.collect()
-
-        tick = time.perf_counter()  # 2. test: read once, after every choice
-        scorer = Scorer(whole, base_dir, dirs, reviews=(data.test["text"].tolist(), labels["test"]))
-        test: dict[str, np.ndarray] = {}
-        for name, (_, r) in recipes.items():
-            same = next((n for n, p in picks.items() if n in test and name in picks
-                         and p.number == picks[name].number), None)
-            if name in SAME:
-                continue
-            if same:
-                test[name] = test[same]
-            elif name in earlier and (name != "greedy" or earlier[name][2].get("weights") == json.dumps(weights)):
-                test[name] = earlier[name][0]["test"]
-            else:
-                test[name] = scorer.logits(r)
-        scorer = None
-        for name, same in SAME.items():
-            if same in test:
-                val[name], test[name] = val[same], test[same]
-        gc.collect()
-        tfidf = ""
-        if not arm.reference:
-            for split, out in (("validation", val), ("test", test)):
-                out["ensemble"] = np.mean([out[f"member:{i}"] for i in range(len(uris))], axis=0).astype(np.float32)
-                out["majority"] = majority_logits(data.train["label"].to_numpy(), len(data.label_names),
-                                                  len(labels[split]))
-            tfidf = store.model_uri("tfidf", ensure_tfidf(cfg, data, store).version)
-            for split, out in (("validation", val), ("test", test)):
-                probs = store.predict_proba(tfidf, data.split(split)["text"].tolist())
-                out["tfidf"] = np.log(np.clip(probs, 1e-30, None)).astype(np.float32)
-            recipes.update({"ensemble": ("ensemble", None), "majority": ("majority", None),
-                            "tfidf": ("tfidf", None)})
-        seconds["test_s"] = time.perf_counter() - tick
-
-        for name, (kind, recipe) in recipes.items():
-            index = int(name.split(":")[1]) if kind == "member" else None
-            params: dict[str, Any] = {"model": name, "kind": kind}
-            if kind == "member":
-                params.update(member=members[index][0], model_uri=uris[index])
-            elif kind == "tfidf":
-                params["model_uri"] = tfidf
-            elif recipe is not None:
-                params.update(method=recipe.method, weights=json.dumps(recipe.weights), density=recipe.density,
-                              lambda_=recipe.lambda_, seed=recipe.seed)
-            if name in picks:
-                pick = picks[name]
-                params.update(trial=pick.number, policy=pick.policy, chosen_on=pick.chosen_on,
-                              groups=json.dumps([g.model_dump(mode="json") for g in recipe.groups or []]))
-            if name in SAME:
-                params["scored_as"] = SAME[name]
-            if name in earlier and name not in picks and kind not in ("ensemble", "majority", "tfidf") and (
-                    name != "greedy" or earlier[name][2].get("weights") == json.dumps(weights)):
-                params["reused_from"] = earlier[name][1]  # the earlier cell's run: same members, same logits
-            metrics = {f"val_{m}": x for m, x in classification_summary(val[name], labels["validation"]).items()
-                       } if name in val else {}
-            metrics.update({f"test_{m}": x for m, x in score(test[name], labels["test"], data.label_names,
-                                                               cfg.evaluate).items()})
-            with store.run(f"{arm.name} f{fold} {name}", stage="study-model", parent_run_id=cell.id,
-                           tags={"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": fold,
-                                 "mllm.study_model": name, "mllm.kind": kind}, log_config=False,
-                           system_metrics=False) as run_:
-                run_.params(params)
-                run_.metrics(metrics)
-                run_.table(_predictions({**({"validation": val[name]} if name in val else {}), "test": test[name]},
-                                        labels, data.label_names), "predictions.csv")
-        cell.json({"order": [members[i][0] for i in order], "greedy": history, "weights": weights}, "greedy.json")
+        score_test(work)  # 2. test: read once, after every choice
+        log_models(work, cell)
+        cell.json({"order": [members[i][0] for i in work.order], "greedy": work.history, "weights": work.weights},
+                  "greedy.json")
         cell.metrics(seconds)
     print(f"study: {cfg.name} done ({', '.join(f'{k} {v:.0f}' for k, v in seconds.items())})")
     return cell.id
+
+
+def score_validation(work: CellWork, scorer: Scorer) -> None:
+    """Validation logits of the members and the merges (an earlier cell's when its members are the same), then the
+    greedy soup: members added best-first while validation macro-F1 does not drop, its logits scored once."""
+    k, val, labels = len(work.members), work.val, work.labels["validation"]
+    work.recipes = dict(fixed_recipes(work.cfg, k, work.study.mask_seeds))
+    if work.arm.reference:  # members only: another arm's reference model
+        work.recipes = {name: v for name, v in work.recipes.items() if v[0] == "member"}
+    val.update({name: scorer.logits(r) for name, (kind, r) in work.recipes.items() if kind == "member"})
+    work.earlier = earlier_models(work.study, work.arm, work.fold, work.store, work.key,
+                                  [val[f"member:{i}"] for i in range(k)])
+    for name, (kind, r) in work.recipes.items():
+        if kind in VALIDATION_KINDS and name not in SAME and name not in val:
+            earlier = work.earlier.get(name, ({}, "", {}))[0]
+            val[name] = earlier["validation"] if "validation" in earlier else scorer.logits(r)
+    member_f1 = [classification_summary(val[f"member:{i}"], labels) for i in range(k)]
+    work.order = [int(i) for i in greedy_order([(str(i), f["macro_f1"], f["nll"]) for i, f in enumerate(member_f1)])]
+    work.weights = [1.0] * k
+    if work.arm.reference:
+        return
+    soups: dict[tuple[float, ...], np.ndarray] = {}
+
+    def soup_f1(weights: list[float]) -> float:
+        soups[tuple(weights)] = scorer.logits(MergeConfig(method="linear", weights=weights, normalize=True))
+        return classification_summary(soups[tuple(weights)], labels)["macro_f1"]
+
+    work.weights, _, work.history = greedy_weights(work.order, soup_f1, k)
+    work.recipes["greedy"] = ("merge", MergeConfig(method="linear", weights=work.weights, normalize=True))
+    val["greedy"] = soups[tuple(work.weights)]
+
+
+def search_choices(work: CellWork, scorer: Scorer, cell: RunLog) -> None:
+    """The Optuna search on validation, then each policy's choice, scored on validation once per distinct trial."""
+    result = search.run(work.cfg, [u for _, u in work.members], work.base, parent_run_id=cell.id, store=work.store)
+    members = [work.val[f"member:{i}"] for i in range(len(work.members))]
+    work.picks = policy_choices(work.cfg, result.study_name, work.labels["validation"], members, cell)
+    for name, pick in work.picks.items():
+        work.recipes[name] = ("searched" if name == "searched" else "policy", pick.recipe)
+        same = next((n for n, p in work.picks.items() if n in work.val and p.number == pick.number), None)
+        work.val[name] = work.val[same] if same else scorer.logits(pick.recipe)
+
+
+def score_test(work: CellWork) -> None:
+    """Every model's test logits (once per distinct merge), then the baselines': the one read of the test split."""
+    tick = time.perf_counter()
+    picks, test, reviews = work.picks, work.test, (work.data.test["text"].tolist(), work.labels["test"])
+    scorer = Scorer(work.whole, work.base_dir, work.dirs, reviews=reviews)
+    for name, (_, r) in work.recipes.items():
+        same = next((n for n, p in picks.items() if n in test and name in picks
+                     and p.number == picks[name].number), None)
+        if name in SAME:
+            continue
+        if same:
+            test[name] = test[same]
+        elif work.taken_over(name):
+            test[name] = work.earlier[name][0]["test"]
+        else:
+            test[name] = scorer.logits(r)
+    del scorer
+    for name, same in SAME.items():
+        if same in test:
+            work.val[name], test[name] = work.val[same], test[same]
+    gc.collect()
+    if not work.arm.reference:  # the members' logit ensemble, the majority class, TF-IDF (C chosen on validation)
+        data, k = work.data, len(work.members)
+        work.tfidf = work.store.model_uri("tfidf", ensure_tfidf(work.cfg, data, work.store).version)
+        for split, out in (("validation", work.val), ("test", test)):
+            out["ensemble"] = np.mean([out[f"member:{i}"] for i in range(k)], axis=0).astype(np.float32)
+            out["majority"] = majority_logits(data.train["label"].to_numpy(), len(data.label_names),
+                                              len(work.labels[split]))
+            probs = work.store.predict_proba(work.tfidf, data.split(split)["text"].tolist())
+            out["tfidf"] = np.log(np.clip(probs, 1e-30, None)).astype(np.float32)
+        work.recipes.update({"ensemble": ("ensemble", None), "majority": ("majority", None), "tfidf": ("tfidf", None)})
+    work.seconds["test_s"] = time.perf_counter() - tick
+
+
+def model_params(work: CellWork, name: str, kind: str, recipe: MergeConfig | None) -> dict[str, Any]:
+    """A model run's params: what it is (member, baseline or recipe), the trial a policy chose, where it came from."""
+    params: dict[str, Any] = {"model": name, "kind": kind}
+    if kind == "member":
+        index = int(name.split(":")[1])
+        params.update(member=work.members[index][0], model_uri=work.members[index][1])
+    elif kind == "tfidf":
+        params["model_uri"] = work.tfidf
+    elif recipe is not None:
+        params.update(method=recipe.method, weights=json.dumps(recipe.weights), density=recipe.density,
+                      lambda_=recipe.lambda_, seed=recipe.seed)
+    if name in work.picks:
+        pick = work.picks[name]
+        params.update(trial=pick.number, policy=pick.policy, chosen_on=pick.chosen_on,
+                      groups=json.dumps([g.model_dump(mode="json") for g in pick.recipe.groups or []]))
+    if name in SAME:
+        params["scored_as"] = SAME[name]
+    if name not in work.picks and kind not in ("ensemble", "majority", "tfidf") and work.taken_over(name):
+        params["reused_from"] = work.earlier[name][1]  # the earlier cell's run: same members, same logits
+    return params
+
+
+def log_models(work: CellWork, cell: RunLog) -> None:
+    """One run per model under the cell's run: params, validation and test metrics, and predictions.csv."""
+    study, arm, data, labels = work.study, work.arm, work.data, work.labels
+    for name, (kind, recipe) in work.recipes.items():
+        val = {"validation": work.val[name]} if name in work.val else {}
+        metrics = {f"val_{m}": x for m, x in classification_summary(val["validation"], labels["validation"]).items()
+                   } if val else {}
+        metrics.update({f"test_{m}": x for m, x in score(work.test[name], labels["test"], data.label_names,
+                                                         work.cfg.evaluate).items()})
+        with work.store.run(f"{arm.name} f{work.fold} {name}", stage="study-model", parent_run_id=cell.id,
+                            tags={"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": work.fold,
+                                  "mllm.study_model": name, "mllm.kind": kind}, log_config=False,
+                            system_metrics=False) as run_:
+            run_.params(model_params(work, name, kind, recipe))
+            run_.metrics(metrics)
+            run_.table(_predictions({**val, "test": work.test[name]}, labels, data.label_names), "predictions.csv")

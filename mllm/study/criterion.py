@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mllm.evaluation.choice import POLICIES, Candidate, choose, complexity, split_rows
 from mllm.config.schema import MergeConfig
+from mllm.evaluation.choice import POLICIES, Candidate, choose, complexity, split_rows
 from mllm.evaluation.metrics import macro_f1
 from mllm.study.stats import t_interval
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 
 from mllm.basics import redact
+from mllm.study.config import StudyConfig, cell_config
 from mllm.study.criterion import TIE, pick, policy_table
 from mllm.study.results import SECONDARY, ArmSummary, Cell, interval, optimism
-from mllm.study.config import StudyConfig, cell_config
 
 
 def f4(x: float | None) -> str:
@@ -148,21 +148,45 @@ def summary_lines(summaries: list[ArmSummary]) -> list[str]:
 
 def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Cell], summaries: list[ArmSummary],
            wall: pd.DataFrame, figures: dict[str, Path], report_run: str, code: str, when: str) -> str:
-    first = cell_config(study, study.arms[0], 0)
-    data = first.data
+    """RESULTS.md: summary, protocol, a section per arm, the policy table, wall time, scope and the run-id appendix."""
+    lines = [*_opening(study, config_path, cells, summaries, code, when), *_protocol(study, cells),
+             *_every_cell(study)]
+    for s in summaries:
+        lines += _arm_section(s, figures[s.arm.name])
+    lines += policy_section(cells, study)
+    whole = wall.round(0).astype({c: int for c in wall.columns if c != "arm"})
+    lines += ["## Wall time", "", "Seconds on the machine that ran the study, summed over folds (members: their "
+              "training runs, whenever they ran).", "", md_table(whole), "",
+              f"Total: {wall['total'].sum() / 60:.0f} minutes.", ""]
+    if study.notes:
+        lines += ["## Scope", "", *study.notes, ""]
+    lines += ["## Appendix: run ids", "", appendix(study, cells, report_run, study.study)]
+    return "\n".join(lines) + "\n"
+
+
+def _opening(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Cell], summaries: list[ArmSummary],
+             code: str, when: str) -> list[str]:
+    """Title, where the figures come from, a notice when cells are missing, and the summary."""
     where = redact(study.tracking_uri) if study.tracking_uri else (study.store / "mlflow.db").as_posix()
+    expected = len(study.arms) * study.folds
+    partial = [] if len(cells) == expected else [
+        f"**Partial study: {len(cells)} of {expected} cells finished** (folds "
+        f"{', '.join(str(f) for f in sorted({f for _, f in cells}))} of {study.folds}); every figure below "
+        "covers the finished cells only (cells of an earlier protocol, whose search kept no per-review "
+        "trial scores, are left out), and the study resumes where it stopped.", ""]
+    return [f"# Study `{study.study}`: can a merge match its members, their ensemble and a bigger model?", "",
+            f"Written by `python scripts/study.py {config_path}` on {when} (code `{code}`) from the study's MLflow "
+            f"runs only (tracking store `{where}`); the appendix lists every run id. "
+            "Test macro-F1 unless a column says otherwise.", "",
+            *partial,
+            "## Summary", "", *summary_lines(summaries), ""]
+
+
+def _protocol(study: StudyConfig, cells: dict[tuple[str, int], Cell]) -> list[str]:
+    """The protocol's data and arms."""
+    data = cell_config(study, study.arms[0], 0).data
     sizes = sorted({(f, c.sizes["train"], c.sizes["validation"], c.sizes["test"]) for (_, f), c in cells.items()})
-    lines = [f"# Study `{study.study}`: can a merge match its members, their ensemble and a bigger model?", "",
-             f"Written by `python scripts/study.py {config_path}` on {when} (code `{code}`) from the study's MLflow "
-             f"runs only (tracking store `{where}`); the appendix lists every run id. "
-             "Test macro-F1 unless a column says otherwise.", "",
-             *([] if len(cells) == len(study.arms) * study.folds else [
-                 f"**Partial study: {len(cells)} of {len(study.arms) * study.folds} cells finished** (folds "
-                 f"{', '.join(str(f) for f in sorted({f for _, f in cells}))} of {study.folds}); every figure below "
-                 "covers the finished cells only (cells of an earlier protocol, whose search kept no per-review "
-                 "trial scores, are left out), and the study resumes where it stopped.", ""]),
-             "## Summary", "", *summary_lines(summaries), "",
-             "## Protocol", "",
+    lines = ["## Protocol", "",
              f"- **Data**: {', '.join(d.name for d in data.datasets)}, labels `{data.label_scheme}`, "
              f"{study.folds}-fold cross-validation: the text groups of each label (equal texts are one group) are "
              "dealt round-robin in a seeded order, fold k is the test part of cell k, so every review is tested "
@@ -174,7 +198,13 @@ def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Ce
         kind = " (reference arm: its members are trained and scored, nothing is merged)" if arm.reference else ""
         lines.append(f"  - `{arm.name}`: {arm.title or arm.name}{kind}. Overrides: "
                      + (", ".join(f"`{x}`" for x in [*study.set, *arm.set]) or "none") + ".")
-    lines += [
+    return lines
+
+
+def _every_cell(study: StudyConfig) -> list[str]:
+    """The protocol's models scored in every cell, the test split's place, the statistics and their caveats."""
+    first = cell_config(study, study.arms[0], 0)
+    return [
         "- **In every cell**: each member; the best member by validation macro-F1 (then NLL); the mean member; the "
         "members' logit ensemble; majority class; TF-IDF + logistic regression (C chosen on validation); the uniform "
         "soup; the greedy soup (members added best-first while validation macro-F1 does not drop); task arithmetic "
@@ -206,22 +236,15 @@ def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Ce
         "model a choice picked on validation.",
         "- **Caveats**: folds share training rows, so fold-to-fold spread understates the variance of a new "
         "training set (Nadeau & Bengio 2003), and resampling 3 folds understates it by a further (J - 1) / J.", ""]
-    for s in summaries:
-        lines += [f"## Arm `{s.arm.name}`: {s.arm.title or s.arm.name}", "",
-                  f"![{s.arm.name}]({figures[s.arm.name].as_posix()})", "",
-                  f"Test macro-F1 per fold, mean, 95% t-interval over the {len(s.folds)} folds and 95% bootstrap "
-                  "over reviews (stratified by fold); 'validation' is the mean validation macro-F1.", "",
-                  arm_table(s), "", "Comparisons of the searched merge:", "", comparison_table(s), "",
-                  "Optimism of what was chosen on validation (validation minus test macro-F1; positive: it looked "
-                  "better where it was chosen):", "", optimism_table(s), "",
-                  "Secondary figures (mean over folds and 95% t-interval):", "", secondary_table(s), ""]
-    lines += policy_section(cells, study)
-    whole = wall.round(0).astype({c: int for c in wall.columns if c != "arm"})
-    lines += ["## Wall time", "", "Seconds on the machine that ran the study, summed over folds (members: their "
-              "training runs, whenever they ran).", "", md_table(whole), "",
-              f"Total: {wall['total'].sum() / 60:.0f} minutes.", ""]
-    if study.notes:
-        lines += ["## Scope", "", *study.notes, ""]
-    lines += ["## Appendix: run ids", "", appendix(study, cells, report_run, study.study)]
-    return "\n".join(lines) + "\n"
 
+
+def _arm_section(s: ArmSummary, figure: Path) -> list[str]:
+    """One arm: its figure, the table of models, the comparisons, the optimism and the secondary figures."""
+    return [f"## Arm `{s.arm.name}`: {s.arm.title or s.arm.name}", "",
+            f"![{s.arm.name}]({figure.as_posix()})", "",
+            f"Test macro-F1 per fold, mean, 95% t-interval over the {len(s.folds)} folds and 95% bootstrap "
+            "over reviews (stratified by fold); 'validation' is the mean validation macro-F1.", "",
+            arm_table(s), "", "Comparisons of the searched merge:", "", comparison_table(s), "",
+            "Optimism of what was chosen on validation (validation minus test macro-F1; positive: it looked "
+            "better where it was chosen):", "", optimism_table(s), "",
+            "Secondary figures (mean over folds and 95% t-interval):", "", secondary_table(s), ""]

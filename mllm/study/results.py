@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mllm.evaluation import selection
 from mllm.errors import MllmError
+from mllm.evaluation import selection
 from mllm.evaluation.metrics import holm
-from mllm.tracking.store import Store
 from mllm.study.config import Arm, StudyConfig, cell_config
 from mllm.study.stats import Comparison, compare, fold_bootstrap, reading, t_interval
+from mllm.tracking.store import Store
 
 MERGE_ROWS = (("uniform", "uniform soup"), ("greedy", "greedy soup"), ("ta-1", "task arithmetic, lambda 1"),
               ("ta-k", "task arithmetic, lambda K"), ("ties", "TIES"))
@@ -151,8 +151,8 @@ def _members(cell: Cell) -> list[Model]:
 
 
 def best_member(cell: Cell) -> Model:
-    """The member with the best validation macro-F1 (then the lower validation NLL): mllm.evaluation.selection's rule, the one
-    the report and the promotion gate use, read on validation only."""
+    """The member with the best validation macro-F1 (then the lower validation NLL): mllm.evaluation.selection's rule,
+    the one the report and the promotion gate use, read on validation only."""
     members = {m.name: m for m in _members(cell)}
     top, _ = selection.best_member([(n, m.metrics["val_macro_f1"], m.metrics["val_nll"]) for n, m in members.items()])
     assert top is not None  # every study member is scored on validation
@@ -169,72 +169,109 @@ def policies_of(cell: Cell) -> dict[str, Model]:
 
 
 def summarise(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell]) -> ArmSummary:
+    """The arm's rows over its finished folds, their bootstrap intervals and the searched merge's comparisons."""
     folds = [f for f in range(study.folds) if (arm.name, f) in cells]
     if not folds:
         raise MllmError(f"arm {arm.name}: no finished cell", "run scripts/study.py CONFIG (without --report-only)")
     mine = [cells[(arm.name, f)] for f in folds]
-    rows: list[Row] = []
-    for i, m in enumerate(_members(mine[0])):
-        rows.append(Row(f"member {m.params.get('member', i)}", [_value(_members(c)[i]) for c in mine]))
+    rows, seeds = _rows(study, arm, cells, folds)
+    out = ArmSummary(arm, folds, rows)
+    out.chosen = ["best member (validation)", "greedy soup", "TF-IDF", "searched merge",
+                  *(r.label for r in rows if r.label.startswith("searched: "))]
+    out.boot = _bootstrap(study, rows, mine)
+    out.comparisons = _comparisons(study, arm, rows, mine, seeds)
+    return out
+
+
+def _seed_members(cells: dict[tuple[str, int], Cell], ref: str, folds: list[int]
+                  ) -> tuple[list[FoldValue | None], list[list[np.ndarray]] | None]:
+    """Another arm's seed members in each fold (the same rows and recipe: a model trained at several seeds): the
+    mean over seeds per fold, and each seed's test predictions per fold (None when a fold has none)."""
+    out: list[FoldValue | None] = []
+    per: list[list[np.ndarray]] = []
+    for f in folds:
+        c = cells.get((ref, f))
+        found = _members(c) if c is not None else []
+        out.append(_mean(found, spread=True) if found else None)
+        per.append([m.test.argmax(1) for m in found])
+    return out, per if all(per) else None
+
+
+def _rows(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell], folds: list[int]
+          ) -> tuple[list[Row], dict[str, list[list[np.ndarray]]]]:
+    """The arm's table rows in order, and per row that is a reference trained at several seeds, each fold's seed
+    predictions (what its comparison resamples)."""
+    mine = [cells[(arm.name, f)] for f in folds]
+    seeds: dict[str, list[list[np.ndarray]]] = {}
+
+    def other(ref: str, label: str) -> list[FoldValue | None]:
+        values, per = _seed_members(cells, ref, folds)
+        if per is not None:
+            seeds[label] = per
+        return values
+
+    rows = [Row(f"member {m.params.get('member', i)}", [_value(_members(c)[i]) for c in mine])
+            for i, m in enumerate(_members(mine[0]))]
     rows.append(Row("best member (validation)", [_value(best_member(c)) for c in mine],
                     "chosen per fold by validation macro-F1"))
     rows.append(Row("mean member", [_mean(_members(c)) for c in mine]))
-
-    seeds: dict[str, list[list[np.ndarray]]] = {}  # a reference trained at several seeds: per fold, each seed
-
-    def other(ref: str, label: str) -> list[FoldValue | None]:
-        """Another arm's seed members in each fold (the same rows and recipe: a model trained at several seeds),
-        as one row with the mean over seeds."""
-        out: list[FoldValue | None] = []
-        per: list[list[np.ndarray]] = []
-        for f in folds:
-            c = cells.get((ref, f))
-            found = _members(c) if c is not None else []
-            out.append(_mean(found, spread=True) if found else None)
-            per.append([m.test.argmax(1) for m in found])
-        if all(per):
-            seeds[label] = per
-        return out
-
     if arm.full_member:
         rows.append(Row("full-data member", other(arm.full_member, "full-data member"),
                         f"the {arm.full_member} arm's seed members: all training rows, same recipe; mean of seeds"))
-    for name, label in (("ensemble", "logit ensemble"), ("majority", "majority class"), ("tfidf", "TF-IDF")):
-        rows.append(Row(label, [_value(c.models[name]) for c in mine]))
-    for name, label in MERGE_ROWS:
+    baselines = (("ensemble", "logit ensemble"), ("majority", "majority class"), ("tfidf", "TF-IDF"))
+    for name, label in (*baselines, *MERGE_ROWS):
         rows.append(Row(label, [_value(c.models[name]) for c in mine]))
     for method, label in (("dare_ties", "DARE-TIES"), ("dare_linear", "DARE-linear")):
         found = [[m for k, m in c.models.items() if k.startswith(f"{method}:")] for c in mine]
         rows.append(Row(f"{label} (mean of {len(found[0])} mask seeds)", [_mean(x, spread=True) for x in found],
                         "spread: sd over mask seeds"))
+    rows += _searched_rows(study, arm, folds, mine)
+    if arm.bigger:
+        rows.append(Row("bigger model", other(arm.bigger, "bigger model"),
+                        f"the {arm.bigger} arm's seed members, each fine-tuned once on the same rows; mean of seeds"))
+    return rows, seeds
+
+
+def _searched_rows(study: StudyConfig, arm: Arm, folds: list[int], mine: list[Cell]) -> list[Row]:
+    """The searched merge under the configured search.choice (when every cell scored it; else the policy the cells
+    ran with), then every other policy's choice over the same trials."""
     choice = cell_config(study, arm, folds[0]).search.choice
     by_policy = [policies_of(c) for c in mine]
     policy = choice if all(choice in p for p in by_policy) else mine[0].models["searched"].params.get("policy",
                                                                                                     "best-all")
-    rows.append(Row("searched merge", [_value(p[policy]) for p in by_policy],
-                    f"the search's choice ({policy}) among {study.trials} trials, validation only"))
+    rows = [Row("searched merge", [_value(p[policy]) for p in by_policy],
+                f"the search's choice ({policy}) among {study.trials} trials, validation only")]
     for name in sorted(set.intersection(*(set(p) for p in by_policy)) - {policy}):
         rows.append(Row(f"searched: {name}", [_value(p[name]) for p in by_policy],
                         "another choice policy over the same trials (mllm.evaluation.choice)"))
-    if arm.bigger:
-        rows.append(Row("bigger model", other(arm.bigger, "bigger model"),
-                        f"the {arm.bigger} arm's seed members, each fine-tuned once on the same rows; mean of seeds"))
-    out = ArmSummary(arm, folds, rows)
-    out.chosen = ["best member (validation)", "greedy soup", "TF-IDF", "searched merge",
-                  *(r.label for r in rows if r.label.startswith("searched: "))]
+    return rows
+
+
+def _bootstrap(study: StudyConfig, rows: list[Row], mine: list[Cell]) -> dict[str, tuple[float, float]]:
+    """Row label -> 95% bootstrap interval over test reviews (within folds), for rows with predictions in every fold."""
     labels = [c.labels for c in mine]
     k = mine[0].models["searched"].test.shape[1]
+    out: dict[str, tuple[float, float]] = {}
     for row in rows:
         if all(f is not None and f.preds is not None for f in row.folds):
             d = fold_bootstrap(labels, [f.preds for f in row.folds], k, study.bootstrap_samples)  # type: ignore
-            out.boot[row.label] = (float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5)))
+            out[row.label] = (float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5)))
+    return out
+
+
+def _comparisons(study: StudyConfig, arm: Arm, rows: list[Row], mine: list[Cell],
+                 seeds: dict[str, list[list[np.ndarray]]]) -> list[tuple[str, Comparison, float, str]]:
+    """The searched merge against each reference of the arm's family, Holm-adjusted within the family, with their
+    reading; a reference without predictions in every fold is left out."""
+    labels = [c.labels for c in mine]
+    k = mine[0].models["searched"].test.shape[1]
     by_label = {r.label: r for r in rows}
     searched = by_label["searched merge"]
     family = [("best member (validation)", "the best member"), ("logit ensemble", "the logit ensemble"),
               ("uniform soup", "the uniform soup"), ("greedy soup", "the greedy soup")]
     family += [("full-data member", "the full-data member (seeds)")] if arm.full_member else []
     family += [("bigger model", "the bigger model (seeds)")] if arm.bigger else []
-    found_c: list[tuple[str, Comparison]] = []
+    found: list[tuple[str, Comparison]] = []
     ratio = float(np.mean([c.sizes["test"] / c.sizes["train"] for c in mine if c.sizes.get("train")] or [0.0]))
     for label, words in family:
         ref = by_label[label]
@@ -244,12 +281,11 @@ def summarise(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell]) 
             b = [f.preds for f in ref.folds]  # type: ignore[union-attr]
         else:
             continue
-        found_c.append((words, compare(labels, [f.preds for f in searched.folds],  # type: ignore[misc]
-                                       b, k, study.bootstrap_samples, test_train=ratio)))
-    adjusted = holm([c.p_train for _, c in found_c]) if found_c else []
-    out.comparisons = [(w, c, p, reading(c, study.equivalence_margin, p, study.alpha))
-                       for (w, c), p in zip(found_c, adjusted, strict=True)]
-    return out
+        found.append((words, compare(labels, [f.preds for f in searched.folds],  # type: ignore[misc]
+                                     b, k, study.bootstrap_samples, test_train=ratio)))
+    adjusted = holm([c.p_train for _, c in found]) if found else []
+    return [(w, c, p, reading(c, study.equivalence_margin, p, study.alpha))
+            for (w, c), p in zip(found, adjusted, strict=True)]
 
 
 def optimism(summary: ArmSummary) -> list[tuple[str, list[float]]]:

@@ -15,12 +15,12 @@ import re
 import time
 from pathlib import Path
 
-from mllm.study.results import collect, figure, seconds, summarise
-from mllm.study.document import render
-from mllm.tracking.store import Store
 from mllm.study.cell import run_cell
 from mllm.study.config import StudyConfig, cell_config
+from mllm.study.document import render
+from mllm.study.results import collect, figure, seconds, summarise
 from mllm.tracking.runs import git_sha
+from mllm.tracking.store import Store
 
 
 def run_study(study: StudyConfig, arms: list[str] | None = None, folds: list[int] | None = None) -> list[str]:

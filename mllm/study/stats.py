@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mllm.evaluation.metrics import bootstrap_p, macro_f1, resampled_scores
+from mllm.evaluation.selection import difference_word, margin_words
 
 Z_POWER = 2.8016  # z(0.975) + z(0.80): a two-sided 5% test detects a true difference of 2.8 SE with 80% power
 
@@ -189,23 +190,7 @@ def _pct(d: np.ndarray, low: float, high: float) -> tuple[float, float]:
 
 
 def reading(c: Comparison, margin: float, p_adjusted: float, alpha: float = 0.05) -> str:
-    """Plain words for a comparison: the difference test (Holm-adjusted training-variance p), then equivalence within
-    +-margin by two one-sided tests (the 90% training-variance interval inside the margin)."""
-    lo, hi = c.train_ci90
-    if p_adjusted < alpha:
-        first = "better" if c.point > 0 else "worse"
-    else:
-        first = "no significant difference"
-    if lo > margin:
-        second = f"better by more than {margin:g}"
-    elif hi < -margin:
-        second = f"worse by more than {margin:g}"
-    elif -margin < lo and hi < margin:
-        second = f"equivalent within +-{margin:g}"
-    elif lo > -margin:
-        second = f"not worse by {margin:g} (non-inferior)"
-    elif hi < margin:
-        second = f"not better by {margin:g}, possibly worse by up to {-lo:.3f}"
-    else:
-        second = f"inconclusive: the interval reaches past both -{margin:g} and +{margin:g}"
-    return f"{first}; {second}"
+    """Plain words for a comparison, in the report's vocabulary (`mllm.evaluation.selection`): the difference test
+    (Holm-adjusted training-variance p), then the margin reading of the 90% training-variance interval (equivalence
+    by two one-sided tests)."""
+    return f"{difference_word(c.point, p_adjusted, alpha)}; {margin_words(*c.train_ci90, margin)}"

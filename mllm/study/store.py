@@ -23,8 +23,8 @@ import tarfile
 from pathlib import Path
 
 from mllm.errors import MllmError
-from mllm.tracking.store import KEY_TAG, Store
 from mllm.study.config import StudyConfig, cell_config
+from mllm.tracking.store import KEY_TAG, Store
 
 MAX_BYTES = 2_000_000
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".pkl")
@@ -45,15 +45,8 @@ def export_store(study: StudyConfig, out: Path) -> Path:
     if not files:
         raise MllmError(f"study.store: {study.store} holds no mlflow.db yet", "run the study first")
     store = Store(cell_config(study, study.arms[0], 0))
-    experiments = [e.experiment_id for e in store.client.search_experiments()
-                   if e.name == study.study or e.name.startswith(f"{study.study}-")]
-    roots, token = set(), None  # each run's own folder: an experiment's root may hold other stores' runs too
-    while experiments:
-        page = store.client.search_runs(experiments, max_results=5000, page_token=token)
-        roots |= {Path(r.info.artifact_uri.removeprefix("file://")) for r in page}
-        token = page.token
-        if not token:
-            break
+    # each run's own folder: an experiment's root may hold other stores' runs too
+    roots = {Path(r.info.artifact_uri.removeprefix("file://")) for r in store.all_runs(study.study)}
     for folder in sorted(roots):
         files += sorted(p for p in folder.rglob("*") if p.is_file() and p.stat().st_size <= MAX_BYTES
                         and not p.name.endswith(WEIGHTS) and not LOGGED_MODEL.search(p.as_posix()))
@@ -131,21 +124,17 @@ def untag_missing_weights(study: StudyConfig) -> list[str]:
     store = Store(cell_config(study, study.arms[0], 0))
     check = study.store.resolve() / "downloads" / "check"
     untagged = []
-    for model in store.client.search_registered_models():
-        if not model.name.startswith(f"{study.study}-"):
+    for v in store.all_versions(study.study):
+        uri = f"models:/{v.name}/{v.version}"
+        role = store.role_of(v.name)
+        key = KEY_TAG.get(role)
+        if key is None or role == "ensemble" or key not in v.tags:  # an ensemble has no weights of its own
             continue
-        for v in store.client.search_model_versions(f"name = '{model.name}'"):
-            uri = f"models:/{model.name}/{v.version}"
-            role = store.role_of(model.name)
-            key = KEY_TAG.get(role)
-            if key is None or role == "ensemble" or key not in v.tags:  # an ensemble has no weights of its own
-                continue
-            try:
-                store.download(uri, check / f"{model.name}-{v.version}")
-            except MllmError:
-                store.client.delete_model_version_tag(model.name, v.version, key)
-                store.client.set_model_version_tag(model.name, v.version, "weights", "not in the light store")
-                untagged.append(uri)
+        try:
+            store.download(uri, check / f"{v.name}-{v.version}")
+        except MllmError:
+            store.untag_version(v.name, v.version, key, note=("weights", "not in the light store"))
+            untagged.append(uri)
     shutil.rmtree(check, ignore_errors=True)
     print(f"study {study.study}: {len(untagged)} registered versions without weights will be rebuilt if needed")
     return untagged

@@ -40,6 +40,8 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # logged as "model from code", never imported here
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pydantic", "pyyaml")
 TFIDF_REQUIREMENTS = ("scikit-learn", "scipy")  # what the TF-IDF baseline's features need besides
+# The run `mlflow run` opened for this process (mllm.tracking.project adopts it): the parent of top-level runs.
+PROJECT_RUN_ENV = "MLLM_PROJECT_RUN_ID"
 
 
 def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
@@ -228,16 +230,18 @@ def tracked_run(client: Any, cfg: ExperimentConfig, run_name: str, *, stage: str
                 tags: dict[str, Any] | None = None, log_config: bool = True,
                 system_metrics: bool = True) -> Iterator[RunLog]:
     """Start a run in the experiment `cfg.name` (nested under `parent_run_id`, else under the run this process
-    has open, else under `mlflow run`'s project run) and always end it. The caller (`mllm.tracking.store.Store.run`) has
-    pointed mlflow at `client`'s stores."""
+    has open, else under `mlflow run`'s project run when it is in this experiment) and always end it. The caller
+    (`mllm.tracking.store.Store.run`) has pointed mlflow at `client`'s stores."""
     import mlflow
 
+    if "MLFLOW_RUN_ID" in os.environ:  # inside `mlflow run`: mlflow.start_run would reattach to its run
+        os.environ.setdefault(PROJECT_RUN_ENV, os.environ.pop("MLFLOW_RUN_ID"))
     experiment_id = ensure_experiment(client, cfg.name, cfg.tracking.artifact_location)
     end_orphaned_runs(client, experiment_id)
     all_tags = {**provenance(), "mllm.stage": stage, "mllm.owner": owner(),
                 **{k: redact(str(v)) for k, v in (tags or {}).items()}}
     if parent_run_id is None and mlflow.active_run() is None:
-        parent_run_id = _project_run(cfg.tracking.tracking_uri)
+        parent_run_id = _project_run(client, experiment_id)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags,
@@ -340,13 +344,17 @@ def fail_pending_models(client: Any, run_id: str, experiment_id: str | None = No
     return failed
 
 
-def _project_run(tracking_uri: str) -> str | None:
-    """The run `mlflow run` opened for this entry point (MLFLOW_RUN_ID), if it lives in our tracking store.
+def _project_run(client: Any, experiment_id: str) -> str | None:
+    """The run `mlflow run` opened for this process (PROJECT_RUN_ENV), if it is in `client`'s store and in
+    `experiment_id`: the parent of the stage's top-level runs. A parent in another experiment is not shown as one
+    (the stage's run would look parentless there, the project run empty in its own), so it is none."""
+    from mlflow.exceptions import MlflowException
 
-    mlflow.start_run would otherwise reattach to that id, which fails when the config points elsewhere; so the
-    variable is consumed here and the project run becomes the parent of the stage's runs when stores match.
-    """
-    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    if run_id and os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db") == tracking_uri:
-        return run_id
-    return None
+    run_id = os.environ.get(PROJECT_RUN_ENV)
+    if not run_id:
+        return None
+    try:
+        found = client.get_run(run_id)
+    except MlflowException:  # another store's run
+        return None
+    return run_id if found.info.experiment_id == experiment_id else None

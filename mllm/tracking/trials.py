@@ -15,10 +15,10 @@ import functools
 from typing import Any
 
 from mllm.basics import redact
-from mllm.evaluation.choice import candidates_of, choose, split_rows
 from mllm.config.schema import ExperimentConfig
 from mllm.data.splits import load_splits
 from mllm.errors import MllmError
+from mllm.evaluation.choice import candidates_of, choose, split_rows
 from mllm.evaluation.selection import best_member
 from mllm.tracking.store import Store
 
@@ -107,8 +107,8 @@ def best(study: Any) -> Any | None:
 
 
 def reference_nll(store: Store, members: list[str]) -> float | None:
-    """The validation NLL of the best member (mllm.evaluation.selection's rule), as recorded on its registered version: the
-    NLL guard's reference."""
+    """The validation NLL of the best member (mllm.evaluation.selection's rule), as recorded on its registered version:
+    the NLL guard's reference."""
     versions = {m: store.resolve(m)[1] for m in members}
     tags = {m: dict(v.tags) if v is not None else {} for m, v in versions.items()}
 
@@ -120,8 +120,8 @@ def reference_nll(store: Store, members: list[str]) -> float | None:
 
 
 def chosen(cfg: ExperimentConfig, study: Any, store: Store) -> Any | None:
-    """The searched merge: search.choice applied to the study's complete trials (mllm.evaluation.choice), or None when no
-    complete trial kept its per-review scores."""
+    """The searched merge: search.choice applied to the study's complete trials (mllm.evaluation.choice), or None when
+    no complete trial kept its per-review scores."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
