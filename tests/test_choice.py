@@ -1,14 +1,14 @@
-"""Choosing among search trials (mllm.evaluation.choice): the split of validation, each policy on hand-built trials, the NLL
-guard, what counts as simpler and as a single member."""
+"""Choosing among search trials (mllm.evaluation.choice): the split of validation, each policy on hand-built trials,
+the NLL guard, what counts as simpler and as a single member."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mllm.evaluation.choice import Candidate, choose, complexity, single_member, split_rows
 from mllm.config.schema import MergeConfig
 from mllm.errors import MllmError
+from mllm.evaluation.choice import Candidate, choose, complexity, single_member, split_rows
 
 RNG = np.random.default_rng(0)
 LABELS = RNG.integers(0, 3, 200)

@@ -126,7 +126,6 @@ def test_evaluate_stage_scores_merge_and_baselines_and_reuses(merged_experiment)
     import mlflow
 
     from mllm import evaluate
-
     from mllm.evaluation import report
     cfg, trained, merged = merged_experiment
     result = evaluate.run(cfg, split="validation")
@@ -198,7 +197,6 @@ def test_evaluate_refusals_leave_no_run(merged_experiment) -> None:
     import mlflow
 
     from mllm import evaluate
-
     from mllm.evaluation import report
     cfg, _, merged = merged_experiment
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)

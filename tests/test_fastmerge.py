@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from mllm.config import MergeConfig
-from mllm.merging.inmemory import IN_MEMORY, MemberStack
 from mllm.merge import merge_models
+from mllm.merging.inmemory import IN_MEMORY, MemberStack
 
 CASES = [
     MergeConfig(method="linear"),

@@ -14,8 +14,8 @@ from mllm.config import MergeConfig
 from mllm.errors import MllmError
 from mllm.merge import merge_models
 from mllm.models.modeling import SOURCE_FILE, load_classifier
-from mllm.tracking.store import Store
 from mllm.models.tiny import build_tiny_classifier
+from mllm.tracking.store import Store
 
 from .conftest import LABELS, perturbed  # the `family` fixture (a base and three perturbed members) is there too
 

@@ -6,12 +6,13 @@ from typing import get_args
 
 import pytest
 
-from mllm.merging import methods
 from mllm.config import MergeMethod
 from mllm.errors import MllmError
+from mllm.merging import methods
 from mllm.merging.methods import IN_MEMORY, info, methods_where, methods_with
 
-# The hand-kept tables of mllm/merge.py and mllm/merging/inmemory.py (after mergekit 0.1.5's method specs): the reference.
+# The hand-kept tables of mllm/merge.py and mllm/merging/inmemory.py (after mergekit 0.1.5's method specs): the
+# reference.
 TASK_VECTOR = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
                "della_linear"}
 USES_DENSITY = TASK_VECTOR - {"task_arithmetic"}

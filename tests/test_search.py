@@ -39,7 +39,6 @@ def test_search_tracks_every_trial_never_reads_test_and_resumes(trained, monkeyp
     import optuna
 
     from mllm import search
-
     from mllm.data import splits as data
     cfg, ft = trained
     real = data.load_splits
@@ -88,7 +87,6 @@ def test_stale_trial_of_a_killed_worker_is_retried_with_its_parameters(trained) 
     import optuna
 
     from mllm import search
-
     from mllm.tracking import runs as tracking
     cfg, _ = trained
     # Not enqueued: Optuna runs waiting trials first come, first served, so the standard merges would take the

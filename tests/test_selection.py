@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mllm.evaluation.baselines import fit_tfidf, majority_logits, save_tfidf
 from mllm.config import load_config
 from mllm.data.splits import SplitData, load_splits, split_rows
 from mllm.errors import ConfigError, DataError
+from mllm.evaluation.baselines import fit_tfidf, majority_logits, save_tfidf
 from mllm.evaluation.metrics import bootstrap_p, holm, macro_f1, paired_test
-from mllm.promote import decide
-from mllm.tracking.pyfunc_model import load_tfidf, tfidf_logits
 from mllm.evaluation.selection import best_member, reading
 from mllm.merging.soups import greedy_order, greedy_weights
+from mllm.promote import decide
+from mllm.tracking.pyfunc_model import load_tfidf, tfidf_logits
 
 
 def noisy(labels: np.ndarray, accuracy: float, seed: int) -> np.ndarray:

@@ -49,7 +49,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     import dataclasses
 
     from mllm import pipeline
-
     from mllm.data import splits as data
     tmp = tmp_path_factory.mktemp("serving")
     cwd = os.getcwd()
@@ -133,7 +132,8 @@ def test_champion_loads_with_pyfunc_and_agrees_with_evaluate(pipeline) -> None:
 @pytest.mark.slow
 def test_only_the_final_evaluation_reads_test_and_promotion_used_validation(pipeline) -> None:
     cfg, result, tmp = pipeline
-    assert {m.__name__ for m in readers_of_splits()} >= {"mllm.finetune", "mllm.evaluate", "mllm.merging.scorer", "mllm.merge"}
+    readers = {m.__name__ for m in readers_of_splits()}
+    assert readers >= {"mllm.finetune", "mllm.evaluate", "mllm.merging.scorer", "mllm.merge"}
     assert TEST_READS["sealed"] >= 5 and TEST_READS["final"] == 1  # every stage ran sealed; test was read once
     store = Store(cfg)
     promote_run = store.find_runs({"mllm.stage": "promote"})[0]
@@ -141,8 +141,8 @@ def test_only_the_final_evaluation_reads_test_and_promotion_used_validation(pipe
     assert test_runs and min(r.info.start_time for r in test_runs) >= promote_run.info.end_time
     # The decision is tagged with the figures it used: the held-out validation rows, which the search never
     # optimised (its objective read the other rows), recomputed here from the validation evaluations' predictions.
-    from mllm.evaluation.choice import split_rows
     from mllm.data.splits import load_splits
+    from mllm.evaluation.choice import split_rows
     from mllm.evaluation.metrics import macro_f1
 
     version = store.resolve(promote_run.data.tags["mllm.model_uri"])[1]

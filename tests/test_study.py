@@ -154,9 +154,7 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
     from mlflow import MlflowClient
 
     from mllm import search
-
     from mllm.merging import scorer
-
     from mllm.study import cell as studycell
     from mllm.study.runner import run_study, write_report
     from mllm.study.store import export_store, import_store
