@@ -341,6 +341,8 @@ def usage_line(error: Exception) -> str | None:
         return None
     ctx = getattr(error, "ctx", None)
     what = " ".join(error.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    field = CONFIG_OPTIONS.get(getattr(getattr(error, "param", None), "name", None) or "")
+    what = what.replace(":", f" ({field}):", 1) if field else what  # the config field the option sets
     return f"mllm: error: {what}; fix: see {ctx.command_path if ctx else 'mllm'} --help"
 
 

@@ -213,3 +213,7 @@ def test_version_tags_read_back_what_they_write() -> None:
     assert VersionTags.of(tags) == written
     old = VersionTags.of({"shard": "None", "density": "None", "seed": "2", "member": "seed-2"})  # an older mllm's
     assert old.shard is None and old.density is None and old.seed == 2 and old.member == "seed-2"
+    # A light store's note under a field's name (a member whose weights were not exported) stays a note.
+    noted = VersionTags.of({"member": "seed-0", "weights": "not in the light store", "val_macro_f1": "n/a"})
+    assert noted.weights is None and noted.get("weights") == "not in the light store" and noted.val == {}
+    assert noted.as_tags()["weights"] == "not in the light store"

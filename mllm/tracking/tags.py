@@ -65,11 +65,11 @@ class VersionTags:
         known = {f.name: f for f in fields(cls)} | {"lambda": next(f for f in fields(cls) if f.name == "lambda_")}
         values: dict[str, Any] = {"val": {}, "extra": {}}
         for key, text in raw.items():
-            if key.startswith("val_"):
+            if key.startswith("val_") and _parses(key, text, "float"):
                 values["val"][key.removeprefix("val_")] = float(text)
-            elif key in known and key not in ("val", "extra"):
+            elif key in known and key not in ("val", "extra") and _parses(key, text, str(known[key].type)):
                 values[known[key].name] = _parse(key, text, str(known[key].type))
-            else:
+            else:  # not a field, or a note under a field's name (a light store's "weights": "not in the light store")
                 values["extra"][key] = text
         return cls(**values)
 
@@ -95,6 +95,14 @@ class VersionTags:
         """The one parent a merge's weights keep (all other weights zero), or None."""
         kept = [p for p, w in zip(self.parents, self.weights or [], strict=False) if w]
         return kept[0] if self.weights and len(kept) == 1 else None
+
+
+def _parses(key: str, text: str, kind: str) -> bool:
+    try:
+        _parse(key, text, kind)
+    except ValueError:  # json.JSONDecodeError is one
+        return False
+    return True
 
 
 def _parse(key: str, text: str, kind: str) -> Any:
