@@ -175,7 +175,7 @@ def _opening(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], 
         "covers the finished cells only (cells of an earlier protocol, whose search kept no per-review "
         "trial scores, are left out), and the study resumes where it stopped.", ""]
     return [f"# Study `{study.study}`: can a merge match its members, their ensemble and a bigger model?", "",
-            f"Written by `python scripts/study.py {config_path}` on {when} (code `{code}`) from the study's MLflow "
+            f"Written by `mllm study {config_path}` on {when} (code `{code}`) from the study's MLflow "
             f"runs only (tracking store `{where}`); the appendix lists every run id. "
             "Test macro-F1 unless a column says otherwise.", "",
             *partial,

@@ -172,7 +172,7 @@ def summarise(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell]) 
     """The arm's rows over its finished folds, their bootstrap intervals and the searched merge's comparisons."""
     folds = [f for f in range(study.folds) if (arm.name, f) in cells]
     if not folds:
-        raise MllmError(f"arm {arm.name}: no finished cell", "run scripts/study.py CONFIG (without --report-only)")
+        raise MllmError(f"arm {arm.name}: no finished cell", "run mllm study CONFIG (without --report-only)")
     mine = [cells[(arm.name, f)] for f in folds]
     rows, seeds = _rows(study, arm, cells, folds)
     out = ArmSummary(arm, folds, rows)
