@@ -81,5 +81,5 @@ def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METH
     if not promoted.champion_after:
         print(f"pipeline: no merge earned @champion ({promoted.decision.reason})")
     return PipelineResult(parent.id, rep.markdown, f"models:/{store.model_name('merged')}@champion" if champion
-                          else None, seconds, store.experiment_id(parent.id),
+                          else None, seconds, store.get_run(parent.id).info.experiment_id,
                           promoted.decision.reason)

@@ -84,9 +84,6 @@ class Store(Registry, Artifacts):
     def get_run(self, run_id: str) -> Run:
         return self.client.get_run(run_id)
 
-    def experiment_id(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.experiment_id
-
     def all_runs(self, family: str) -> Iterator[Run]:
         """Every run of the experiment `family` and of the experiments named `family-...`, page by page."""
         experiments = [e.experiment_id for e in self.client.search_experiments()

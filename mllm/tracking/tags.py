@@ -61,16 +61,17 @@ class VersionTags:
     @classmethod
     def of(cls, tags: Mapping[str, str] | Any) -> VersionTags:
         """Read a version's tags (a mapping, or anything with `.tags`: a ModelVersion)."""
-        raw = dict(getattr(tags, "tags", tags) or {})
-        known = {f.name: f for f in fields(cls)} | {"lambda": next(f for f in fields(cls) if f.name == "lambda_")}
         values: dict[str, Any] = {"val": {}, "extra": {}}
-        for key, text in raw.items():
-            if key.startswith("val_") and _parses(key, text, "float"):
-                values["val"][key.removeprefix("val_")] = float(text)
-            elif key in known and key not in ("val", "extra") and _parses(key, text, str(known[key].type)):
-                values[known[key].name] = _parse(key, text, str(known[key].type))
-            else:  # not a field, or a note under a field's name (a light store's "weights": "not in the light store")
+        for key, text in dict(getattr(tags, "tags", tags) or {}).items():
+            name = "val" if key.startswith("val_") else _FIELD_OF.get(key)
+            value = _read(key, text, _KIND.get(name, "float")) if name else _NOTE
+            if value is _NOTE or value is None and name == "val":  # not a field, or a note under a field's name
+                # ("weights": "not in the light store"; a score that is no number)
                 values["extra"][key] = text
+            elif name == "val":
+                values["val"][key.removeprefix("val_")] = value
+            else:
+                values[name] = value
         return cls(**values)
 
     def as_tags(self) -> dict[str, str]:
@@ -80,7 +81,7 @@ class VersionTags:
             value = getattr(self, f.name)
             if f.name in ("val", "extra") or value is None or value == ():
                 continue
-            key = "lambda" if f.name == "lambda_" else f.name
+            key = _KEY_OF[f.name]
             out[key] = (json.dumps(value) if f.name in LISTS else TUPLES[f.name].join(value) if f.name in TUPLES
                         else str(value))
         out |= {f"val_{k}": str(v) for k, v in self.val.items()}
@@ -97,12 +98,18 @@ class VersionTags:
         return kept[0] if self.weights and len(kept) == 1 else None
 
 
-def _parses(key: str, text: str, kind: str) -> bool:
+_NOTE = object()  # what `_read` gives for a text its field cannot hold
+_KIND = {f.name: str(f.type) for f in fields(VersionTags) if f.name not in ("val", "extra")}  # name -> annotation
+_KEY_OF = {name: "lambda" if name == "lambda_" else name for name in _KIND}  # field name -> registry key
+_FIELD_OF = {key: name for name, key in _KEY_OF.items()}
+
+
+def _read(key: str, text: str, kind: str) -> Any:
+    """The value of a tag's text, or _NOTE when the text is not one its field can hold."""
     try:
-        _parse(key, text, kind)
+        return _parse(key, text, kind)
     except ValueError:  # json.JSONDecodeError is one
-        return False
-    return True
+        return _NOTE
 
 
 def _parse(key: str, text: str, kind: str) -> Any:
