@@ -79,16 +79,36 @@ def plan_members(cfg: ExperimentConfig, splits: SplitData) -> list[MemberSpec]:
         for i in range(ft.members):
             specs.append(MemberSpec(f"seed-{i}", "seeds", splits.train, ft.seed + i, rates[i]))
     else:
-        domains = list(dict.fromkeys(splits.train["domain"]))
-        if len(domains) < 2:
-            raise MllmError(f"finetune.strategy=domains needs two or more datasets, got {domains}",
-                            "add datasets to data.datasets or use strategy shards/seeds")
+        domains = check_domains(cfg, splits)
         for i, domain in enumerate(domains):
             rows = splits.train[splits.train["domain"] == domain].reset_index(drop=True)
             specs.append(MemberSpec(f"domain-{domain}", "domains", rows, ft.seed + i, ft.learning_rate, domain=domain))
     if ft.include_full and ft.strategy != "seeds":  # seed members already train on all rows: each is a full member
         specs.append(MemberSpec("full", "full", splits.train, ft.seed, ft.learning_rate))
     return specs
+
+
+def check_domains(cfg: ExperimentConfig, splits: SplitData) -> list[str]:
+    """The domains of finetune.strategy=domains, in data.datasets order, refusing in one line a domain that a
+    split lacks or whose training rows miss a class after the label mapping (its specialist could never predict
+    it, and retention on that domain would be undefined)."""
+    names = [d.name for d in cfg.data.datasets]
+    if len(names) < 2:
+        raise MllmError(f"finetune.strategy=domains needs two or more datasets, got {names}",
+                        "add datasets to data.datasets or use strategy shards/seeds")
+    for i, name in enumerate(names):
+        for split in ("train", "validation", "test"):
+            if not (splits.split(split)["domain"] == name).any():
+                raise MllmError(f"data.datasets[{i}] ({name}): no rows in the {split} split",
+                                "add rows to that dataset, or raise data.max_rows, data.val_fraction or "
+                                "data.test_fraction")
+        counts = splits.train.loc[splits.train["domain"] == name, "label"].value_counts()
+        missing = [label for j, label in enumerate(splits.label_names) if counts.get(j, 0) == 0]
+        if missing:
+            raise MllmError(f"data.datasets[{i}] ({name}): no {'/'.join(missing)} rows in training after mapping "
+                            f"to {cfg.data.label_scheme}",
+                            "fix data.sentiment_cuts or that dataset's label_kind, add such rows, or drop the domain")
+    return names
 
 
 def base_key(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> str:
@@ -235,20 +255,30 @@ def member_description(cfg: ExperimentConfig, spec: MemberSpec, base_version: st
             f"{best.get('accuracy', float('nan')):.4f} (best evaluation, step {int(best.get('step', 0))})")
 
 
+def member_validation(spec: MemberSpec, splits: SplitData) -> pd.DataFrame:
+    """The validation rows a member keeps its best weights on: a domain specialist its own domain's (it is judged
+    there, so choosing on other domains would understate it and flatter every merge's retention), every other
+    member the whole validation split."""
+    if spec.strategy == "domains":
+        return splits.validation[splits.validation["domain"] == spec.domain].reset_index(drop=True)
+    return splits.validation
+
+
 def _train(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir: Path, key: str, run_: Any,
            force: bool, progress: bool, prefix: Any, examples: Any = None) -> Any:
     """The member's training inside its run: params, inputs, per-step metrics, summary."""
     run_.params({"member.name": spec.name, "member.seed": spec.seed, "member.shard": spec.shard,
                  "member.learning_rate": spec.learning_rate, "member.domain": spec.domain,
                  "member.train_rows": len(spec.rows)})
-    run_.inputs({"train": spec.rows, "validation": splits.validation}, f"{cfg.name}-{spec.name}", splits.fingerprint)
+    validation = member_validation(spec, splits)
+    run_.inputs({"train": spec.rows, "validation": validation}, f"{cfg.name}-{spec.name}", splits.fingerprint)
     logger = run_.metric_logger()
     work = cfg.output_dir / "members" / spec.name
     if force:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
     result = train_member(
-        base_dir, spec.rows["text"].tolist(), spec.rows["label"].to_numpy(), splits.validation["text"].tolist(),
-        splits.validation["label"].to_numpy(), cfg.finetune, cfg.model, work, seed=spec.seed,
+        base_dir, spec.rows["text"].tolist(), spec.rows["label"].to_numpy(), validation["text"].tolist(),
+        validation["label"].to_numpy(), cfg.finetune, cfg.model, work, seed=spec.seed,
         learning_rate=spec.learning_rate, key=key, log=logger, progress=progress, name=spec.name, prefix=prefix,
         example_cache=examples,
     )

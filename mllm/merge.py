@@ -7,7 +7,8 @@ The shared base classifier is mergekit's `base_model` for every method that merg
 (member - base). `normalize` is always passed explicitly (mergekit's default differs by method), paths are
 absolute and the model card is off (a relative path makes the card step query the hub), and the merged
 folder gets the base's tokenizer. Members are checked before any work: same architecture, hidden size,
-layers, vocabulary, labels, and descent from the given base.
+layers, vocabulary, labels, and descent from the given base. regmean, mllm's own method, is merged without mergekit
+(mllm.merging.regmean: it reads each member's training rows) and saved the same way, with `regmean_config.yml`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from mllm.basics import short_hash
 from mllm.config.schema import ExperimentConfig, MergeConfig, MergeMethod
 from mllm.data.splits import load_splits
 from mllm.errors import MllmError, ModelError
-from mllm.merging.methods import info
+from mllm.merging.inmemory import MemberStack
+from mllm.merging.methods import OWN_METHODS, info
+from mllm.merging.regmean import GramSource, member_grams, member_rows
 from mllm.models.modeling import atomic_dir, check_classifier, publish_dir, read_source, resolve_device, write_source
 from mllm.tracking.runs import git_sha
 from mllm.tracking.store import Store
@@ -121,13 +124,16 @@ def merge_configuration(recipe: MergeConfig, members: Sequence[Path], base: Path
 
 
 def merge_models(recipe: MergeConfig, members: Sequence[Path], base: Path | None, out: Path,
-                 device: str = "cpu") -> tuple[Path, str]:
-    """Merge with mergekit into `out` (complete or absent); return the folder and the mergekit YAML."""
+                 device: str = "cpu", grams: GramSource | None = None) -> tuple[Path, str]:
+    """Merge with mergekit (regmean: with mllm, from `grams`, the members' training rows) into `out` (complete or
+    absent); return the folder and the merge's YAML (mergekit's, or regmean_config.yml)."""
+    check_members(members, base, recipe.method)
+    if recipe.method == "regmean":
+        return merge_regmean(recipe, members, base, out, device, grams)
     import yaml
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    check_members(members, base, recipe.method)
     config = merge_configuration(recipe, members, base)
     text = yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)
     options = MergeOptions(copy_tokenizer=False, write_model_card=False, trust_remote_code=False, quiet=True,
@@ -147,6 +153,39 @@ def merge_models(recipe: MergeConfig, members: Sequence[Path], base: Path | None
         write_source(Path(tmp), role="merged", method=recipe.method, members=[str(m) for m in members],
                      base=str(base) if base else None, recipe=recipe.model_dump(mode="json", by_alias=True),
                      base_key=read_source(base).get("base_key") if base else None)
+        publish_dir(tmp, out)
+    return out, text
+
+
+def merge_regmean(recipe: MergeConfig, members: Sequence[Path], base: Path | None, out: Path, device: str,
+                  grams: GramSource | None) -> tuple[Path, str]:
+    """RegMean of `members` into `out`: the members resident around the base (MemberStack), each one's Gram
+    matrices (cached), the merged classifier saved with save_pretrained (safetensors, fp32)."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    if grams is None:
+        raise MllmError("merge.method=regmean needs the members' training rows",
+                        "merge with mllm merge (merge.run finds each member's rows), or pass grams=GramSource(...)")
+    if base is None:
+        raise MllmError("merge.method=regmean needs the base checkpoint", "pass the base (models:/<exp>-base/N)")
+    check_weights(recipe, len(members))
+    stack = MemberStack(base, members, device)
+    stack.set_grams(member_grams(members, grams, recipe.regmean_rows, stack.unchanged, stack.device))
+    model = stack.model()
+    stack.merge_into(model, recipe)
+    spec = {"merge_method": "regmean", "regmean_alpha": recipe.regmean_alpha, "regmean_rows": recipe.regmean_rows,
+            "weights": [float(w) for w in recipe.weights or [1.0] * len(members)],
+            "groups": [g.model_dump(mode="json") for g in recipe.groups] if recipe.groups else None,
+            "members": [str(m.resolve()) for m in members], "base": str(base.resolve()), "dtype": "float32"}
+    text = yaml.safe_dump({k: v for k, v in spec.items() if v is not None}, sort_keys=False)
+    with atomic_dir(out) as tmp:
+        model.to("cpu").float().save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base, trust_remote_code=False).save_pretrained(tmp)
+        (Path(tmp) / "regmean_config.yml").write_text(text)
+        write_source(Path(tmp), role="merged", method=recipe.method, members=[str(m) for m in members],
+                     base=str(base), recipe=recipe.model_dump(mode="json", by_alias=True),
+                     base_key=read_source(base).get("base_key"))
         publish_dir(tmp, out)
     return out, text
 
@@ -184,9 +223,12 @@ def merge_description(recipe: MergeConfig, members: Sequence[str], base: str | N
                       tags: dict[str, Any] | None) -> str:
     how = info(recipe.method)
     weights = [round(w, 3) for w in recipe.weights] if recipe.weights else "equal"
-    parts = [f"weights {weights}"] + [f"{k} {v:.3g}" for k, v in (
-        ("density", recipe.density), ("lambda", recipe.lambda_)) if how.uses(k)]
-    lines = [f"**{recipe.method} merge** ({', '.join(parts)}; mergekit)", "",
+    shown = (("density", "density", recipe.density), ("lambda", "lambda", recipe.lambda_),
+             ("regmean_alpha", "alpha", recipe.regmean_alpha), ("regmean_rows", "rows per member", recipe.regmean_rows))
+    parts = [f"weights {weights}"] + [f"{label} {v:.3g}" if isinstance(v, float) else f"{label} {v}"
+                                      for k, label, v in shown if how.uses(k)]
+    engine = "mllm" if recipe.method in OWN_METHODS else "mergekit"
+    lines = [f"**{recipe.method} merge** ({', '.join(parts)}; {engine})", "",
              f"- parents: {', '.join(f'`{m}`' for m in members)}", f"- base: `{base}`" if base else ""]
     for g in recipe.groups or []:
         density = f", density {g.density:.3g}" if g.density is not None and how.uses("density") else ""
@@ -197,24 +239,40 @@ def merge_description(recipe: MergeConfig, members: Sequence[str], base: str | N
     return "\n".join(line for line in lines if line is not None)
 
 
-def merge_key(recipe: MergeConfig, members: Sequence[str], base: str | None, code: str) -> str:
-    """Identifies a merge: recipe, parents, base and code version (an equal key is an equal merge)."""
-    spec = {"recipe": recipe.model_dump(mode="json", by_alias=True), "members": list(members), "base": base,
-            "code": code}
+def merge_key(recipe: MergeConfig, members: Sequence[str], base: str | None, code: str,
+              inputs: str | None = None) -> str:
+    """Identifies a merge: recipe, parents, base and code version (an equal key is an equal merge). regmean's
+    fields count for regmean only (a ties merge is the same whatever merge.regmean_alpha says); `inputs`: what else
+    the merge read (regmean: a hash of the members' rows and model.max_length)."""
+    unread = set() if recipe.method == "regmean" else {"regmean_rows", "regmean_alpha"}
+    spec = {"recipe": recipe.model_dump(mode="json", by_alias=True, exclude=unread), "members": list(members),
+            "base": base, "code": code, **({"inputs": inputs} if inputs else {})}
     return short_hash(spec, 20)
+
+
+def version_tags(recipe: MergeConfig, members: Sequence[str], base: str | None, key: str) -> VersionTags:
+    """What a merged version records about its recipe (regmean's rows and alpha for regmean merges only)."""
+    regmean = recipe.method == "regmean"
+    return VersionTags(
+        method=recipe.method, parents=tuple(members), base=base or "", weights=recipe.weights,
+        density=recipe.density, lambda_=recipe.lambda_, normalize=recipe.normalize, seed=recipe.seed,
+        regmean_rows=recipe.regmean_rows if regmean else None, regmean_alpha=recipe.regmean_alpha if regmean else None,
+        merge_key=key, groups=[g.model_dump(mode="json", exclude={"filters"}) for g in recipe.groups or []] or None)
 
 
 def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None,
         tags: dict[str, Any] | None = None, force: bool = False, store: Store | None = None,
         recipe: MergeConfig | None = None) -> MergeResult:
-    """Merge registered (or given) members with `recipe` (by default `cfg.merge`), log the mergekit YAML, register
-    the result. An identical merge (same recipe, parents, base and code version) already registered is reused."""
+    """Merge registered (or given) members with `recipe` (by default `cfg.merge`), log the mergekit YAML (regmean:
+    regmean_config.yml), register the result. An identical merge (same recipe, parents, base and code version)
+    already registered is reused. regmean reads each member's training rows, found before any run is opened."""
     store = store or Store(cfg)
     given, recipe = bool(members), recipe or cfg.merge
     for uri in [*(members or []), *([base] if base else [])]:  # before any download or run (check_members,
         store.check_uri(uri, "--member" if uri != base else "--base", tokenizer=False)  # below: the tokenizer)
     base_uri, members = (base, list(members or [])) if given else registered_members(store)
     base_uri = base or base_uri
+    rows = member_rows(cfg, store, members) if recipe.method == "regmean" else None  # refused here, not in a run
     member_dirs = [store.download(uri) for uri in members]
     base_dir = store.download(base_uri) if base_uri else None
     # Before a run is opened: bad input leaves no trace.
@@ -222,7 +280,8 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
                   "--member" if given else f"{store.model_name('member')} member",
                   "--base" if base else store.model_name("base"))
     check_weights(recipe, len(member_dirs))
-    key = merge_key(recipe, members, base_uri, git_sha())
+    inputs = None if rows is None else short_hash([[r[:recipe.regmean_rows] for r in rows], cfg.model.max_length])
+    key = merge_key(recipe, members, base_uri, git_sha(), inputs)
     version = None if force else store.find("merged", key)
     if version is not None:
         print(f"merge {recipe.method}: reusing {store.model_name('merged')} version {version.version} "
@@ -234,12 +293,10 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     logged = cfg if recipe is cfg.merge else cfg.model_copy(update={"merge": recipe})  # the run's config: its recipe
     with store.run(f"merge-{recipe.method}", stage="merge", tags=run_tags, config=logged) as run_:
         folder, yaml_text = merge_models(recipe, member_dirs, base_dir, cfg.output_dir / "merged" / run_.id,
-                                         device=resolve_device(cfg.model)[0].type)
-        run_.text(yaml_text, "mergekit_config.yml")
-        written = VersionTags(
-            method=recipe.method, parents=tuple(members), base=base_uri or "", weights=recipe.weights,
-            density=recipe.density, lambda_=recipe.lambda_, normalize=recipe.normalize, seed=recipe.seed,
-            merge_key=key, groups=[g.model_dump(mode="json", exclude={"filters"}) for g in recipe.groups or []] or None)
+                                         device=resolve_device(cfg.model)[0].type,
+                                         grams=None if rows is None else GramSource.of(cfg, rows))
+        run_.text(yaml_text, "regmean_config.yml" if recipe.method == "regmean" else "mergekit_config.yml")
+        written = version_tags(recipe, members, base_uri, key)
         version = store.register("merged", run_, folder, {**written.as_tags(), **(tags or {})},
                                  description=merge_description(recipe, members, base_uri, tags),
                                  examples=load_splits(cfg.data).examples(),  # the input example logged with it

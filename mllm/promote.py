@@ -36,7 +36,7 @@ from mllm.basics import redact
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data.splits import load_splits
 from mllm.errors import MllmError
-from mllm.evaluation.choice import single_member, split_rows
+from mllm.evaluation.choice import single_member, validation_parts
 from mllm.evaluation.metrics import macro_f1, paired_test
 from mllm.evaluation.selection import best_member
 from mllm.tracking.locks import db_lock
@@ -209,8 +209,7 @@ def gate_rows(cfg: ExperimentConfig) -> tuple[str, np.ndarray | None]:
     """(the data split the gate scores, the rows of it that it reads: None for all). promote.split=holdout is the
     validation rows the search never optimised."""
     if cfg.promote.split == "holdout":
-        labels = load_splits(cfg.data).validation["label"].to_numpy()
-        return "validation", split_rows(labels, cfg.search.crossfit_fraction, cfg.search.seed)[1]
+        return "validation", validation_parts(cfg.search, load_splits(cfg.data).validation)[1]
     return cfg.promote.split, None
 
 

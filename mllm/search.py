@@ -5,20 +5,19 @@
     mllm search --storage postgresql+psycopg2://u:pw@db/optuna --study-name drugs-1   # one worker per machine
 
 Trials choose the method (`search.methods`), one weight per member, and the density / lambda the method
-reads; the objective is macro-F1 on the search part of the validation split (`search.crossfit_fraction`); the
-rest is scored too but never read by the sampler or pruner, and `mllm.evaluation.choice` picks the searched merge from
-every trial's per-review scores (`search.choice`). The test split is never scored here, and config validation refuses
-it as an objective. A trial merges in memory (`mllm.merging.inmemory`: members loaded once per
-worker, on the GPU when there is one), evaluates pre-tokenised, length-sorted validation batches (bf16 on
-CUDA), and with `search.prune` scores growing validation subsets (1/4, 1/2, all) so the median pruner can
-stop hopeless trials early. The study lives in an Optuna RDB storage: workers on any machine join it, the
-schema is created once before they start, heartbeats mark a killed worker's trial stale and it is retried
-with the same parameters, and rerunning a study continues it up to `search.n_trials` finished trials.
+reads; the objective is macro-F1 (with several domains, their mean: `search.objective`) on the search part of the
+validation split (`search.crossfit_fraction`); the rest is scored too but never read by the sampler or pruner, and
+`mllm.evaluation.choice` picks the searched merge from every trial's per-review scores (`search.choice`). The test
+split is never scored here (config validation refuses it as an objective). A trial merges in memory
+(`mllm.merging.inmemory`: members loaded once per worker, on the GPU when there is one), evaluates pre-tokenised,
+length-sorted validation batches (bf16 on CUDA), and with `search.prune` scores growing validation subsets (1/4,
+1/2, all) so the median pruner can stop hopeless trials early. The study lives in an Optuna RDB storage: workers
+on any machine join it, the schema is created once before they start, heartbeats mark a killed worker's trial stale
+and it is retried with the same parameters, and a rerun continues the study up to `search.n_trials` finished trials.
 
 MLflow: one parent run per study invocation (tags `best_trial`, `best_value`, `chosen_trial`, `chosen_policy`,
 the chosen recipe as `chosen_recipe.json`, its optimism, Optuna's figures), one nested run per trial (parameters,
-metrics per step, held-out macro-F1, state). Weights are never stored per trial: `mllm promote` materialises the
-chosen recipe with mergekit.
+metrics per step, held-out macro-F1, state). Weights are never stored per trial: `mllm promote` materialises them.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from mllm.merge import check_members, registered_members
 from mllm.merging.groups import LayerGroup, plan_groups
 from mllm.merging.inmemory import IN_MEMORY
 from mllm.merging.methods import info
+from mllm.merging.regmean import member_rows
 from mllm.merging.scorer import Scorer, TrialScore, score_rows
 from mllm.tracking.runs import RunLog, owner
 from mllm.tracking.store import Store
@@ -147,7 +147,8 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
     if finished(optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg))) >= cfg.search.n_trials:
         return  # the study is complete (a rerun of a finished search): nothing to load
     store = Store(cfg)
-    scorer = Scorer(cfg, store.download(base), [store.download(u) for u in members])
+    rows = member_rows(cfg, store, members) if "regmean" in cfg.search.methods else None  # RegMean's grams
+    scorer = Scorer(cfg, store.download(base), [store.download(u) for u in members], member_rows=rows)
     groups = worker_groups(cfg, scorer)
     dims = len(members) * (1 + len(groups)) + 3 + len(groups)  # weights, method, density, lambda, group densities
     if worker == 0 and groups:
@@ -169,6 +170,8 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
             trial.set_user_attr("mlflow_run_id", run.id)
             score, recipe, pruned = _trial(trial, recipe, scorer, run, single and prunable, cfg.search.mask_seeds)
         trial.set_user_attr("recipe", recipe.model_dump(mode="json", by_alias=True))  # with the chosen mask seed
+        if score.worst_domain_f1 is not None:
+            trial.set_user_attr("val_worst_domain_f1", round(score.worst_domain_f1, 6))
         if pruned:
             raise optuna.TrialPruned()
         return _value(score, recipe, cfg)
@@ -200,8 +203,7 @@ def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: 
     start, pruned, merge_s = time.perf_counter(), False, 0.0
     data = scorer.data
     for step, (score, merge_s) in enumerate(scorer.stages(recipe)):  # noqa: B007 (merge_s is read after the loop)
-        run.metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
-                     "val_accuracy": score.accuracy, "val_rows": score.rows}, step=step)
+        run.metrics(score.as_metrics(), step=step)
         if prune and step < data.objective_stages - 1:
             trial.report(score.macro_f1, step)
             if trial.should_prune():
@@ -211,23 +213,25 @@ def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: 
         logits = scorer.rest()
         if len(seeds) > 1:
             every = [logits] + [scorer.logits(recipe.model_copy(update={"seed": s})) for s in seeds[1:]]
-            scores = [score_rows(x[data.search_rows], data.labels[data.search_rows], scorer.num_labels)
-                      for x in every]
+            scores = [score_rows(x[data.search_rows], data.labels[data.search_rows], scorer.num_labels,
+                                 data.groups_of(data.search_rows)) for x in every]
             f1 = np.array([x.macro_f1 for x in scores])
             nearest = int(np.argmin(np.abs(f1 - f1.mean())))
             recipe, logits = recipe.model_copy(update={"seed": seeds[nearest]}), every[nearest]
+            worst = [x.worst_domain_f1 for x in scores if x.worst_domain_f1 is not None]
             score = TrialScore(float(f1.mean()), float(np.mean([x.worst_class_f1 for x in scores])),
-                               float(np.mean([x.accuracy for x in scores])), score.rows)
+                               float(np.mean([x.accuracy for x in scores])), score.rows,
+                               float(np.mean(worst)) if worst else None)
             # The objective, logged last (one step on) so the run's val_macro_f1 is the mean the study optimised.
-            run.metrics({"val_macro_f1": score.macro_f1, "val_worst_class_f1": score.worst_class_f1,
-                         "val_accuracy": score.accuracy, "val_rows": score.rows}, step=data.objective_stages)
+            run.metrics(score.as_metrics(), step=data.objective_stages)
             run.metrics({"val_macro_f1_mean": score.macro_f1, "val_macro_f1_std": float(f1.std(ddof=1)),
                          "val_macro_f1_min": float(f1.min()), "val_macro_f1_max": float(f1.max()),
                          **{f"val_macro_f1_seed_{s}": float(v) for s, v in zip(seeds, f1, strict=True)}})
             run.tags({"mllm.mask_seed": recipe.seed})
         trial.set_user_attr(ROWS_ATTR, rows_attr(logits, data.labels))
         if len(data.holdout_rows):  # logged for people; the sampler and the pruner never see it
-            held = score_rows(logits[data.holdout_rows], data.labels[data.holdout_rows], scorer.num_labels)
+            held = score_rows(logits[data.holdout_rows], data.labels[data.holdout_rows], scorer.num_labels,
+                              data.groups_of(data.holdout_rows))
             run.metrics({"holdout_macro_f1": held.macro_f1, "holdout_rows": held.rows})
     run.metrics({"merge_s": merge_s, "trial_s": time.perf_counter() - start})
     run.tags({"mllm.trial_state": "PRUNED" if pruned else "COMPLETE"})
@@ -279,6 +283,8 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     """
     store = store or Store(cfg)
     study, members, base = open_study(cfg, members, base, store)
+    if "regmean" in cfg.search.methods:
+        member_rows(cfg, store, members)  # members without training rows are refused before any run is opened
     name = study.study_name
     if create_only:
         return SearchResult(name, redact(cfg.search.storage), None, None, None, finished(study), None)

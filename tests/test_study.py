@@ -156,6 +156,7 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
     from mllm import search
     from mllm.merging import scorer
     from mllm.study import cell as studycell
+    from mllm.study import work as studywork
     from mllm.study.runner import run_study, write_report
     from mllm.study.store import export_store, import_store
 
@@ -165,15 +166,15 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
     real_scorer, real_search = scorer.Scorer, search.run
 
     class Recording(real_scorer):  # type: ignore[misc, valid-type]
-        def __init__(self, cfg, base_dir, member_dirs, reviews=None):
+        def __init__(self, cfg, base_dir, member_dirs, reviews=None, member_rows=None):
             events.append("validation" if reviews is None else "test")
-            super().__init__(cfg, base_dir, member_dirs, reviews)
+            super().__init__(cfg, base_dir, member_dirs, reviews, member_rows)
 
     def recording_search(*args, **kwargs):
         events.append("search")
         return real_search(*args, **kwargs)
 
-    monkeypatch.setattr(studycell, "Scorer", Recording)
+    monkeypatch.setattr(studywork, "Scorer", Recording)
     monkeypatch.setattr(studycell.search, "run", recording_search)
     ids = run_study(study)
     # Per cell: validation, the search, and only then the test split (the reference arm: members, no search).

@@ -12,10 +12,11 @@ LabelScheme = Literal["rating10", "sentiment3", "stars5"]
 PresetName = Literal[
     "drugscom-sample", "drugscom", "druglib", "lewtun/drug-reviews", "yelp_review_full", "app_reviews"
 ]
-# mergekit's own method names (mergekit/merge_methods/registry.py).
+# mergekit's own method names (mergekit/merge_methods/registry.py), and regmean, which mllm implements itself
+# (mllm.merging.regmean: it reads each member's training rows, which mergekit's methods never see).
 MergeMethod = Literal[
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear", "slerp", "nuslerp", "karcher", "model_stock", "sce",
+    "della", "della_linear", "slerp", "nuslerp", "karcher", "model_stock", "sce", "regmean",
 ]
 
 def refuse_test(split: Any, fix: str) -> Any:

@@ -20,6 +20,10 @@ class SearchConfig(Section):
         description="Merge methods the search may choose (in-memory ones).")
     sampler: Literal["tpe", "cmaes", "random", "nsgaii"] = Field("tpe", description="The Optuna sampler.")
     objective_split: Literal["validation", "test"] = Field("validation", description="Must be validation.")
+    objective: Literal["domain_mean", "pooled"] = Field(
+        "domain_mean", description="domain_mean: the mean over the data's domains (data.datasets) of each domain's "
+        "validation macro-F1, so a merge of domain experts is judged on every domain alike (one domain: its "
+        "macro-F1); pooled: macro-F1 over all validation rows. The worst domain is logged beside it.")
     second_objective: Literal["none", "worst_class_f1", "density"] = Field(
         "none", description="A second Optuna objective beside macro-F1 (a multi-objective study: a "
         "Pareto front).")

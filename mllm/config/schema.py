@@ -196,7 +196,7 @@ class GroupRecipe(Section):
 class MergeConfig(Section):
     """One merge recipe, in mergekit's terms."""
 
-    method: MergeMethod = Field("ties", description="A mergekit merge method.")
+    method: MergeMethod = Field("ties", description="A mergekit merge method, or regmean (mllm's own).")
     weights: list[float] | None = Field(None, description="Per-member weights (None: equal).")
     density: float = Field(0.5, gt=0, le=1, description="Share of task-vector entries kept (TIES/DARE...).")
     lambda_: float = Field(1.0, gt=0, alias="lambda", description="Scale of the merged task vector.")
@@ -205,6 +205,10 @@ class MergeConfig(Section):
     gamma: float = Field(0.01, ge=0, lt=1, description="breadcrumbs: share of largest entries removed.")
     normalize: bool = Field(True, description="Divide by the weight sum (always passed to mergekit).")
     seed: int = Field(0, description="Seed of random drops (DARE, della).")
+    regmean_rows: int = Field(256, ge=1, description="regmean: each member's own training reviews (the first, in a "
+                              "seeded order) whose layer inputs give its Gram matrices.")
+    regmean_alpha: float = Field(0.6, ge=0, le=1, description="regmean: scale of the Gram matrices' off-diagonal "
+                                 "entries (1: exact least squares on the layer inputs, 0: diagonal only).")
     groups: list[GroupRecipe] | None = Field(None, description="Per-layer-group weights and densities "
                                              "(search.layer_groups); tensors outside every group use the above.")
 

@@ -32,6 +32,7 @@ LABEL_NAMES: dict[str, tuple[str, ...]] = {
 }
 _RANGES = {"rating10": (1, 10), "stars5": (1, 5)}
 SPLITS = ("train", "validation", "test")
+SHORT_WORDS = 3  # dataset_stats counts texts with fewer words than this
 SELECTION = "selection"  # held out of train when data.selection_fraction > 0: the promotion gate's split
 
 
@@ -272,4 +273,6 @@ def dataset_stats(rows: pd.DataFrame, label_names: tuple[str, ...]) -> dict[str,
         "labels": {name: int(counts.get(i, 0)) for i, name in enumerate(label_names)},
         "words": word_stats(rows["text"]),
         "duplicate_texts": int(rows["text"].map(_key).duplicated().sum()),
+        # Kept as they are (a one-word review is still a review), but counted: app reviews are often this short.
+        f"under_{SHORT_WORDS}_words": int((rows["text"].str.split().str.len() < SHORT_WORDS).sum()),
     }

@@ -11,7 +11,7 @@ from typing import Any
 
 from mllm.config.schema import DataConfig, DatasetConfig
 from mllm.data.presets import PRESETS
-from mllm.data.splits import LABEL_NAMES, dataset_stats, load_dataset_rows, split_dataset
+from mllm.data.splits import LABEL_NAMES, SHORT_WORDS, dataset_stats, load_dataset_rows, split_dataset
 from mllm.errors import DataError
 
 
@@ -59,13 +59,15 @@ def render_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"mllm data stats (split seed {report['seed']})")
-    for col in ("dataset", "rows", "labels", "words mean", "median", "std", "dupes dropped", "train/val/test"):
+    for col in ("dataset", "rows", "labels", "words mean", "median", "std", f"< {SHORT_WORDS} words",
+                "dupes dropped", "train/val/test"):
         table.add_column(col, justify="left" if col in ("dataset", "labels") else "right")
     for d in report["datasets"]:
         labels = " ".join(f"{k}:{v}" for k, v in d["labels"].items())
         w, s = d["words"], d["splits"]
         table.add_row(d["name"], str(d["rows"]), labels, f"{w['mean']:.1f}", f"{w['median']:g}", f"{w['std']:.1f}",
-                      str(d["duplicates_dropped"]), f"{s['train']}/{s['validation']}/{s['test']}")
+                      str(d[f"under_{SHORT_WORDS}_words"]), str(d["duplicates_dropped"]),
+                      f"{s['train']}/{s['validation']}/{s['test']}")
     console = Console()
     console.width = max(console.width, 130)  # pipes and CI logs report 80 columns
     console.print(table)

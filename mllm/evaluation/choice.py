@@ -28,26 +28,45 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 
 from mllm.config.schema import MergeConfig
 from mllm.errors import MllmError
-from mllm.evaluation.metrics import log_softmax, macro_f1, resampled_scores
+from mllm.evaluation.metrics import domain_macro_f1, log_softmax, resampled_scores
 from mllm.merging.methods import info
 
 Policy = Literal["best", "crossfit", "one_se", "nll"]
 POLICIES: tuple[str, ...] = ("best", "crossfit", "one_se", "nll")
 
 
-def split_rows(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(search rows, held-out rows): a seeded split of the validation rows, stratified by label, with `fraction`
-    of each label's rows (rounded, at least one where a label has two or more) in the search part."""
+def objective_groups(objective: str, domains: Any) -> np.ndarray | None:
+    """A domain id per validation row when the search's objective is the mean over domains
+    (search.objective=domain_mean) and the rows hold two or more domains; else None (one pooled macro-F1)."""
+    codes, names = pd.factorize(pd.Series(domains))
+    return codes.astype(np.int64) if objective == "domain_mean" and len(names) > 1 else None
+
+
+def validation_parts(search_cfg: Any, validation: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(search rows, held-out rows, domain ids or None) of a validation split under `search_cfg` (SearchConfig):
+    the one place the search, its choice and the promotion gate cut validation the same way."""
+    groups = objective_groups(search_cfg.objective, validation["domain"])
+    search, holdout = split_rows(validation["label"].to_numpy(), search_cfg.crossfit_fraction, search_cfg.seed, groups)
+    return search, holdout, groups
+
+
+def split_rows(labels: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(search rows, held-out rows): a seeded split of the validation rows, stratified by label (by domain and
+    label when `groups` gives a domain per row), with `fraction` of each stratum's rows (rounded, at least one
+    where a stratum has two or more) in the search part."""
     if not 0 < fraction < 1:
         raise MllmError(f"search.crossfit_fraction {fraction} is outside (0, 1)",
                         "set it between 0 and 1, e.g. 0.5 (half of validation for the search, half held out)")
     rng = np.random.default_rng(seed)
+    strata = labels if groups is None else groups * (int(labels.max(initial=0)) + 1) + labels
     search: list[np.ndarray] = []
-    for label in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == label))
+    for label in np.unique(strata):
+        rows = rng.permutation(np.flatnonzero(strata == label))
         take = int(round(fraction * len(rows)))
         if len(rows) >= 2:
             take = min(max(take, 1), len(rows) - 1)
@@ -114,21 +133,31 @@ class Choice:
         return None if self.holdout_macro_f1 is None else self.search_macro_f1 - self.holdout_macro_f1
 
 
-def _f1(c: Candidate, labels: np.ndarray, rows: np.ndarray, k: int) -> float:
-    return macro_f1(labels[rows], c.pred[rows], k)
+def _f1(c: Candidate, labels: np.ndarray, rows: np.ndarray, k: int, groups: np.ndarray | None = None) -> float:
+    return domain_macro_f1(labels[rows], c.pred[rows], k, None if groups is None else groups[rows])[0]
 
 
-def bootstrap_se(labels: np.ndarray, pred: np.ndarray, k: int, samples: int = 2000, seed: int = 0) -> float:
-    """Bootstrap standard error of macro-F1 over these reviews."""
+def bootstrap_se(labels: np.ndarray, pred: np.ndarray, k: int, samples: int = 2000, seed: int = 0,
+                 groups: np.ndarray | None = None) -> float:
+    """Bootstrap standard error of macro-F1 over these reviews (with `groups`: of the mean over domains of each
+    domain's macro-F1, resampling within each domain)."""
     rng = np.random.default_rng(seed)
-    index = rng.integers(0, len(labels), size=(samples, len(labels)))
-    return float(resampled_scores(labels, pred, k, index)[1].std(ddof=1))
+    if groups is None:
+        index = rng.integers(0, len(labels), size=(samples, len(labels)))
+        return float(resampled_scores(labels, pred, k, index)[1].std(ddof=1))
+    per_domain = []
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        index = rng.integers(0, len(rows), size=(samples, len(rows)))
+        per_domain.append(resampled_scores(labels[rows], pred[rows], k, index)[1])
+    return float(np.mean(per_domain, axis=0).std(ddof=1))
 
 
 def choose(candidates: Sequence[Candidate], labels: np.ndarray, search: np.ndarray, holdout: np.ndarray, k: int,
            policy: str = "best", top_k: int = 5, se_multiplier: float = 1.0, nll_guard: float | None = None,
-           reference_nll: float | None = None, seed: int = 0) -> Choice:
-    """Apply `policy` to the candidates (module docstring). Ties keep the earlier trial."""
+           reference_nll: float | None = None, seed: int = 0, groups: np.ndarray | None = None) -> Choice:
+    """Apply `policy` to the candidates (module docstring). Ties keep the earlier trial. `groups` (a domain id per
+    validation row, `objective_groups`): macro-F1 is the mean over domains, as the search optimised it."""
     if policy not in POLICIES:
         raise MllmError(f"search.choice {policy!r} is not a policy", f"use one of {', '.join(POLICIES)}")
     if se_multiplier < 0:
@@ -142,8 +171,8 @@ def choose(candidates: Sequence[Candidate], labels: np.ndarray, search: np.ndarr
         kept = [c for c in pool if nll[c.number] <= reference_nll + nll_guard]
         refused = tuple(c.number for c in pool if c not in kept)
         pool = kept or [min(pool, key=lambda c: nll[c.number])]  # none passes: the best calibrated one
-    f1 = {c.number: _f1(c, labels, search, k) for c in pool}
-    held = {c.number: _f1(c, labels, holdout, k) for c in pool} if len(holdout) else {}
+    f1 = {c.number: _f1(c, labels, search, k, groups) for c in pool}
+    held = {c.number: _f1(c, labels, holdout, k, groups) for c in pool} if len(holdout) else {}
     top = max(pool, key=lambda c: f1[c.number])  # max keeps the first of equals: the earlier trial
     chosen_on = "search rows"
     if policy == "best":
@@ -157,7 +186,8 @@ def choose(candidates: Sequence[Candidate], labels: np.ndarray, search: np.ndarr
         why = (f"best held-out macro-F1 ({held[pick.number]:.4f}) among the top {len(ranked)} trials by search-row "
                f"macro-F1 ({', '.join(str(c.number) for c in ranked)})")
     elif policy == "one_se":
-        se = bootstrap_se(labels[search], top.pred[search], k, seed=seed)
+        se = bootstrap_se(labels[search], top.pred[search], k, seed=seed,
+                          groups=None if groups is None else groups[search])
         floor = f1[top.number] - se_multiplier * se
         near = [c for c in pool if f1[c.number] >= floor]
         pick = min(near, key=lambda c: (*complexity(c.recipe, k), -f1[c.number], c.number))

@@ -31,6 +31,17 @@ def macro_f1(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> float:
     return float(per_class_f1(labels, preds, num_labels)[present].mean())
 
 
+def domain_macro_f1(labels: np.ndarray, preds: np.ndarray, num_labels: int, groups: np.ndarray | None
+                    ) -> tuple[float, float]:
+    """(mean over domains of each domain's macro-F1, the worst domain's): what a multi-domain search optimises.
+    `groups` holds a domain id per row; None (one domain) gives (macro-F1, macro-F1)."""
+    if groups is None:
+        f1 = macro_f1(labels, preds, num_labels)
+        return f1, f1
+    scores = [macro_f1(labels[groups == g], preds[groups == g], num_labels) for g in np.unique(groups)]
+    return float(np.mean(scores)), float(min(scores))
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))

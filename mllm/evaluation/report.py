@@ -11,14 +11,15 @@ read (`mllm.evaluation.selection`): the best member, and the selected merge (hig
 merges). Every other model is compared with the best member, and the selected merge with the ensemble and the bigger
 model, by a paired bootstrap of the macro-F1 difference (p = (1 + count) / (B + 1)); Holm's correction runs over all of
 these comparisons. Below the table, one sentence per question says "better", "worse" or "not distinguishable at
-this size", with the non-inferiority reading beside it. The table is printed and logged as `report.md` (plus
-`report.json` and an MLflow table) in a `report` run.
+this size", with the non-inferiority reading beside it. A split with several domains adds a per-domain section
+(`mllm.evaluation.domains`: macro-F1 per domain, retention of the specialists' scores, its own verdicts). The table
+is printed and logged as `report.md` (plus `report.json` and an MLflow table) in a `report` run.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,6 +28,7 @@ import pandas as pd
 
 from mllm.config.schema import ExperimentConfig
 from mllm.errors import MllmError
+from mllm.evaluation import domains
 from mllm.evaluation.metrics import PairedTest, holm, paired_test
 from mllm.evaluation.selection import best_member, reading
 from mllm.tracking.store import Store
@@ -84,6 +86,7 @@ class ReportResult:
     selected_merge: str | None = None
     verdicts: list[str] = field(default_factory=list)
     comparisons: int = 0  # the Holm family's size
+    per_domain: domains.DomainReport | None = None  # the split holds several domains
 
 
 def collect(store: Store, experiment: str, split: str) -> list[Any]:
@@ -197,7 +200,7 @@ def paired_tests(s: Scored, best: str | None, selected: str | None, others: dict
     return tests
 
 
-def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store) -> ReportResult:
+def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store, split: str | None = None) -> ReportResult:
     s = scored(scope(runs), work, store)
     by_role: dict[str, list[Any]] = {}
     for r in s.runs:
@@ -217,7 +220,10 @@ def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store) -> R
                                                    r.data.tags["mllm.model_uri"] != selected,
                                                    -r.data.metrics.get("macro_f1", 0)))]
     verdicts = verdict_lines(selected, best, others, tests, adjusted, cfg)
-    return ReportResult(cfg.name, "", rows, best, "", None, selected, [*refused, *verdicts], len(tests))
+    scored_data = s.runs[0].data.tags.get("mllm.dataset_fingerprint") if s.runs else None
+    per_domain = domains.section(cfg, split or cfg.evaluate.split, scored_data, s.labels, len(s.names), [
+        (r.model, r.role, s.predicted[r.run_id], tags[r.model].domain) for r in rows], selected)
+    return ReportResult(cfg.name, "", rows, best, "", None, selected, [*refused, *verdicts], len(tests), per_domain)
 
 
 def row(r: Any, vt: VersionTags, classes: set[str], best: str | None, selected: str | None, unit: float | None,
@@ -318,6 +324,7 @@ def render(result: ReportResult, experiment: str, split: str, cfg: ExperimentCon
               "", "## What the numbers allow",
               ""]
     lines += [f"- {v}" for v in result.verdicts]
+    lines += domains.render(result.per_domain, split, e.confidence) if result.per_domain else []
     return "\n".join(lines) + "\n"
 
 
@@ -331,9 +338,7 @@ def run(cfg: ExperimentConfig, experiment: str | None = None, split: str | None 
     split = split or cfg.evaluate.split
     runs = collect(store, experiment, split) if not evaluations else sorted(  # newest first, as collect gives them
         (store.get_run(i) for i in evaluations), key=lambda r: r.info.start_time, reverse=True)
-    built = build(runs, cfg, cfg.output_dir / "report", store)
-    result = ReportResult(experiment, split, built.rows, built.best_member, "", None, built.selected_merge,
-                          built.verdicts, built.comparisons)
+    result = replace(build(runs, cfg, cfg.output_dir / "report", store, split), experiment=experiment, split=split)
     markdown = render(result, experiment, split, cfg)
     run_id = None
     if log:
@@ -341,9 +346,10 @@ def run(cfg: ExperimentConfig, experiment: str | None = None, split: str | None 
             r.text(markdown, "report.md")
             r.mlflow_table(table_frame(result.rows, result.best_member), "report_table.json")
             r.json(summary(result), "report.json")
+            if result.per_domain:
+                r.metrics(domains.metrics(result.per_domain))
             run_id = r.id
-    return ReportResult(experiment, split, result.rows, result.best_member, markdown, run_id, result.selected_merge,
-                        result.verdicts, result.comparisons)
+    return replace(result, markdown=markdown, run_id=run_id)
 
 
 def table_frame(rows: list[Row], best: str | None) -> pd.DataFrame:
@@ -365,7 +371,8 @@ def table_frame(rows: list[Row], best: str | None) -> pd.DataFrame:
 def summary(result: ReportResult) -> dict[str, Any]:
     return {"experiment": result.experiment, "split": result.split, "best_member": result.best_member,
             "selected_merge": result.selected_merge, "verdicts": result.verdicts,
-            "rows": [r.summary() for r in result.rows]}
+            "rows": [r.summary() for r in result.rows],
+            "per_domain": result.per_domain.summary() if result.per_domain else None}
 
 
 def to_json(result: ReportResult) -> str:

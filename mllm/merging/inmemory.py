@@ -13,7 +13,8 @@ for random methods rests on drawing random masks in mergekit's order: weights so
 order, one `torch.bernoulli` per member and weight, after `transformers.set_seed(seed)` (as `run_merge`
 does). The per-tensor maths follows mergekit's generalized task arithmetic (sparsify each task vector,
 weight, optional sign consensus, optional normalisation by the kept weights, scale by lambda, add to the
-base); DELLA's and breadcrumbs' sparsifiers are mergekit's own functions.
+base); DELLA's and breadcrumbs' sparsifiers are mergekit's own functions. regmean is mllm's own method
+(mllm.merging.regmean): it needs each member's Gram matrices, given once with `set_grams`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from mllm.config.schema import MergeConfig
 from mllm.errors import MllmError
 from mllm.merging.methods import IN_MEMORY, RANDOM_SPARSIFIERS, info
+from mllm.merging.regmean import Grams, merged_tensors
 from mllm.models.modeling import load_classifier
 
 # method -> (sparsifier, sign consensus, rescale the kept entries to the task vector's L1 norm): mergekit's
@@ -192,6 +194,15 @@ class MemberStack:
             self.deltas.append(self._task_vector(path))
         # Weights no member changed (frozen embeddings and layers): merging them is skipped (see merge_tensor).
         self.unchanged = {n for n in self.names if all(d[n] is None for d in self.deltas)}
+        self.grams: list[Grams] | None = None  # regmean: each member's Gram matrices (set_grams)
+
+    def set_grams(self, grams: Sequence[Grams] | None) -> None:
+        """Each member's Gram matrices (mllm.merging.regmean.member_grams), in member order, for merge.method=regmean;
+        kept on the stack's device until replaced."""
+        if grams is not None and len(grams) != len(self.deltas):
+            raise MllmError(f"regmean: Gram matrices for {len(grams)} members, the stack has {len(self.deltas)}",
+                            "compute them for these members, in their order")
+        self.grams = None if grams is None else [g.to(self.device) for g in grams]
 
     def _task_vector(self, path: Path) -> dict[str, torch.Tensor | None]:
         """member - base, read tensor by tensor (never a whole second copy of a member); None where the member
@@ -222,6 +233,9 @@ class MemberStack:
         for weights in [recipe.weights, *(g.weights for g in recipe.groups or [])]:
             if weights is not None and len(weights) != k:
                 raise MllmError(f"merge.weights has {len(weights)} values for {k} members", "give one per member")
+        if recipe.method == "regmean":
+            yield from self._regmean(recipe, into)
+            return
         if info(recipe.method).random:
             from transformers.trainer_utils import set_seed
 
@@ -232,6 +246,16 @@ class MemberStack:
                 yield n, merge_tensor(self.base[n], [d[n] for d in self.deltas], weights or [1.0] * k, recipe,
                                       all_zero=n in self.unchanged, density=density,
                                       out=None if into is None else into[n])
+
+    def _regmean(self, recipe: MergeConfig, into: dict[str, torch.Tensor] | None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.grams is None:
+            raise MllmError("merge.method=regmean needs each member's Gram matrices, and none were given",
+                            "merge through mllm merge or search with members fine-tuned by mllm finetune (they find "
+                            "each member's training rows), or call MemberStack.set_grams")
+        with torch.no_grad():
+            for n, tensor in merged_tensors(self.base, self.deltas, self.grams, self.names, self.unchanged, recipe):
+                yield n, tensor if into is None else into[n].copy_(tensor)
 
     def merged(self, recipe: MergeConfig) -> dict[str, torch.Tensor]:
         return dict(self.iter_merged(recipe))

@@ -8,7 +8,8 @@
 Every method object in `mergekit.merge_methods.registry` has a `spec`: its declared parameters (shared, or
 per input / per non-base input) and an input contract (base policy, input counts); the generalized task
 arithmetic family (`GeneralizedTaskArithmeticMerge`) also names its sparsifier, sign consensus and default
-rescale. mergekit is imported on first use, so importing this module stays light (no torch).
+rescale. mergekit is imported on first use, so importing this module stays light (no torch). regmean is mllm's own
+method (mllm.merging.regmean), not in mergekit's registry: its MethodInfo is written here by hand.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ class MethodInfo:
         return param in self.model_params or param in self.shared_params
 
 
+# Methods mllm implements itself. regmean reads per-member weights (always normalised: only their ratios matter) and
+# its two MergeConfig fields; it needs the shared base (unchanged layers and the resident container come from it).
+OWN_METHODS: dict[str, MethodInfo] = {
+    "regmean": MethodInfo(
+        name="regmean", model_params=frozenset({"weight"}), shared_params=frozenset({"regmean_rows", "regmean_alpha"}),
+        needs_base=True, task_vector=False, sparsifier=None, consensus=False, rescale=False, random=False,
+        exactly_two=False, min_members=1),
+}
+
+
 def _registered(method: str) -> Any:
     from mergekit.merge_methods import registry
 
@@ -67,6 +78,8 @@ def info(method: str) -> MethodInfo:
     """What `method` reads and needs; a one-line MllmError for a name merge.method does not accept."""
     if method not in METHODS:
         raise MllmError(f"merge.method={method!r} is not a merge method mllm knows", f"use one of {', '.join(METHODS)}")
+    if method in OWN_METHODS:
+        return OWN_METHODS[method]
     from mergekit.merge_methods.base import BasePolicy, ParameterScope
     from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
 
@@ -108,9 +121,10 @@ def methods_with(param: str) -> frozenset[str]:
 
 @cache
 def in_memory() -> frozenset[str]:
-    """Methods mllm.merging.inmemory merges in memory: linear and the task-vector family with a sparsifier it
-    implements."""
-    return frozenset({"linear"}) | methods_where(lambda i: i.task_vector and i.sparsifier in KERNEL_SPARSIFIERS)
+    """Methods mllm.merging.inmemory merges in memory: linear, the task-vector family with a sparsifier it
+    implements, and mllm's own methods (regmean)."""
+    return (frozenset({"linear", *OWN_METHODS})
+            | methods_where(lambda i: i.task_vector and i.sparsifier in KERNEL_SPARSIFIERS))
 
 
 IN_MEMORY: frozenset[str]  # = in_memory(), computed on first access (PEP 562) so that mergekit loads lazily

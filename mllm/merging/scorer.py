@@ -22,9 +22,11 @@ import numpy as np
 
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data.splits import load_splits
-from mllm.evaluation.choice import split_rows
-from mllm.evaluation.metrics import classification_summary, per_class_f1
+from mllm.errors import MllmError
+from mllm.evaluation.choice import validation_parts
+from mllm.evaluation.metrics import classification_summary, domain_macro_f1, per_class_f1
 from mllm.merging.inmemory import MemberStack
+from mllm.merging.regmean import Grams, GramSource, member_grams
 from mllm.models.modeling import collate, encode, length_batches, load_tokenizer, resolve_device
 from mllm.models.prefix import PrefixCache, prefix_state
 
@@ -45,8 +47,9 @@ class ValidationSet:
     rows, when there are any, are one last stage that no objective or pruner reads."""
 
     def __init__(self, texts: list[str], labels: np.ndarray, tokenizer: Any, cfg: ExperimentConfig, device: Any,
-                 stages: tuple[float, ...], search_rows: np.ndarray | None = None) -> None:
-        self.labels = labels
+                 stages: tuple[float, ...], search_rows: np.ndarray | None = None,
+                 groups: np.ndarray | None = None) -> None:
+        self.labels, self.groups = labels, groups  # groups: a domain id per review (search.objective=domain_mean)
         encoded = encode(tokenizer, texts, cfg.model.max_length)
         self.search_rows = np.arange(len(texts)) if search_rows is None else np.sort(search_rows)
         self.holdout_rows = np.setdiff1d(np.arange(len(texts)), self.search_rows)
@@ -63,18 +66,35 @@ class ValidationSet:
                                 for b in batches])
 
 
+    def groups_of(self, rows: np.ndarray) -> np.ndarray | None:
+        """The domain ids of these rows (None: one pooled objective)."""
+        return None if self.groups is None else self.groups[rows]
+
+
 @dataclass(frozen=True)
 class TrialScore:
-    macro_f1: float
+    macro_f1: float  # the objective: with several domains, the mean over domains of each one's macro-F1
     worst_class_f1: float
     accuracy: float
     rows: int
+    worst_domain_f1: float | None = None  # with several domains: the lowest domain's macro-F1
+
+    def as_metrics(self) -> dict[str, float]:
+        """A trial run's figures after a stage (val_macro_f1 is the objective; the worst domain with several)."""
+        out = {"val_macro_f1": self.macro_f1, "val_worst_class_f1": self.worst_class_f1, "val_accuracy": self.accuracy,
+               "val_rows": self.rows}
+        return out if self.worst_domain_f1 is None else {**out, "val_worst_domain_f1": self.worst_domain_f1}
 
 
-def score_rows(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> TrialScore:
+def score_rows(logits: np.ndarray, labels: np.ndarray, num_labels: int, groups: np.ndarray | None = None
+               ) -> TrialScore:
+    """The objective's figures on these rows (`groups`: a domain id per row, or None for one pooled macro-F1)."""
     summary = classification_summary(logits, labels)
     f1 = per_class_f1(labels, logits.argmax(1), num_labels)
-    return TrialScore(summary["macro_f1"], float(f1.min()), summary["accuracy"], len(labels))
+    if groups is None:
+        return TrialScore(summary["macro_f1"], float(f1.min()), summary["accuracy"], len(labels))
+    mean, worst = domain_macro_f1(labels, logits.argmax(1), num_labels, groups)
+    return TrialScore(mean, float(f1.min()), summary["accuracy"], len(labels), worst)
 
 
 class Scorer:
@@ -82,21 +102,25 @@ class Scorer:
     validation stage (rows seen so far)."""
 
     def __init__(self, cfg: ExperimentConfig, base_dir: Path, member_dirs: list[Path],
-                 reviews: tuple[list[str], np.ndarray] | None = None) -> None:
-        """`reviews` (texts, label ids) replaces the validation split (benchmarks)."""
+                 reviews: tuple[list[str], np.ndarray] | None = None,
+                 member_rows: list[list[str]] | None = None) -> None:
+        """`reviews` (texts, label ids) replaces the validation split (benchmarks). `member_rows`: each member's own
+        training texts (mllm.merging.regmean.member_rows), which regmean recipes need."""
         self.device, self.autocast = resolve_device(cfg.model)
+        self.gram_source = None if member_rows is None else GramSource.of(cfg, member_rows)
+        self.grams: dict[int, list[Grams]] = {}  # regmean_rows -> each member's Gram matrices, computed once
         self.stack = MemberStack(base_dir, member_dirs, self.device)
         self.model = self.stack.model()
         tokenizer = load_tokenizer(base_dir)
-        search_rows = None
+        search_rows, groups = None, None
         if reviews is None:
             validation = load_splits(cfg.data).validation  # the only split a search reads
             reviews = (validation["text"].tolist(), validation["label"].to_numpy())
-            search_rows = split_rows(reviews[1], cfg.search.crossfit_fraction, cfg.search.seed)[0]
+            search_rows, _, groups = validation_parts(cfg.search, validation)
         self.num_labels = self.model.config.num_labels
         n = len(reviews[0]) if search_rows is None else len(search_rows)
         self.data = ValidationSet(reviews[0], np.asarray(reviews[1]), tokenizer, cfg, self.device,
-                                  stage_shares(n, cfg.search.prune, cfg.search.prune_min_rows), search_rows)
+                                  stage_shares(n, cfg.search.prune, cfg.search.prune_min_rows), search_rows, groups)
         self.prefix = self._frozen_prefix(cfg)
 
     def _frozen_prefix(self, cfg: ExperimentConfig) -> Any:
@@ -126,9 +150,24 @@ class Scorer:
                     out += [self.model(**batch).logits.float().cpu().numpy() for _, batch in self.data.stages[s]]
         return out
 
+    def prepare(self, recipe: MergeConfig) -> None:
+        """For a regmean recipe: the members' Gram matrices, computed (or read from the cache) on the first such
+        recipe and reused by every later one (alpha and weights apply at merge time)."""
+        if recipe.method != "regmean":
+            return
+        if self.gram_source is None:
+            raise MllmError("merge.method=regmean: this scorer has no training rows of the members",
+                            "pass member_rows (mllm.merging.regmean.member_rows), or leave regmean out of the search")
+        n = recipe.regmean_rows
+        if n not in self.grams:
+            self.grams[n] = member_grams(self.stack.member_dirs, self.gram_source, n, self.stack.unchanged,
+                                         self.device)
+        self.stack.set_grams(self.grams[n])
+
     def stages(self, recipe: MergeConfig) -> Iterator[tuple[TrialScore, float]]:
         """Merge, then yield (score on the search rows seen so far, merge seconds) after each objective stage.
         Once the generator is exhausted, `rest()` scores the held-out rows of the same merge."""
+        self.prepare(recipe)  # regmean's Gram matrices: once per scorer, not part of the merge time
         start = time.perf_counter()
         self.stack.merge_into(self.model, recipe)
         merge_s = time.perf_counter() - start
@@ -139,7 +178,8 @@ class Scorer:
             logits += self._forward([s], self.prefix)
             rows += [index for index, _ in self.data.stages[s]]
             seen = np.concatenate(rows)
-            yield score_rows(np.concatenate(logits), self.data.labels[seen], self.num_labels), merge_s
+            yield score_rows(np.concatenate(logits), self.data.labels[seen], self.num_labels,
+                             self.data.groups_of(seen)), merge_s
 
     def rest(self) -> np.ndarray:
         """After `stages` ran to the end: the merge's logits on every review (held-out rows scored now), in the
@@ -155,6 +195,7 @@ class Scorer:
     def logits(self, recipe: MergeConfig) -> np.ndarray:
         """The merge's logits on every review, in the order the reviews were given (a study scores fixed recipes
         this way; build the scorer with search.prune off so there is one stage)."""
+        self.prepare(recipe)
         self.stack.merge_into(self.model, recipe)
         out = np.zeros((len(self.data.labels), self.num_labels), dtype=np.float32)
         for s, stage in enumerate(self.data.stages):

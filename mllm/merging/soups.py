@@ -4,7 +4,8 @@ only if the soup's validation macro-F1 does not drop.
     result = greedy_soup(cfg, member_uris, base_uri)      # a registered linear merge with weights 1 (kept) / 0
 
 Each candidate soup is the uniform average of the kept members (`linear`, normalised), merged in memory
-(`mllm.merging.inmemory`) and scored on the whole validation split; the first member is the best one by validation
+(`mllm.merging.inmemory`) and scored on the whole validation split (with several domains and search.objective
+domain_mean: the mean over domains of their macro-F1); the first member is the best one by validation
 (`mllm.evaluation.selection.best_member`'s order). The soup is registered through `mllm.merge.run` as a linear merge
 over all members with weight 1 for the kept ones and 0 for the others, so its parents are the member set it was chosen
 from; the history (member tried, soup score, kept or not) is logged in a `greedy-soup` run.
@@ -20,7 +21,7 @@ from mllm import merge
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.evaluate import describe
-from mllm.evaluation.metrics import macro_f1
+from mllm.evaluation.metrics import domain_macro_f1
 from mllm.evaluation.selection import best_member
 from mllm.merging.scorer import Scorer
 from mllm.tracking.store import Store
@@ -68,7 +69,8 @@ def greedy_soup(cfg: ExperimentConfig, members: list[str], base: str, store: Sto
         def score(weights: list[float]) -> float:
             recipe = MergeConfig(method="linear", weights=weights, normalize=True)
             scorer = held["scorer"]  # every validation row (the search's held-out part included), as before
-            return macro_f1(scorer.data.labels, scorer.logits(recipe).argmax(1), scorer.num_labels)
+            preds = scorer.logits(recipe).argmax(1)  # the search's objective: several domains, their mean
+            return domain_macro_f1(scorer.data.labels, preds, scorer.num_labels, scorer.data.groups)[0]
 
         weights, value, history = greedy_weights(order, score, len(members))
         held.clear()

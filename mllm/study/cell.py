@@ -10,9 +10,12 @@ In order (`run_cell`), with every choice on validation and the test split read l
    figures; then the Optuna search (`trials`) on validation and each choice policy's pick among its trials;
 3. test (`score_test`): those recipes, DARE-TIES and DARE-linear at merge.density / merge.lambda over `mask_seeds`
    seeds, the greedy soup and the searched recipe scored once, with the members' logit ensemble, the majority class
-   and TF-IDF (C chosen on validation). Task arithmetic at lambda 1 is the uniform soup's merge (SAME).
-Each model is one MLflow run nested under the cell's run (`log_models`): validation and test metrics, the recipe as
-params, and `predictions.csv` (split, row, label, one logit column per class), from which RESULTS.md is computed.
+   and TF-IDF (C chosen on validation). Task arithmetic at lambda 1 is the uniform soup's merge (SAME). An arm's
+   extra merges (RegMean, a task-arithmetic lambda grid) and its reference members (a domains arm's multi-domain
+   member) are scored alike (mllm.study.recipes).
+Each model is one MLflow run nested under the cell's run (`mllm.study.modelruns.log_models`): validation and test
+metrics, the recipe as params, and `predictions.csv` (split, row, label, domain with several domains, one logit
+column per class), from which RESULTS.md is computed.
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,47 +32,26 @@ from mllm import finetune, search
 from mllm.basics import short_hash
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data.splits import SplitData, load_splits
-from mllm.evaluate import score
-from mllm.evaluation.baselines import ensure_tfidf, majority_logits
-from mllm.evaluation.choice import POLICIES, Choice, candidates_of, choose, split_rows
-from mllm.evaluation.metrics import classification_summary, log_softmax
+from mllm.evaluation.baselines import ensure_tfidf
+from mllm.evaluation.choice import POLICIES, Choice, candidates_of, choose, objective_groups, validation_parts
+from mllm.evaluation.metrics import classification_summary, domain_macro_f1, log_softmax
 from mllm.evaluation.selection import best_member
+from mllm.merging.regmean import member_rows
 from mllm.merging.scorer import Scorer
 from mllm.merging.soups import greedy_order, greedy_weights
 from mllm.study.config import Arm, StudyConfig, cell_config
+from mllm.study.modelruns import log_models
+from mllm.study.recipes import SAME, extra_recipes, fixed_recipes, majority_by_domain, needs_rows, reference_members
+from mllm.study.work import CellWork, Earlier
 from mllm.tracking.runs import RunLog
 from mllm.tracking.store import Store
 from mllm.tracking.tags import VersionTags
 from mllm.tracking.trials import open_storage
 
-# Task arithmetic at lambda 1 on normalised weights is base + mean(task vectors): the uniform soup's weights (equal
-# up to float rounding, tests/test_fastmerge.py), so it is scored once and recorded under both names.
-SAME = {"ta-1": "uniform"}
 # Scored on validation: what a choice reads (members: best member, greedy order) and the merges a reader compares
 # with their search trials. DARE's per-seed merges are scored on test only (their validation figures are the
 # search's enqueued DARE trials).
 VALIDATION_KINDS = ("member", "merge", "searched")
-Earlier = dict[str, tuple[dict[str, np.ndarray], str, dict[str, str]]]  # name -> (split -> logits, run id, params)
-
-
-def fixed_recipes(cfg: ExperimentConfig, k: int, mask_seeds: int) -> dict[str, tuple[str, MergeConfig]]:
-    """name -> (kind, recipe) of every model scored from the members with a recipe fixed before any scoring."""
-    m = cfg.merge
-
-    def recipe(method: str, **update: Any) -> MergeConfig:
-        return m.model_copy(update={"method": method, "weights": None, "normalize": True, "groups": None, **update})
-
-    out: dict[str, tuple[str, MergeConfig]] = {
-        f"member:{i}": ("member", recipe("linear", weights=[1.0 if j == i else 0.0 for j in range(k)]))
-        for i in range(k)}
-    out["uniform"] = ("merge", recipe("linear"))
-    out["ta-1"] = ("merge", recipe("task_arithmetic", **{"lambda_": 1.0}))  # the uniform soup's weights: see SAME
-    out["ta-k"] = ("merge", recipe("task_arithmetic", **{"lambda_": float(k)}))
-    out["ties"] = ("merge", recipe("ties"))
-    for method in ("dare_ties", "dare_linear"):
-        for s in range(mask_seeds):
-            out[f"{method}:{s}"] = ("dare", recipe(method, seed=s))
-    return out
 
 
 def cell_members(cfg: ExperimentConfig, store: Store, data: SplitData) -> tuple[str, list[tuple[str, str]]]:
@@ -105,6 +85,11 @@ def cell_key(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, fingerprint: s
     read when the report is written."""
     where_free = {k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "tracking")}
     where_free["search"] = {k: v for k, v in where_free["search"].items() if k not in ("storage", "choice")}
+    # Settings added later that leave a cell's figures as they were keep its key: the arm's extra merges (a
+    # finished cell gains them, mllm.study.addendum) and a domain-mean objective over one domain (its macro-F1).
+    where_free["merge"] = {k: v for k, v in where_free["merge"].items() if not k.startswith("regmean_")}
+    if len(cfg.data.datasets) == 1 or where_free["search"].get("objective") == "pooled":
+        where_free["search"].pop("objective", None)
     return short_hash([where_free, fingerprint, study.trials, study.mask_seeds, arm.name, arm.reference], 20)
 
 
@@ -117,14 +102,7 @@ def _train_seconds(store: Store, uris: list[str]) -> float:
     return total
 
 
-def _predictions(frames: dict[str, np.ndarray], labels: dict[str, np.ndarray], names: tuple[str, ...]
-                 ) -> pd.DataFrame:
-    return pd.concat([pd.DataFrame({"split": split, "row": np.arange(len(logits)), "label": labels[split],
-                                    **{f"logit_{n}": logits[:, j] for j, n in enumerate(names)}})
-                      for split, logits in frames.items()], ignore_index=True)
-
-
-def policy_choices(cfg: ExperimentConfig, study_name: str, labels: np.ndarray, members: list[np.ndarray],
+def policy_choices(cfg: ExperimentConfig, study_name: str, validation: pd.DataFrame, members: list[np.ndarray],
                    cell: RunLog) -> dict[str, Choice]:
     """The searched merge under every choice policy (mllm.evaluation.choice), all from the one search's trials:
     "searched" is the configured search.choice, "policy:<name>" the others, and "policy:best-all" the old rule (the
@@ -136,8 +114,8 @@ def policy_choices(cfg: ExperimentConfig, study_name: str, labels: np.ndarray, m
     trials = optuna.load_study(study_name=study_name, storage=open_storage(cfg)).get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     candidates = candidates_of(trials)
-    s, k = cfg.search, members[0].shape[1]
-    search, holdout = split_rows(labels, s.crossfit_fraction, s.seed)
+    s, k, labels = cfg.search, members[0].shape[1], validation["label"].to_numpy()
+    search, holdout, groups = validation_parts(s, validation)
     member_nll = [-log_softmax(m.astype(np.float64))[np.arange(len(labels)), labels] for m in members]
     f1 = [classification_summary(m, labels) for m in members]
     top, _ = best_member([(str(i), x["macro_f1"], x["nll"]) for i, x in enumerate(f1)])
@@ -145,15 +123,16 @@ def policy_choices(cfg: ExperimentConfig, study_name: str, labels: np.ndarray, m
 
     def pick(policy: str) -> Choice:
         return choose(candidates, labels, search, holdout, k, policy, s.top_k, s.se_multiplier, s.nll_guard,
-                      reference, s.seed)
+                      reference, s.seed, groups)
 
     out = {"searched": pick(s.choice)}
     out.update({f"policy:{p}": pick(p) for p in POLICIES if p != s.choice})
-    old = choose(candidates, labels, np.arange(len(labels)), np.zeros(0, dtype=np.int64), k, "best")
+    old = choose(candidates, labels, np.arange(len(labels)), np.zeros(0, dtype=np.int64), k, "best", groups=groups)
     out["policy:best-all"] = Choice("best-all", old.number, old.recipe, old.search_macro_f1, None, old.search_nll,
                                     "every validation row", "highest macro-F1 on every validation row (the old rule)")
     cell.json({"labels": labels.tolist(), "search_rows": search.tolist(), "holdout_rows": holdout.tolist(),
-               "num_labels": k, "choice": s.choice, "top_k": s.top_k, "se_multiplier": s.se_multiplier,
+               "num_labels": k, "groups": None if groups is None else groups.tolist(),
+               "choice": s.choice, "top_k": s.top_k, "se_multiplier": s.se_multiplier,
                "nll_guard": s.nll_guard, "seed": s.seed, "best_member": int(top) if top is not None else None,
                "member_nll": [np.round(x, 4).tolist() for x in member_nll],
                "trials": [{"number": c.number, "recipe": c.recipe.model_dump(mode="json", by_alias=True),
@@ -201,40 +180,6 @@ def earlier_models(study: StudyConfig, arm: Arm, fold: int, store: Store, key: s
     return out
 
 
-@dataclass
-class CellWork:
-    """One cell as its phases fill it in: what they read, then what they hand on (models, logits, choices, seconds)."""
-
-    study: StudyConfig
-    arm: Arm
-    fold: int
-    key: str
-    cfg: ExperimentConfig  # with the cell's own Optuna study
-    whole: ExperimentConfig  # cfg without pruning: fixed models are scored on all validation rows
-    store: Store
-    data: SplitData
-    base: str  # the base's model URI
-    members: list[tuple[str, str]]  # (name, model URI)
-    base_dir: Path
-    dirs: list[Path]
-    labels: dict[str, np.ndarray]  # split -> labels
-    seconds: dict[str, float]
-    recipes: dict[str, tuple[str, MergeConfig | None]] = field(default_factory=dict)  # name -> (kind, recipe)
-    val: dict[str, np.ndarray] = field(default_factory=dict)  # name -> logits
-    test: dict[str, np.ndarray] = field(default_factory=dict)
-    earlier: Earlier = field(default_factory=dict)
-    order: list[int] = field(default_factory=list)  # members best-first on validation
-    weights: list[float] = field(default_factory=list)  # the greedy soup's
-    history: list[Any] = field(default_factory=list)  # the greedy soup's steps
-    picks: dict[str, Choice] = field(default_factory=dict)  # "searched" and "policy:<name>"
-    tfidf: str = ""  # the TF-IDF model's URI
-
-    def taken_over(self, name: str) -> bool:
-        """Whether an earlier cell's logits of `name` stand for this cell's (the greedy soup: with the same weights)."""
-        return name in self.earlier and (
-            name != "greedy" or self.earlier[name][2].get("weights") == json.dumps(self.weights))
-
-
 def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
     """Run (or reuse) one cell; return its MLflow run id."""
     cfg = cell_config(study, arm, fold)
@@ -250,6 +195,7 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
     cfg = cfg.model_copy(update={"search": own})
     start = time.perf_counter()
     base, members = cell_members(cfg, store, data)
+    references = dict(reference_members(cfg, store, data))
     uris = [u for _, u in members]
     trained_now = time.perf_counter() - start
     tags = {"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": fold, "mllm.study_cell": key,
@@ -263,9 +209,11 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
         work = CellWork(study, arm, fold, key, cfg, whole, store, data, base, members, store.download(base),
                         [store.download(u) for u in uris],
                         {"validation": data.validation["label"].to_numpy(), "test": data.test["label"].to_numpy()},
-                        seconds)
+                        seconds, references=references)
+        if not arm.reference and needs_rows(extra_recipes(cfg, arm.merges, len(members))):
+            work.rows = member_rows(cfg, store, uris)
         tick = time.perf_counter()  # 1. validation: every choice is made here
-        scorer = Scorer(whole, work.base_dir, work.dirs)
+        scorer = work.scorer()
         score_validation(work, scorer)
         seconds["validation_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
@@ -275,7 +223,7 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
         del scorer
         gc.collect()
         score_test(work)  # 2. test: read once, after every choice
-        log_models(work, cell)
+        log_models(work, cell.id)
         cell.json({"order": [members[i][0] for i in work.order], "greedy": work.history, "weights": work.weights},
                   "greedy.json")
         cell.metrics(seconds)
@@ -287,9 +235,12 @@ def score_validation(work: CellWork, scorer: Scorer) -> None:
     """Validation logits of the members and the merges (an earlier cell's when its members are the same), then the
     greedy soup: members added best-first while validation macro-F1 does not drop, its logits scored once."""
     k, val, labels = len(work.members), work.val, work.labels["validation"]
-    work.recipes = dict(fixed_recipes(work.cfg, k, work.study.mask_seeds))
+    work.recipes = {**fixed_recipes(work.cfg, k, work.study.mask_seeds), **extra_recipes(work.cfg, work.arm.merges, k)}
     if work.arm.reference:  # members only: another arm's reference model
         work.recipes = {name: v for name, v in work.recipes.items() if v[0] == "member"}
+    for name, uri in work.references.items():  # scored as they are: a stack of one member
+        work.recipes[name] = (name, None)
+        val[name] = work.scorer(members=[work.store.download(uri)]).logits(MergeConfig(method="linear"))
     val.update({name: scorer.logits(r) for name, (kind, r) in work.recipes.items() if kind == "member"})
     work.earlier = earlier_models(work.study, work.arm, work.fold, work.store, work.key,
                                   [val[f"member:{i}"] for i in range(k)])
@@ -304,9 +255,11 @@ def score_validation(work: CellWork, scorer: Scorer) -> None:
         return
     soups: dict[tuple[float, ...], np.ndarray] = {}
 
-    def soup_f1(weights: list[float]) -> float:
+    groups = objective_groups(work.cfg.search.objective, work.data.validation["domain"])
+
+    def soup_f1(weights: list[float]) -> float:  # the search's objective (several domains: their mean macro-F1)
         soups[tuple(weights)] = scorer.logits(MergeConfig(method="linear", weights=weights, normalize=True))
-        return classification_summary(soups[tuple(weights)], labels)["macro_f1"]
+        return domain_macro_f1(labels, soups[tuple(weights)].argmax(1), soups[tuple(weights)].shape[1], groups)[0]
 
     work.weights, _, work.history = greedy_weights(work.order, soup_f1, k)
     work.recipes["greedy"] = ("merge", MergeConfig(method="linear", weights=work.weights, normalize=True))
@@ -317,7 +270,7 @@ def search_choices(work: CellWork, scorer: Scorer, cell: RunLog) -> None:
     """The Optuna search on validation, then each policy's choice, scored on validation once per distinct trial."""
     result = search.run(work.cfg, [u for _, u in work.members], work.base, parent_run_id=cell.id, store=work.store)
     members = [work.val[f"member:{i}"] for i in range(len(work.members))]
-    work.picks = policy_choices(work.cfg, result.study_name, work.labels["validation"], members, cell)
+    work.picks = policy_choices(work.cfg, result.study_name, work.data.validation, members, cell)
     for name, pick in work.picks.items():
         work.recipes[name] = ("searched" if name == "searched" else "policy", pick.recipe)
         same = next((n for n, p in work.picks.items() if n in work.val and p.number == pick.number), None)
@@ -328,11 +281,15 @@ def score_test(work: CellWork) -> None:
     """Every model's test logits (once per distinct merge), then the baselines': the one read of the test split."""
     tick = time.perf_counter()
     picks, test, reviews = work.picks, work.test, (work.data.test["text"].tolist(), work.labels["test"])
-    scorer = Scorer(work.whole, work.base_dir, work.dirs, reviews=reviews)
+    scorer = work.scorer(reviews=reviews)
     for name, (_, r) in work.recipes.items():
         same = next((n for n, p in picks.items() if n in test and name in picks
                      and p.number == picks[name].number), None)
         if name in SAME:
+            continue
+        if name in work.references:
+            test[name] = work.scorer(reviews, [work.store.download(work.references[name])]).logits(
+                MergeConfig(method="linear"))
             continue
         if same:
             test[name] = test[same]
@@ -350,49 +307,8 @@ def score_test(work: CellWork) -> None:
         work.tfidf = work.store.model_uri("tfidf", ensure_tfidf(work.cfg, data, work.store).version)
         for split, out in (("validation", work.val), ("test", test)):
             out["ensemble"] = np.mean([out[f"member:{i}"] for i in range(k)], axis=0).astype(np.float32)
-            out["majority"] = majority_logits(data.train["label"].to_numpy(), len(data.label_names),
-                                              len(work.labels[split]))
+            out["majority"] = majority_by_domain(data.train, data.split(split), len(data.label_names))
             probs = work.store.predict_proba(work.tfidf, data.split(split)["text"].tolist())
             out["tfidf"] = np.log(np.clip(probs, 1e-30, None)).astype(np.float32)
         work.recipes.update({"ensemble": ("ensemble", None), "majority": ("majority", None), "tfidf": ("tfidf", None)})
     work.seconds["test_s"] = time.perf_counter() - tick
-
-
-def model_params(work: CellWork, name: str, kind: str, recipe: MergeConfig | None) -> dict[str, Any]:
-    """A model run's params: what it is (member, baseline or recipe), the trial a policy chose, where it came from."""
-    params: dict[str, Any] = {"model": name, "kind": kind}
-    if kind == "member":
-        index = int(name.split(":")[1])
-        params.update(member=work.members[index][0], model_uri=work.members[index][1])
-    elif kind == "tfidf":
-        params["model_uri"] = work.tfidf
-    elif recipe is not None:
-        params.update(method=recipe.method, weights=json.dumps(recipe.weights), density=recipe.density,
-                      lambda_=recipe.lambda_, seed=recipe.seed)
-    if name in work.picks:
-        pick = work.picks[name]
-        params.update(trial=pick.number, policy=pick.policy, chosen_on=pick.chosen_on,
-                      groups=json.dumps([g.model_dump(mode="json") for g in pick.recipe.groups or []]))
-    if name in SAME:
-        params["scored_as"] = SAME[name]
-    if name not in work.picks and kind not in ("ensemble", "majority", "tfidf") and work.taken_over(name):
-        params["reused_from"] = work.earlier[name][1]  # the earlier cell's run: same members, same logits
-    return params
-
-
-def log_models(work: CellWork, cell: RunLog) -> None:
-    """One run per model under the cell's run: params, validation and test metrics, and predictions.csv."""
-    study, arm, data, labels = work.study, work.arm, work.data, work.labels
-    for name, (kind, recipe) in work.recipes.items():
-        val = {"validation": work.val[name]} if name in work.val else {}
-        metrics = {f"val_{m}": x for m, x in classification_summary(val["validation"], labels["validation"]).items()
-                   } if val else {}
-        metrics.update({f"test_{m}": x for m, x in score(work.test[name], labels["test"], data.label_names,
-                                                         work.cfg.evaluate).items()})
-        with work.store.run(f"{arm.name} f{work.fold} {name}", stage="study-model", parent_run_id=cell.id,
-                            tags={"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": work.fold,
-                                  "mllm.study_model": name, "mllm.kind": kind}, log_config=False,
-                            system_metrics=False) as run_:
-            run_.params(model_params(work, name, kind, recipe))
-            run_.metrics(metrics)
-            run_.table(_predictions({**val, "test": work.test[name]}, labels, data.label_names), "predictions.csv")

@@ -35,6 +35,12 @@ class Arm(Strict):
     name: str = Field(description="Short slug: the cell experiments are <study>-<arm>-f<fold>.")
     title: str = Field("", description="One line for RESULTS.md.")
     set: list[str] = Field(default_factory=list, description="KEY=VALUE overrides of the experiment config.")
+    experiment: Path | None = Field(None, description="This arm's own experiment config instead of the study's "
+                                    "(e.g. configs/domains.yaml: other data, one member per domain).")
+    merges: list[Literal["regmean", "ta-grid"]] = Field(
+        default_factory=list, description="Merges scored in this arm's cells beside the standard ones: regmean "
+        "(data-aware, merge.regmean_rows / merge.regmean_alpha) and ta-grid (task arithmetic at lambda 0.5 to K in "
+        "steps of 0.5, lambda chosen on validation in RESULTS.md). A finished cell gains the ones it lacks.")
     full_member: str | None = Field(None, description="An earlier seeds arm whose seed-0 member (all training rows, "
                                     "finetune.seed, the same recipe) is this arm's full-data member.")
     bigger: str | None = Field(None, description="An earlier seeds arm whose seed-0 member is this arm's bigger "
@@ -128,6 +134,6 @@ def cell_config(study: StudyConfig, arm: Arm, fold: int) -> ExperimentConfig:
              *([] if study.tracking_uri else [f"tracking.artifact_location={study.store.resolve() / 'artifacts'}"]),
              *([f"model.device={study.device}"] if study.device != "auto" else [])]
     try:
-        return load_config(study.experiment, [*study.set, *arm.set, *fixed])
+        return load_config(arm.experiment or study.experiment, [*study.set, *arm.set, *fixed])
     except ConfigError as e:
         raise ConfigError(f"arms[{arm.name}]: {e.what}", e.fix) from None

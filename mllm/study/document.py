@@ -11,6 +11,7 @@ import pandas as pd
 from mllm.basics import redact
 from mllm.study.config import StudyConfig, cell_config
 from mllm.study.criterion import TIE, pick, policy_table
+from mllm.study.perdomain import render_domains, summarise_domains
 from mllm.study.results import SECONDARY, ArmSummary, Cell, interval, optimism
 
 
@@ -153,6 +154,8 @@ def render(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], Ce
              *_every_cell(study)]
     for s in summaries:
         lines += _arm_section(s, figures[s.arm.name])
+        per_domain = summarise_domains(study, s.arm, cells)
+        lines += render_domains(per_domain) if per_domain else []
     lines += policy_section(cells, study)
     whole = wall.round(0).astype({c: int for c in wall.columns if c != "arm"})
     lines += ["## Wall time", "", "Seconds on the machine that ran the study, summed over folds (members: their "
@@ -196,8 +199,12 @@ def _protocol(study: StudyConfig, cells: dict[tuple[str, int], Cell]) -> list[st
              f"- **Arms** (each from `{study.experiment}` with the overrides shown):"]
     for arm in study.arms:
         kind = " (reference arm: its members are trained and scored, nothing is merged)" if arm.reference else ""
-        lines.append(f"  - `{arm.name}`: {arm.title or arm.name}{kind}. Overrides: "
-                     + (", ".join(f"`{x}`" for x in [*study.set, *arm.set]) or "none") + ".")
+        own = f" From `{arm.experiment}`." if arm.experiment else ""
+        extra = (f" Extra merges: {', '.join(arm.merges)} (RegMean at merge.regmean_rows / merge.regmean_alpha; "
+                 "ta-grid: task arithmetic at lambda 0.5 to K, lambda chosen per fold on validation)."
+                 if arm.merges else "")
+        lines.append(f"  - `{arm.name}`: {arm.title or arm.name}{kind}.{own} Overrides: "
+                     + (", ".join(f"`{x}`" for x in [*study.set, *arm.set]) or "none") + f".{extra}")
     return lines
 
 

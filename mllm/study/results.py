@@ -29,6 +29,7 @@ from mllm.tracking.store import Store
 
 MERGE_ROWS = (("uniform", "uniform soup"), ("greedy", "greedy soup"), ("ta-1", "task arithmetic, lambda 1"),
               ("ta-k", "task arithmetic, lambda K"), ("ties", "TIES"))
+EXTRA_ROWS = (("regmean", "RegMean"),)
 SECONDARY = ("accuracy", "nll", "ece")
 
 
@@ -53,6 +54,7 @@ class Cell:
     labels: np.ndarray  # test labels
     models: dict[str, Model]
     trials: dict[str, Any] | None = None  # the cell's trials.json: the search's trials, per validation review
+    domains: np.ndarray | None = None  # each test row's domain, when the cell holds several
 
 
 def collect(study: StudyConfig) -> dict[tuple[str, int], Cell]:
@@ -71,6 +73,7 @@ def collect(study: StudyConfig) -> dict[tuple[str, int], Cell]:
             cell = found[0]
             models: dict[str, Model] = {}
             labels = np.zeros(0, dtype=np.int64)
+            domains = None
             for r in store.find_runs({"mllm.study": study.study, "mllm.arm": arm.name, "mllm.fold": str(fold),
                                       "mllm.stage": "study-model"}):
                 if r.data.tags.get("mlflow.parentRunId") != cell.info.run_id:
@@ -80,6 +83,7 @@ def collect(study: StudyConfig) -> dict[tuple[str, int], Cell]:
                 frame = pd.read_csv(path)
                 test = frame[frame["split"] == "test"].sort_values("row")
                 labels = test["label"].to_numpy()
+                domains = test["domain"].astype(str).to_numpy() if "domain" in test else None
                 logits = test[[c for c in frame.columns if c.startswith("logit_")]].to_numpy(dtype=np.float32)
                 name = r.data.tags["mllm.study_model"]
                 models[name] = Model(name, r.data.tags["mllm.kind"], r.info.run_id, dict(r.data.params),
@@ -96,7 +100,7 @@ def collect(study: StudyConfig) -> dict[tuple[str, int], Cell]:
             cells[(arm.name, fold)] = Cell(
                 arm.name, fold, cell.info.run_id, cfg.name, {k: v for k, v in m.items() if k.endswith("_s")},
                 {s: int(cell.data.params.get(f"{s}_rows", 0)) for s in ("train", "validation", "test")},
-                labels, models, trials)
+                labels, models, trials, domains)
     if any(c.trials for c in cells.values()):  # one protocol per report: cells run before search.choice are out
         for key in [k for k, c in cells.items() if c.trials is None and not study.arm(k[0]).reference]:
             del cells[key]
@@ -146,6 +150,20 @@ def _mean(models: list[Model], spread: bool = False) -> FoldValue:
                      [m.run_id for m in models], None, float(np.std(f1, ddof=1)) if spread and len(f1) > 1 else None)
 
 
+def val_objective(m: Model) -> float:
+    """A model's validation figure as the search's objective reads it: with per-domain figures logged (several
+    domains), the mean over domains of their macro-F1; else the validation macro-F1."""
+    per_domain = [v for k, v in m.metrics.items() if k.startswith("val_macro_f1_")]
+    return float(np.mean(per_domain)) if per_domain else m.metrics["val_macro_f1"]
+
+
+def ta_chosen(cell: Cell) -> Model:
+    """The task-arithmetic merge of the lambda grid with the best validation objective (ties: the smaller lambda)."""
+    grid = [(float(m.params.get("lambda_", "1.0")), m) for n, m in cell.models.items()
+            if (n.startswith("ta-") and n != "ta-1") or n == "uniform"]  # ta-1 is the uniform soup (SAME)
+    return max(grid, key=lambda x: (val_objective(x[1]), -x[0]))[1]
+
+
 def _members(cell: Cell) -> list[Model]:
     return sorted((m for m in cell.models.values() if m.kind == "member"), key=lambda m: int(m.name.split(":")[1]))
 
@@ -177,6 +195,7 @@ def summarise(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell]) 
     rows, seeds = _rows(study, arm, cells, folds)
     out = ArmSummary(arm, folds, rows)
     out.chosen = ["best member (validation)", "greedy soup", "TF-IDF", "searched merge",
+                  "task arithmetic, lambda chosen on validation",
                   *(r.label for r in rows if r.label.startswith("searched: "))]
     out.boot = _bootstrap(study, rows, mine)
     out.comparisons = _comparisons(study, arm, rows, mine, seeds)
@@ -221,6 +240,15 @@ def _rows(study: StudyConfig, arm: Arm, cells: dict[tuple[str, int], Cell], fold
     baselines = (("ensemble", "logit ensemble"), ("majority", "majority class"), ("tfidf", "TF-IDF"))
     for name, label in (*baselines, *MERGE_ROWS):
         rows.append(Row(label, [_value(c.models[name]) for c in mine]))
+    for name, label in EXTRA_ROWS:  # an arm's extra merges (Arm.merges), once every fold's cell has them
+        if all(name in c.models for c in mine):
+            rows.append(Row(label, [_value(c.models[name]) for c in mine]))
+    if all(any(n.startswith("ta-") and n not in ("ta-1", "ta-k") for n in c.models) for c in mine):  # ta-grid
+        rows.append(Row("task arithmetic, lambda chosen on validation", [_value(ta_chosen(c)) for c in mine],
+                        "the grid's lambda (0.5 to K) with the best validation objective, per fold"))
+    if all("full" in c.models for c in mine):
+        rows.append(Row("multi-domain member", [_value(c.models["full"]) for c in mine],
+                        "one member fine-tuned on every domain's training rows (what the merge stands in for)"))
     for method, label in (("dare_ties", "DARE-TIES"), ("dare_linear", "DARE-linear")):
         found = [[m for k, m in c.models.items() if k.startswith(f"{method}:")] for c in mine]
         rows.append(Row(f"{label} (mean of {len(found[0])} mask seeds)", [_mean(x, spread=True) for x in found],
@@ -270,6 +298,7 @@ def _comparisons(study: StudyConfig, arm: Arm, rows: list[Row], mine: list[Cell]
     family = [("best member (validation)", "the best member"), ("logit ensemble", "the logit ensemble"),
               ("uniform soup", "the uniform soup"), ("greedy soup", "the greedy soup")]
     family += [("full-data member", "the full-data member (seeds)")] if arm.full_member else []
+    family += [("multi-domain member", "the multi-domain member")] if "multi-domain member" in by_label else []
     family += [("bigger model", "the bigger model (seeds)")] if arm.bigger else []
     found: list[tuple[str, Comparison]] = []
     ratio = float(np.mean([c.sizes["test"] / c.sizes["train"] for c in mine if c.sizes.get("train")] or [0.0]))

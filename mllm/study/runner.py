@@ -15,6 +15,7 @@ import re
 import time
 from pathlib import Path
 
+from mllm.study.addendum import complete_cell
 from mllm.study.cell import run_cell
 from mllm.study.config import StudyConfig, cell_config
 from mllm.study.document import render
@@ -32,6 +33,7 @@ def run_study(study: StudyConfig, arms: list[str] | None = None, folds: list[int
             start = time.perf_counter()
             print(f"study {study.study}: arm {arm.name}, fold {fold} of {study.folds}")
             ids.append(run_cell(study, arm, fold))
+            complete_cell(study, arm, fold)  # extra merges added to the arm after the cell ran
             print(f"study {study.study}: arm {arm.name}, fold {fold}: {time.perf_counter() - start:.0f} s")
     return ids
 

@@ -42,6 +42,8 @@ class VersionTags:
     lambda_: float | None = None
     normalize: bool | None = None
     groups: list[Any] | None = None
+    regmean_rows: int | None = None  # regmean: training reviews per member behind its Gram matrices
+    regmean_alpha: float | None = None  # regmean: scale of the Gram matrices' off-diagonal entries
     trial: int | None = None  # the search trial it materialises
     soup: str | None = None  # uniform / greedy
     # TF-IDF

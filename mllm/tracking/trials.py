@@ -18,7 +18,7 @@ from mllm.basics import redact
 from mllm.config.schema import ExperimentConfig
 from mllm.data.splits import load_splits
 from mllm.errors import MllmError
-from mllm.evaluation.choice import candidates_of, choose, split_rows
+from mllm.evaluation.choice import candidates_of, choose, validation_parts
 from mllm.evaluation.selection import best_member
 from mllm.tracking.store import Store
 
@@ -130,7 +130,7 @@ def chosen(cfg: ExperimentConfig, study: Any, store: Store) -> Any | None:
         return None
     data = load_splits(cfg.data)
     labels = data.validation["label"].to_numpy()
-    search, holdout = split_rows(labels, cfg.search.crossfit_fraction, cfg.search.seed)
+    search, holdout, groups = validation_parts(cfg.search, data.validation)
     s = cfg.search
     return choose(candidates, labels, search, holdout, len(data.label_names), s.choice, s.top_k, s.se_multiplier,
-                  s.nll_guard, reference_nll(store, study.user_attrs.get("members", [])), s.seed)
+                  s.nll_guard, reference_nll(store, study.user_attrs.get("members", [])), s.seed, groups)
