@@ -40,7 +40,8 @@ from mllm.evaluation.baselines import ensure_tfidf, majority_logits, register_en
 from mllm.evaluation.metrics import bootstrap_ci, confusion, log_softmax
 from mllm.finetune import bigger_uri
 from mllm.merging.methods import METHODS, info
-from mllm.models.modeling import encode, iter_logits, load_classifier, resolve_device
+from mllm.models.modeling import encode, iter_logits, load_classifier
+from mllm.models.precision import resolve_device, resolve_precision
 from mllm.models.prefix import PrefixCache, fingerprint_batches
 from mllm.tracking.runs import RunLog
 from mllm.tracking.store import Store
@@ -234,10 +235,10 @@ def new_prefix_cache(cfg: ExperimentConfig) -> PrefixCache:
     return PrefixCache(cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0)
 
 
-def eval_key(c: Candidate, split: str, fingerprint: str, cfg: ExperimentConfig, dtype: str) -> str:
-    """Identifies an evaluation whose results can be reused: model, data, split and scoring settings."""
+def eval_key(c: Candidate, split: str, fingerprint: str, cfg: ExperimentConfig, precision: str) -> str:
+    """Identifies an evaluation whose results can be reused: model, data, split, scoring settings, precision."""
     settings = {"model": c.uri, "split": split, "data": fingerprint, "max_length": cfg.model.max_length,
-                "dtype": dtype, "evaluate": cfg.evaluate.model_dump(exclude={"split", "baselines", "alpha"})}
+                "precision": precision, "evaluate": cfg.evaluate.model_dump(exclude={"split", "baselines", "alpha"})}
     return short_hash(settings, 20)
 
 
@@ -253,10 +254,10 @@ def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...]
     model, tokenizer = load_classifier(model_dir, "--model")
     check_labels(model.config.to_dict(), model_dir.name, label_names, "--model")
     device, dtype = resolve_device(cfg.model)
-    model.to(device=device, dtype=dtype or torch.float32)  # bf16 weights on CUDA: half the memory traffic
+    model.to(device=device, dtype=dtype or torch.float32)  # bf16 (model.precision): half the memory traffic
     encoded = encode(tokenizer, texts, cfg.model.max_length)
     logits = np.zeros((len(texts), len(label_names)), dtype=np.float32)
-    key = fingerprint_batches(encoded, cfg.evaluate.batch_size) + str(dtype)
+    key = fingerprint_batches(encoded, cfg.evaluate.batch_size) + str(dtype)  # + the resolved precision
     replay = prefix is not None and prefix.matches(model, key)
     context = (prefix.replay(model) if replay else prefix.record(model, key)) if prefix else nullcontext()
     with context, tqdm(total=len(texts), desc=desc, unit="review", leave=False) as bar:
@@ -280,6 +281,7 @@ def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | Non
         ) -> EvaluateResult:
     """Score `models` (and their baselines) on `split`; each evaluation is an MLflow run under one stage run.
     `prefix`: a frozen-prefix cache to share with later calls on the same split (the pipeline passes one)."""
+    resolve_precision(cfg.model)  # refuses bf16 on a device without it, before any run opens
     store = store or Store(cfg)
     split = split or cfg.evaluate.split
     data = load_splits(cfg.data)
@@ -309,9 +311,9 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
                  done: dict[str, Evaluation], prefix: PrefixCache, store: Store) -> Evaluation:
     """One candidate's evaluation run, or the finished run with the same key (its logits read back)."""
     labels = frame["label"].to_numpy()
-    dtype = str(resolve_device(cfg.model)[1] or "float32")
+    precision = resolve_precision(cfg.model)
     c = registered(c, cfg, data, store)
-    key = eval_key(c, split, data.fingerprint, cfg, dtype)
+    key = eval_key(c, split, data.fingerprint, cfg, precision)
     found = store.find_evaluation(key) if c.reusable else None
     if found is not None:
         path = store.run_artifact(found.info.run_id, "predictions.csv", store.downloads / "eval" / key)
@@ -321,7 +323,7 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
         return Evaluation(c, split, dict(found.data.metrics), logits, labels, found.info.run_id, True)
     tags = {"mllm.eval_key": key, "mllm.model_uri": c.uri, "mllm.role": c.role, "mllm.method": c.method,
             "mllm.recipe": c.recipe, "mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint,
-            "mllm.parents": ",".join(c.parts or c.parents), "mllm.base": c.base or "",
+            "mllm.parents": ",".join(c.parts or c.parents), "mllm.base": c.base or "", "mllm.precision": precision,
             **({"mllm.val_macro_f1": str(c.val_macro_f1)} if c.val_macro_f1 is not None else {}),
             **({"mllm.val_nll": str(c.val_nll)} if c.val_nll is not None else {})}
     with store.run(f"eval {c.label or slug(c.uri)} on {split}"[:250], stage="evaluation", tags=tags,
@@ -332,7 +334,7 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
         metrics = score(logits, labels, data.label_names, cfg.evaluate)
         metrics.update(num_params=float(params), forward_passes=float(passes), wall_s=wall,
                        reviews_per_s=len(labels) / wall if wall > 0 else 0.0)
-        log_evaluation(run_, c, split, cfg, dtype, metrics, logits, frame, data.label_names)
+        log_evaluation(run_, c, split, cfg, precision, metrics, logits, frame, data.label_names)
     print(f"evaluate {c.role} {c.uri}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
           f" ({wall:.1f} s)")
     if c.uri.startswith("models:/"):  # where people look: the version's tags and description
@@ -379,13 +381,13 @@ def candidate_logits(c: Candidate, cfg: ExperimentConfig, data: SplitData, frame
     return logits, params, 1
 
 
-def log_evaluation(run_: RunLog, c: Candidate, split: str, cfg: ExperimentConfig, dtype: str,
+def log_evaluation(run_: RunLog, c: Candidate, split: str, cfg: ExperimentConfig, precision: str,
                    metrics: dict[str, float], logits: np.ndarray, frame: pd.DataFrame,
                    label_names: tuple[str, ...]) -> None:
     """An evaluation run's params, metrics, model metrics (the Models tab), predictions and confusion matrix."""
     labels = frame["label"].to_numpy()
     run_.params({"model_uri": c.uri, "split": split, "role": c.role, "batch_size": cfg.evaluate.batch_size,
-                 "max_length": cfg.model.max_length, "dtype": dtype})
+                 "max_length": cfg.model.max_length, "precision": precision})
     run_.metrics(metrics)
     if c.model_id:  # the Models tab: the model's own metrics on this dataset
         run_.model_metrics({f"{split}_{k}": v for k, v in metrics.items() if k in MODEL_METRICS

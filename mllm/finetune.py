@@ -25,6 +25,7 @@ from mllm.config.schema import ExperimentConfig
 from mllm.data.splits import SplitData, load_splits, make_shards
 from mllm.errors import MllmError
 from mllm.models.modeling import bigger_needs_training, build_base, check_pretrained, read_source, update_source
+from mllm.models.precision import resolve_precision
 from mllm.models.prefix import ExampleCache, PrefixCache
 from mllm.models.training import train_member
 from mllm.tracking.runs import git_sha
@@ -118,11 +119,12 @@ def base_key(cfg: ExperimentConfig, label_names: tuple[str, ...]) -> str:
 
 def member_key(cfg: ExperimentConfig, spec: MemberSpec, base: str, fingerprint: str, code: str) -> str:
     """Identity of a member: a registered version with the same key is reused instead of retrained. It covers the
-    member's own training rows (a different `finetune.members` gives shard-i other rows) and the member count."""
+    member's own training rows (a different `finetune.members` gives shard-i other rows), the member count and the
+    resolved precision (a bf16 member is not an fp32 member; auto keys as what it resolves to)."""
     ft = cfg.finetune.model_dump(mode="json", exclude={"include_full", "learning_rates", "strategy"})
     rows = short_hash(spec.rows[["text", "label"]].to_numpy().tolist())
     return short_hash([base, fingerprint, spec.name, spec.strategy, spec.seed, spec.learning_rate, ft, rows,
-                       cfg.model.max_length, cfg.model.dtype, code])
+                       cfg.model.max_length, resolve_precision(cfg.model), code])
 
 
 def select(specs: list[MemberSpec], names: list[str] | None, extra: tuple[str, ...] = ()) -> list[MemberSpec]:
@@ -140,6 +142,7 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, *, parent_run_i
     """Build/reuse the base, then train (or reuse) each selected member; return their registered versions.
     `parent_run_id`: nest the member runs under a run started elsewhere (a Slurm array) instead of a new one."""
     check_pretrained(cfg.model)  # before any run is opened
+    resolve_precision(cfg.model)  # refuses bf16 on a device without it, before any run too
     bigger = bigger_needs_training(cfg.model.bigger_model) and not base_only and (not members or BIGGER in members)
     if bigger:
         check_pretrained(cfg.bigger_config().model)
@@ -220,14 +223,17 @@ def member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir:
         print(f"finetune {spec.name}: reusing {uri} (same config, data, base and code)")
         return MemberOutcome(spec.name, uri, str(version.version), version.run_id, VersionTags.of(version).val, 0.0,
                              True)
+    precision = resolve_precision(cfg.model)
     run_tags = {"mllm.member": spec.name, "mllm.strategy": spec.strategy, "mllm.member_key": key,
-                "mllm.base_version": base_version, "mllm.dataset_fingerprint": splits.fingerprint}
+                "mllm.base_version": base_version, "mllm.dataset_fingerprint": splits.fingerprint,
+                "mllm.precision": precision}
     with store.run(spec.name, stage="finetune-member", parent_run_id=parent, tags=run_tags) as run_:
         result = _train(cfg, spec, splits, base_dir, key, run_, force, progress, prefix, examples)
-        update_source(result.model_dir, base_key=base_key(cfg, splits.label_names), base_version=base_version)
+        update_source(result.model_dir, base_key=base_key(cfg, splits.label_names), base_version=base_version,
+                      precision=precision)
         tags = VersionTags(member=spec.name, strategy=spec.strategy, shard=spec.shard, domain=spec.domain,
                            seed=spec.seed, learning_rate=spec.learning_rate, base_version=base_version,
-                           dataset_fingerprint=splits.fingerprint, member_key=key,
+                           dataset_fingerprint=splits.fingerprint, member_key=key, precision=precision,
                            pretrained=cfg.model.name_or_path if role == "bigger" else None,
                            val={k: round(v, 6) for k, v in result.best.items() if k != "step"})
         version = store.register(role, run_, result.model_dir, tags.as_tags(),
@@ -269,7 +275,7 @@ def _train(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir:
     """The member's training inside its run: params, inputs, per-step metrics, summary."""
     run_.params({"member.name": spec.name, "member.seed": spec.seed, "member.shard": spec.shard,
                  "member.learning_rate": spec.learning_rate, "member.domain": spec.domain,
-                 "member.train_rows": len(spec.rows)})
+                 "member.train_rows": len(spec.rows), "precision": resolve_precision(cfg.model)})
     validation = member_validation(spec, splits)
     run_.inputs({"train": spec.rows, "validation": validation}, f"{cfg.name}-{spec.name}", splits.fingerprint)
     logger = run_.metric_logger()
@@ -299,9 +305,11 @@ def bigger_uri(cfg: ExperimentConfig, store: Store) -> str:
     if not bigger_needs_training(name):
         store.check_uri(name, "model.bigger_model")
         return name
-    found = store.newest("bigger", {"pretrained": name, "dataset_fingerprint": load_splits(cfg.data).fingerprint})
+    precision = resolve_precision(cfg.model)  # a bf16 bigger model is compared in bf16, an fp32 one in fp32
+    found = store.newest("bigger", {"pretrained": name, "dataset_fingerprint": load_splits(cfg.data).fingerprint,
+                                    "precision": precision})
     if found is None:
         raise MllmError(f"model.bigger_model={name} is a pretrained body that has not been fine-tuned in experiment "
-                        f"{cfg.name}", "run mllm finetune (it trains the bigger model on all training rows), or give "
-                        "a classifier URI")
+                        f"{cfg.name} at model.precision={precision}", "run mllm finetune (it trains the bigger model "
+                        "on all training rows), or give a classifier URI")
     return store.model_uri("bigger", found.version)

@@ -6,8 +6,9 @@ promote, then one final evaluation on test and the report, in one parent MLflow 
 
 Each stage hands the next what it made, as the MLflow multistep example does: fine-tune gives the base and
 member URIs that every merge and the search use; the merges (the standard methods, linear being the uniform soup,
-and the greedy soup) give the URIs that evaluate scores. Every choice reads validation (or the selection split):
-the best member, the greedy soup, the search and the promotion gate. The test split is read once, by the final
+and the greedy soup) give the URIs that evaluate scores, and their validation scores become the search's first
+finished trials (no recipe is scored twice: mllm.merging.finished). Every choice reads validation (or the selection
+split): the best member, the greedy soup, the search and the promotion gate. The test split is read once, by the final
 evaluation, after every decision is made. Finished stages are reused, not redone, when their inputs and the code
 version match: registered members (by member key), merges (by merge key), evaluations (by evaluation key), the
 TF-IDF baseline (by data), the study (a rerun continues it up to search.n_trials finished trials) and the promoted
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mllm import evaluate, finetune, merge, promote, search
-from mllm.config.schema import ExperimentConfig
+from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.evaluation import report
 from mllm.merging import soups
 from mllm.tracking.store import Store
@@ -45,6 +46,13 @@ def final_evaluation(cfg: ExperimentConfig, merges: list[str], store: Store) -> 
     return evaluate.run(cfg, merges, split="test", store=store)
 
 
+def evaluated_merges(validation: Any, recipes: dict[str, MergeConfig]) -> list[search.Evaluated]:
+    """The merges the validation stage scored (an evaluate.EvaluateResult), each with the recipe it was merged with
+    and its logits on the whole validation split."""
+    return [search.Evaluated(recipes[e.candidate.uri], e.logits, e.run_id, e.candidate.uri)
+            for e in validation.evaluations if e.candidate.uri in recipes]
+
+
 def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METHODS) -> PipelineResult:
     store = Store(cfg)
     seconds: dict[str, float] = {}
@@ -61,16 +69,19 @@ def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METH
         trained = timed("finetune", finetune.run, cfg)
         members = [m.model_uri for m in sorted(trained.members, key=lambda m: m.name)
                    if m.name not in ("full", finetune.BIGGER)]  # reference models, never merged
-        merges = [timed("merge", merge.run, cfg, members, trained.base_uri,
-                        tags={"soup": "uniform"} if method == "linear" else None,
-                        recipe=cfg.merge.model_copy(update={"method": method})).model_uri
-                  for method in standard_methods]
+        recipes = {timed("merge", merge.run, cfg, members, trained.base_uri, recipe=recipe,
+                         tags={"soup": "uniform"} if recipe.method == "linear" else None).model_uri: recipe
+                   for recipe in [cfg.merge.model_copy(update={"method": m}) for m in standard_methods]}
+        merges = list(recipes)
         if len(members) > 1:
             merges.append(timed("merge", soups.greedy_soup, cfg, members, trained.base_uri).model_uri)
+            weights = search.greedy_soup_weights(store, members, trained.base_uri)  # the soup just registered
+            recipes.update({merges[-1]: soups.soup_recipe(cfg, weights)} if weights else {})
         # Validation figures of every merge and baseline: what the report's choices read (never test).
         prefix = evaluate.new_prefix_cache(cfg)
-        timed("validate", evaluate.run, cfg, merges, split="validation", prefix=prefix)
-        timed("search", search.run, cfg, members, trained.base_uri)
+        validated = timed("validate", evaluate.run, cfg, merges, split="validation", prefix=prefix)
+        # The search takes these merges' validation scores as finished trials instead of scoring them again.
+        timed("search", search.run, cfg, members, trained.base_uri, evaluated=evaluated_merges(validated, recipes))
         promoted = timed("promote", promote.run, cfg, prefix=prefix, report_test=False)
         scored = timed("evaluate", final_evaluation, cfg,
                        list(dict.fromkeys([*merges, *([promoted.model_uri] if promoted.model_uri else [])])))

@@ -14,6 +14,8 @@ length-sorted validation batches (bf16 on CUDA), and with `search.prune` scores 
 1/2, all) so the median pruner can stop hopeless trials early. The study lives in an Optuna RDB storage: workers
 on any machine join it, the schema is created once before they start, heartbeats mark a killed worker's trial stale
 and it is retried with the same parameters, and a rerun continues the study up to `search.n_trials` finished trials.
+A new study starts from the standard merges and the greedy soup (`start_trials`): those the pipeline already scored
+on validation enter it as finished trials (`mllm.merging.finished`), the others are enqueued and scored first.
 
 MLflow: one parent run per study invocation (tags `best_trial`, `best_value`, `chosen_trial`, `chosen_policy`,
 the chosen recipe as `chosen_recipe.json`, its optimism, Optuna's figures), one nested run per trial (parameters,
@@ -22,94 +24,31 @@ metrics per step, held-out macro-F1, state). Weights are never stored per trial:
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from mllm.basics import quiet_libraries, redact
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
 from mllm.evaluation.choice import ROWS_ATTR, rows_attr
 from mllm.merge import check_members, registered_members
+from mllm.merging.finished import Evaluated, Validation, add_trial, objective_values, seed_mean, spread, trial_params
 from mllm.merging.groups import LayerGroup, plan_groups
 from mllm.merging.inmemory import IN_MEMORY
 from mllm.merging.methods import info
 from mllm.merging.regmean import member_rows
 from mllm.merging.scorer import Scorer, TrialScore, score_rows
+from mllm.merging.space import as_trial, same_merge, standard_trials, suggest_recipe, weights_from
 from mllm.tracking.runs import RunLog, owner
 from mllm.tracking.store import Store
 from mllm.tracking.tags import VersionTags
 from mllm.tracking.trials import best, chosen, finished, objectives, open_storage, sampler, study_name
 
-__all__ = ["SearchResult", "best", "finished", "open_storage", "run", "study_name", "suggest_recipe", "work"]
-
-
-def weights_from(raw: list[float], zero_below: float) -> list[float]:
-    """Suggested weights with those below `zero_below` set to 0 (the member left out); if that leaves none, the
-    largest stays, so a single member (and any subset) is in the space and no recipe is empty."""
-    out = [0.0 if w < zero_below else w for w in raw]
-    if not any(out):
-        top = max(range(len(raw)), key=raw.__getitem__)
-        out[top] = max(raw[top], 1e-3)
-    return out
-
-
-def max_lambda(cfg: ExperimentConfig, k: int) -> float:
-    """The upper end of a searched lambda: search.max_lambda, else K (at least 1)."""
-    return max(1.0, cfg.search.max_lambda or float(k))
-
-
-def suggest_recipe(trial: Any, cfg: ExperimentConfig, k: int, groups: list[LayerGroup] | None = None
-                   ) -> MergeConfig:
-    """The trial's merge recipe: method, per-member weights in [0, 1] (below search.zero_below: 0), the density and
-    lambda (up to search.max_lambda, default K) the method reads, and per-layer-group weights and densities."""
-    s = cfg.search
-    methods = [m for m in s.methods if m in IN_MEMORY]
-    method = trial.suggest_categorical("method", methods)
-    values: dict[str, Any] = {"method": method, "seed": cfg.merge.seed, "normalize": cfg.merge.normalize}
-    values["weights"] = weights_from([trial.suggest_float(f"weight_{i}", 0.0, 1.0) for i in range(k)], s.zero_below)
-    dense = info(method).uses("density")
-    if dense:
-        values["density"] = trial.suggest_float("density", 0.1, 1.0)
-    if info(method).task_vector:  # normalised weights: lambda K with equal weights is the sum of the task vectors
-        values["lambda"] = trial.suggest_float("lambda", 0.5, max_lambda(cfg, k))
-    if groups:
-        values["groups"] = [{
-            "name": g.name, "filters": list(g.filters),
-            "weights": weights_from([trial.suggest_float(f"g{j}_weight_{i}", 0.0, 1.0) for i in range(k)],
-                                    s.zero_below),
-            "density": trial.suggest_float(f"g{j}_density", 0.1, 1.0) if dense else None,
-        } for j, g in enumerate(groups)]
-    return MergeConfig.model_validate(values)
-
-
-def standard_trials(cfg: ExperimentConfig, k: int, soup: list[float] | None = None) -> list[dict[str, Any]]:
-    """Parameters to enqueue as a new study's first trials: each searched method at equal weights with
-    merge.density and merge.lambda (the standard merges), and the greedy soup's 1/0 weights as a linear merge.
-    With layer groups every group repeats the recipe's weights and density (parameters for groups a worker does
-    not have are ignored: up to search.layer_groups block groups + embeddings + head)."""
-    s = cfg.search
-    out = []
-    recipes = [(m, [1.0] * k) for m in s.methods if m in IN_MEMORY]
-    if soup is not None and "linear" in s.methods and len(soup) == k:
-        recipes.append(("linear", [float(w) for w in soup]))
-    top = max_lambda(cfg, k)
-    for method, weights in recipes:
-        params: dict[str, Any] = {"method": method, **{f"weight_{i}": w for i, w in enumerate(weights)}}
-        if info(method).uses("density"):
-            params["density"] = min(1.0, max(0.1, cfg.merge.density))
-        if info(method).task_vector:
-            params["lambda"] = min(top, max(0.5, cfg.merge.lambda_))
-        for j in range(cfg.search.layer_groups + 2 if cfg.search.layer_groups else 0):
-            params.update({f"g{j}_weight_{i}": w for i, w in enumerate(weights)})
-            if "density" in params:
-                params[f"g{j}_density"] = params["density"]
-        out.append(params)
-    return out
+__all__ = ["Evaluated", "SearchResult", "best", "finished", "open_storage", "run", "standard_trials", "study_name",
+           "suggest_recipe", "weights_from", "work"]
 
 
 @dataclass(frozen=True)
@@ -124,31 +63,29 @@ class SearchResult:
     chosen: Any = None  # mllm.evaluation.choice.Choice: the searched merge under search.choice
 
 
-def _value(score: TrialScore, recipe: MergeConfig, cfg: ExperimentConfig) -> float | tuple[float, float]:
-    second = cfg.search.second_objective
-    if second == "none":
-        return score.macro_f1
-    if second == "worst_class_f1":
-        return score.macro_f1, score.worst_class_f1
-    return score.macro_f1, recipe.density if info(recipe.method).uses("density") else 1.0
-
-
 def worker_groups(cfg: ExperimentConfig, scorer: Scorer) -> list[LayerGroup]:
     """search.layer_groups groups over the blocks (and embeddings, head) some member trained."""
     changed = set(scorer.stack.names) - scorer.stack.unchanged
     return plan_groups(scorer.model, scorer.stack.names, changed, cfg.search.layer_groups)
 
 
-def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members: list[str], base: str) -> None:
-    """One search worker: load the members once, then run trials until the study has search.n_trials."""
+def worker_scorer(cfg: ExperimentConfig, store: Store, members: list[str], base: str) -> Scorer:
+    """The members resident (with their training rows when regmean is searched) and validation cut for trials."""
+    rows = member_rows(cfg, store, members) if "regmean" in cfg.search.methods else None  # RegMean's grams
+    return Scorer(cfg, store.download(base), [store.download(u) for u in members], member_rows=rows)
+
+
+def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members: list[str], base: str,
+         scorer: Scorer | None = None) -> None:
+    """One search worker: load the members once (or take this process's `scorer` of them), then run trials until
+    the study has search.n_trials."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if finished(optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg))) >= cfg.search.n_trials:
         return  # the study is complete (a rerun of a finished search): nothing to load
     store = Store(cfg)
-    rows = member_rows(cfg, store, members) if "regmean" in cfg.search.methods else None  # RegMean's grams
-    scorer = Scorer(cfg, store.download(base), [store.download(u) for u in members], member_rows=rows)
+    scorer = scorer or worker_scorer(cfg, store, members, base)
     groups = worker_groups(cfg, scorer)
     dims = len(members) * (1 + len(groups)) + 3 + len(groups)  # weights, method, density, lambda, group densities
     if worker == 0 and groups:
@@ -174,7 +111,7 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
             trial.set_user_attr("val_worst_domain_f1", round(score.worst_domain_f1, 6))
         if pruned:
             raise optuna.TrialPruned()
-        return _value(score, recipe, cfg)
+        return objective_values(score, recipe, cfg)
 
     stop = optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=(optuna.trial.TrialState.COMPLETE,
                                                                        optuna.trial.TrialState.PRUNED))
@@ -195,9 +132,7 @@ def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: 
     worst-class F1, accuracy), the spread is logged, and the recipe keeps the seed whose macro-F1 is nearest the
     mean (what promote materialises)."""
     seeds = [recipe.seed + j for j in range(mask_seeds)] if info(recipe.method).random else [recipe.seed]
-    run.params({"method": recipe.method, "weights": json.dumps([round(w, 4) for w in recipe.weights or []]),
-                "density": recipe.density, "lambda": recipe.lambda_, "seed": recipe.seed, "trial": trial.number,
-                "mask_seeds": len(seeds), "layer_groups": len(recipe.groups or [])})
+    run.params(trial_params(recipe, trial.number, len(seeds)))
     if recipe.groups:
         run.json([g.model_dump(mode="json", exclude={"filters"}) for g in recipe.groups], "groups.json")
     start, pruned, merge_s = time.perf_counter(), False, 0.0
@@ -215,18 +150,11 @@ def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: 
             every = [logits] + [scorer.logits(recipe.model_copy(update={"seed": s})) for s in seeds[1:]]
             scores = [score_rows(x[data.search_rows], data.labels[data.search_rows], scorer.num_labels,
                                  data.groups_of(data.search_rows)) for x in every]
-            f1 = np.array([x.macro_f1 for x in scores])
-            nearest = int(np.argmin(np.abs(f1 - f1.mean())))
+            score, nearest = seed_mean(scores)
             recipe, logits = recipe.model_copy(update={"seed": seeds[nearest]}), every[nearest]
-            worst = [x.worst_domain_f1 for x in scores if x.worst_domain_f1 is not None]
-            score = TrialScore(float(f1.mean()), float(np.mean([x.worst_class_f1 for x in scores])),
-                               float(np.mean([x.accuracy for x in scores])), score.rows,
-                               float(np.mean(worst)) if worst else None)
             # The objective, logged last (one step on) so the run's val_macro_f1 is the mean the study optimised.
             run.metrics(score.as_metrics(), step=data.objective_stages)
-            run.metrics({"val_macro_f1_mean": score.macro_f1, "val_macro_f1_std": float(f1.std(ddof=1)),
-                         "val_macro_f1_min": float(f1.min()), "val_macro_f1_max": float(f1.max()),
-                         **{f"val_macro_f1_seed_{s}": float(v) for s, v in zip(seeds, f1, strict=True)}})
+            run.metrics(spread(seeds, scores))
             run.tags({"mllm.mask_seed": recipe.seed})
         trial.set_user_attr(ROWS_ATTR, rows_attr(logits, data.labels))
         if len(data.holdout_rows):  # logged for people; the sampler and the pruner never see it
@@ -275,11 +203,12 @@ def log_figures(study: Any, run: RunLog) -> None:
 
 def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None,
         parent_run_id: str | None = None, create_only: bool = False, worker_index: int = 0,
-        store: Store | None = None) -> SearchResult:
+        store: Store | None = None, evaluated: Sequence[Evaluated] = ()) -> SearchResult:
     """Create (or continue) the study, run `search.workers` workers on it, and log the outcome.
 
     `worker_index` tells independent processes on one study apart (their samplers' seeds): local workers are
-    worker_index, worker_index + 1, ...
+    worker_index, worker_index + 1, ... `evaluated`: merges already scored on validation (the pipeline's), which a
+    new study takes as finished trials instead of scoring them again (`start_trials`).
     """
     store = store or Store(cfg)
     study, members, base = open_study(cfg, members, base, store)
@@ -287,12 +216,21 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
         member_rows(cfg, store, members)  # members without training rows are refused before any run is opened
     name = study.study_name
     if create_only:
+        start_trials(cfg, study, members, base, store)
         return SearchResult(name, redact(cfg.search.storage), None, None, None, finished(study), None)
     tags = {"mllm.study": name, "mllm.storage": redact(cfg.search.storage), "mllm.parents": ",".join(members),
             "mllm.base": base}
     with store.run(f"search-{name}", stage="search", parent_run_id=parent_run_id, tags=tags) as parent:
         before = finished(study)
-        run_workers(cfg, parent.id, worker_index, members, base)
+        held: list[Scorer] = []  # members loaded here (other mask seeds) go on to the in-process worker
+
+        def loaded() -> Scorer:
+            if not held:
+                held.append(worker_scorer(cfg, store, members, base))
+            return held[0]
+
+        start_trials(cfg, study, members, base, store, evaluated, parent.id, loaded)
+        run_workers(cfg, parent.id, worker_index, members, base, held.pop() if held else None)
         study = _reload(cfg, name)
         top, done = best(study), finished(study)
         parent.metrics({"trials_finished": done, "trials_this_run": done - before})
@@ -366,13 +304,37 @@ def open_study(cfg: ExperimentConfig, members: list[str] | None, base: str | Non
                         "set search.study_name to a new name, or pass the same members")
     if [d.name for d in study.directions] != [d.upper() for d in objectives(cfg)]:
         raise MllmError(f"study {name} has other objectives", "set search.study_name to a new name")
-    if cfg.search.enqueue and not study.get_trials(deepcopy=False) and not study.user_attrs.get("enqueued"):
-        study.set_user_attr("enqueued", True)  # once per study, even if a worker is already running
-        # At most n_trials of them: the budget's first trials (a smaller budget keeps the first methods).
-        for params in standard_trials(cfg, len(members), greedy_soup_weights(store, members, base))[
-                : cfg.search.n_trials]:
-            study.enqueue_trial(params, skip_if_exists=True)
     return study, members, base
+
+
+def start_trials(cfg: ExperimentConfig, study: Any, members: list[str], base: str, store: Store,
+                 evaluated: Sequence[Evaluated] = (), parent_run_id: str | None = None,
+                 loaded: Callable[[], Scorer] | None = None) -> None:
+    """A new study's first trials (search.enqueue, once per study): the standard merges and the greedy soup. Those
+    scored on validation already (`evaluated`: the same merge, mllm.merging.space.same_merge) enter it finished,
+    with their evaluations' scores (mllm.merging.finished); the others are enqueued for the first worker. A
+    random-mask recipe scored over several seeds has its evaluation as the first seed and the others scored with
+    `loaded()` (these members, loaded once in this process); without it, it is enqueued. With layer groups a
+    trial's recipe has groups that no merge has, so all are enqueued."""
+    if not cfg.search.enqueue or study.get_trials(deepcopy=False) or study.user_attrs.get("enqueued"):
+        return
+    study.set_user_attr("enqueued", True)  # once per study, even if a worker is already running
+    k = len(members)
+    data = Validation.of(cfg) if evaluated and not cfg.search.layer_groups else None
+    # At most n_trials of them: the budget's first trials (a smaller budget keeps the first methods).
+    for params in standard_trials(cfg, k, greedy_soup_weights(store, members, base))[: cfg.search.n_trials]:
+        recipe, suggested, distributions = as_trial(params, cfg, k)
+        found = next((e for e in evaluated if data is not None and len(e.logits) == len(data.labels)
+                      and same_merge(recipe, e.recipe, k)), None)
+        seeds = cfg.search.mask_seeds if info(recipe.method).random else 1
+        if found is None or data is None or (seeds > 1 and loaded is None):
+            study.enqueue_trial(params, skip_if_exists=True)
+            continue
+        more = [loaded().logits(recipe.model_copy(update={"seed": recipe.seed + j})) for j in range(1, seeds)]
+        number = add_trial(study, cfg, found, suggested, distributions, recipe, data, store, parent_run_id, more)
+        print(f"search: trial {number} ({recipe.method}) entered finished from evaluation run {found.run_id}"
+              + (f" (its mask seed {recipe.seed}; seeds {recipe.seed + 1}-{recipe.seed + seeds - 1} scored here)"
+                 if seeds > 1 else ""))
 
 
 def greedy_soup_weights(store: Store, members: list[str], base: str) -> list[float] | None:
@@ -381,12 +343,14 @@ def greedy_soup_weights(store: Store, members: list[str], base: str) -> list[flo
     return VersionTags.of(soup).weights if soup is not None else None
 
 
-def run_workers(cfg: ExperimentConfig, parent_run_id: str, worker_index: int, members: list[str], base: str) -> None:
-    """search.workers workers on the study: this process, or spawned processes (each holds its own members; the
-    storage coordinates them)."""
+def run_workers(cfg: ExperimentConfig, parent_run_id: str, worker_index: int, members: list[str], base: str,
+                scorer: Scorer | None = None) -> None:
+    """search.workers workers on the study: this process (with `scorer`, this process's members, when given), or
+    spawned processes (each holds its own members; the storage coordinates them)."""
     if cfg.search.workers == 1:
-        work(cfg, parent_run_id, worker_index, members, base)
+        work(cfg, parent_run_id, worker_index, members, base, scorer)
         return
+    del scorer  # freed before the workers load their own members
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker_main, args=(cfg, parent_run_id, worker_index + i, members, base))
              for i in range(cfg.search.workers)]

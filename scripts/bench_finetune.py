@@ -1,7 +1,8 @@
 """Fine-tuning throughput: the original study's way against mllm's, same model and data, in one run.
 
     python scripts/bench_finetune.py                     # CPU: 96 reviews each way
-    python scripts/bench_finetune.py --samples 4096      # on a GPU (mllm's way then uses bf16, --batch-size)
+    python scripts/bench_finetune.py --samples 4096      # on a GPU (--batch-size)
+    python scripts/bench_finetune.py --precision fp32    # mllm's way in fp32 only
 
 Model: a randomly initialised GPT-2-124M-sized classifier (12 layers, hidden 768, vocab 50257; no GPT-2
 weights exist offline) with a byte-level BPE tokenizer trained on the reviews themselves, so review lengths
@@ -9,14 +10,17 @@ in tokens are close to GPT-2's. Data: the Drugs.com sample's training reviews, 1
 
 - original: Hugging Face Trainer, fp32, batch 8, random order, dynamic padding (DataCollatorWithPadding).
 - mllm: mllm.models.training.train_member, the stage's own loop: length-grouped batches padded to a multiple of 8,
-  bf16 autocast and a bigger batch on CUDA.
-Prints samples/s of each and the ratio (mllm / original). Wall-clock numbers: run on an idle machine.
+  a bigger batch on CUDA; once in fp32 and once in bf16 (model.precision=bf16: autocast, fp32 weights) where the
+  device has bf16 (a CUDA GPU that supports it, a CPU with avx512_bf16 or AMX), in fp32 only elsewhere.
+Prints samples/s of each, the ratio mllm / original per precision and bf16 / fp32. Wall-clock numbers: run on an
+idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,8 +66,8 @@ def original_way(model_dir: Path, texts: list[str], labels: list[int], max_lengt
 
 
 def mllm_way(model_dir: Path, texts: list[str], labels: list[int], max_length: int, batch_size: int,
-             out: Path) -> float:
-    """mllm's member training loop, as `mllm finetune` runs it."""
+             out: Path, precision: str) -> float:
+    """mllm's member training loop, as `mllm finetune` runs it, in `precision` (fp32 or bf16)."""
     import numpy as np
 
     from mllm.config import FinetuneConfig, ModelConfig
@@ -72,9 +76,25 @@ def mllm_way(model_dir: Path, texts: list[str], labels: list[int], max_length: i
     ft = FinetuneConfig(epochs=1, batch_size=batch_size, learning_rate=2e-5, weight_decay=0.01,
                         early_stopping_patience=None)
     result = train_member(model_dir, texts, np.array(labels), texts[:8], np.array(labels[:8]), ft,
-                          ModelConfig(name_or_path=str(model_dir), max_length=max_length), out, seed=0,
+                          ModelConfig(name_or_path=str(model_dir), max_length=max_length, precision=precision), out,
+                          seed=0,
                           learning_rate=2e-5, key="bench", progress=False)
     return result.train_samples_per_s
+
+
+def precisions(asked: str) -> tuple[list[str], str | None]:
+    """The precisions to run mllm's way in, and why bf16 is left out (None: it is not)."""
+    from mllm.config import ModelConfig
+    from mllm.errors import ModelError
+    from mllm.models.precision import resolve_precision
+
+    try:
+        resolve_precision(ModelConfig(precision="bf16"))
+    except ModelError as e:  # no bf16 on this device: the library's own one-line reason
+        if asked == "bf16":
+            sys.exit(f"--precision bf16: {e}")
+        return ["fp32"], e.what
+    return {"both": ["fp32", "bf16"], "fp32": ["fp32"], "bf16": ["bf16"]}[asked], None
 
 
 def main() -> None:
@@ -82,6 +102,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96, help="training reviews per way")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=None, help="mllm's batch (default: 8 on CPU, 32 on CUDA)")
+    parser.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both",
+                        help="mllm's way in fp32 and bf16 side by side (bf16 only where the device has it)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
@@ -92,26 +114,37 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     batch = args.batch_size or (32 if cuda else 8)
+    runs, no_bf16 = precisions(args.precision)
     train = load_splits(DataConfig()).train
     reps = -(-args.samples // len(train))
     texts = (train["text"].tolist() * reps)[: args.samples]
     labels = (train["label"].tolist() * reps)[: args.samples]
+    ours, wall = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "gpt2-124m-random", train["text"].tolist(), vocab=8000)
         t0 = time.perf_counter()
         original = original_way(model_dir, texts, labels, args.max_length, Path(tmp) / "trainer")
-        t1 = time.perf_counter()
-        ours = mllm_way(model_dir, texts, labels, args.max_length, batch, Path(tmp) / "mllm")
-        t2 = time.perf_counter()
+        wall["original"] = round(time.perf_counter() - t0, 1)
+        for p in runs:
+            t0 = time.perf_counter()
+            ours[p] = mllm_way(model_dir, texts, labels, args.max_length, batch, Path(tmp) / f"mllm-{p}", p)
+            wall[f"mllm_{p}"] = round(time.perf_counter() - t0, 1)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     figures = {"device": device, "samples": args.samples, "max_length": args.max_length,
-               "original_samples_per_s": round(original, 2), "mllm_samples_per_s": round(ours, 2),
-               "mllm_batch_size": batch, "mllm_bf16": cuda, "ratio": round(ours / original, 2),
-               "wall_s": {"original": round(t1 - t0, 1), "mllm": round(t2 - t1, 1)}}
+               "original_samples_per_s": round(original, 2), "mllm_batch_size": batch,
+               **{f"mllm_{p}_samples_per_s": round(v, 2) for p, v in ours.items()},
+               **{f"ratio_{p}": round(v / original, 2) for p, v in ours.items()},
+               "bf16_over_fp32": round(ours["bf16"] / ours["fp32"], 2) if len(ours) == 2 else None,
+               "no_bf16": no_bf16, "wall_s": wall}
     print(f"device: {device}; {args.samples} reviews, <= {args.max_length} tokens, GPT-2-124M-sized random model")
     print(f"original (Trainer, fp32, batch 8, random order): {original:8.2f} samples/s")
-    print(f"mllm (length-grouped, batch {batch}{', bf16' if cuda else ', fp32'}):      {ours:8.2f} samples/s")
-    print(f"ratio mllm / original: {ours / original:.2f}x")
+    for p, v in ours.items():
+        print(f"mllm {p} (length-grouped, batch {batch}):        {v:8.2f} samples/s   mllm / original "
+              f"{v / original:.2f}x")
+    if len(ours) == 2:
+        print(f"ratio bf16 / fp32 (mllm): {ours['bf16'] / ours['fp32']:.2f}x")
+    if no_bf16:
+        print(f"bf16: not measured ({no_bf16})")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -2,7 +2,8 @@
 
     python scripts/bench_search.py                          # CPU: 256 validation reviews, K=3
     python scripts/bench_search.py --members default-recipe # + members trained with configs/default.yaml's recipe
-    python scripts/bench_search.py --reviews 2048           # on a GPU (mllm's trial then merges on the GPU, bf16)
+    python scripts/bench_search.py --reviews 2048           # on a GPU (mllm's trial then merges on the GPU)
+    python scripts/bench_search.py --precision fp32         # mllm's trial in fp32 only
 
 Members: K randomly perturbed copies of a randomly initialised GPT-2-124M-sized classifier (12 layers, hidden
 768, vocab 50257; no GPT-2 weights exist offline) and the base they share, as safetensors folders. With
@@ -16,9 +17,12 @@ the Drugs.com sample, 128 tokens at most. Recipe: TIES, density 0.5, equal weigh
   GPU), reload it with transformers, `Trainer.evaluate` in fp32 with batch 8 and dynamic padding.
 - mllm: `mllm.merging.scorer.Scorer` as a search worker runs it: members resident in memory (loaded once, not
   counted per trial), in-memory merge (`mllm.merging.inmemory`) into one resident model, pre-tokenised length-sorted
-  batches (bf16 on CUDA), all reviews scored (no pruning).
-Each way runs in its own process, so each peak RSS is its own. Prints seconds per trial, the ratio, peak RSS
-and the (K+2) x model-size memory bound of a search worker. Wall-clock numbers: run on an idle machine.
+  batches, all reviews scored (no pruning); once in fp32 and once in bf16 (model.precision=bf16: autocast, fp32
+  weights) where the device has bf16 (a CUDA GPU that supports it, a CPU with avx512_bf16 or AMX), fp32 only
+  elsewhere.
+Each way (and each precision) runs in its own process, so each peak RSS is its own. Prints seconds per trial, the
+ratio, peak RSS, the bf16 / fp32 ratios and the (K+2) x model-size memory bound of a search worker. Wall-clock
+numbers: run on an idle machine.
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ def build_trained(root: Path, base: Path, steps: int) -> tuple[list[Path], dict]
     for i in range(K):
         rows = np.random.default_rng(i).permutation(len(texts))[: 8 * steps]
         result = train_member(base, [texts[j] for j in rows], np.array([labels[j] for j in rows]), texts[:64],
-                              np.array(labels[:64]), ft, cfg.model.model_copy(update={"device": "cpu"}),
+                              np.array(labels[:64]), ft, cfg.model.model_copy(update={"device": "cpu",
+                                                                                     "precision": "fp32"}),
                               root / f"work-{i}", seed=i, learning_rate=ft.learning_rate, key=f"bench-{i}",
                               progress=False, name=f"trained-{i}")
         out = root / f"trained-{i}"
@@ -156,7 +161,7 @@ def original_trial(base: Path, members: list[Path], texts: list[str], labels: li
 
 
 def run_way(way: str, root: Path, n: int, trials: int, cuda: bool, members_glob: str = "member-*",
-            frozen: dict | None = None) -> dict[str, float]:
+            frozen: dict | None = None, precision: str = "fp32") -> dict[str, float]:
     base, members = root / "base", sorted(root.glob(members_glob))
     texts, labels = reviews(n)
     if way == "original":
@@ -171,7 +176,8 @@ def run_way(way: str, root: Path, n: int, trials: int, cuda: bool, members_glob:
     from mllm.config import ExperimentConfig, MergeConfig
     from mllm.merging.scorer import Scorer
 
-    cfg = ExperimentConfig.model_validate({"model": {"name_or_path": str(base), "device": "cuda" if cuda else "cpu"},
+    cfg = ExperimentConfig.model_validate({"model": {"name_or_path": str(base), "device": "cuda" if cuda else "cpu",
+                                                     "precision": precision},
                                           "search": {"prune": False}, "finetune": frozen or {},
                                           "evaluate": {"batch_size": 64 if cuda else 32}})
     start = time.perf_counter()
@@ -190,17 +196,56 @@ def run_way(way: str, root: Path, n: int, trials: int, cuda: bool, members_glob:
     return {"s_per_trial": min(times), "peak_rss_gb": peak_rss_gb(), "load_s": load_s, "macro_f1": score.macro_f1}
 
 
-def compare(root: Path, args: argparse.Namespace, members_glob: str, frozen: dict | None) -> dict[str, dict]:
-    """Both ways on one member set, each in its own process (its own peak RSS)."""
+def compare(root: Path, args: argparse.Namespace, members_glob: str, frozen: dict | None, precisions: list[str]
+            ) -> dict[str, dict]:
+    """Both ways on one member set (mllm's once per precision), each in its own process (its own peak RSS)."""
     results = {}
-    for way in ("original", "mllm"):
+    for way, precision in [("original", "fp32"), *(("mllm", p) for p in precisions)]:
         proc = subprocess.run([sys.executable, __file__, "--way", way, "--root", str(root), "--reviews",
                                str(args.reviews), "--trials", str(args.trials), "--members-glob", members_glob,
-                               "--frozen", json.dumps(frozen or {})], capture_output=True, text=True)
+                               "--frozen", json.dumps(frozen or {}), "--precision", precision],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
-            sys.exit(f"{way} failed:\n{proc.stderr[-3000:]}")
-        results[way] = json.loads(proc.stdout.strip().splitlines()[-1])
+            sys.exit(f"{way} {precision} failed:\n{proc.stderr[-3000:]}")
+        results[way if way == "original" else f"mllm {precision}"] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
+
+
+def precisions(asked: str) -> tuple[list[str], str | None]:
+    """The precisions to run mllm's trial in, and why bf16 is left out (None: it is not)."""
+    from mllm.config import ModelConfig
+    from mllm.errors import ModelError
+    from mllm.models.precision import resolve_precision
+
+    try:
+        resolve_precision(ModelConfig(precision="bf16"))
+    except ModelError as e:  # no bf16 on this device: the library's own one-line reason
+        if asked == "bf16":
+            sys.exit(f"--precision bf16: {e}")
+        return ["fp32"], e.what
+    return {"both": ["fp32", "bf16"], "fp32": ["fp32"], "bf16": ["bf16"]}[asked], None
+
+
+def report(sets: dict[str, dict], size: int, no_bf16: str | None) -> None:
+    bound = 1.5 * (K + 2) * size / 1e9
+    for name, results in sets.items():
+        o = results["original"]
+        print(f"{name}:")
+        print(f"  original (mergekit-yaml to disk, reload, Trainer.evaluate fp32 batch 8): {o['s_per_trial']:.2f} "
+              f"s/trial, peak RSS {o['peak_rss_gb']:.2f} GB")
+        for way, m in results.items():
+            if way == "original":
+                continue
+            print(f"  {way} (in-memory merge, resident model, length-sorted batches): {m['s_per_trial']:.2f} s/trial "
+                  f"(+ {m['load_s']:.1f} s once per worker), peak RSS {m['peak_rss_gb']:.2f} GB")
+            print(f"    ratio original / {way}: {o['s_per_trial'] / m['s_per_trial']:.1f}x; worker RSS bound 1.5 x "
+                  f"(K+2) x size = {bound:.2f} GB ({'within' if m['peak_rss_gb'] <= bound else 'ABOVE'})")
+        if "mllm fp32" in results and "mllm bf16" in results:
+            f, b = results["mllm fp32"], results["mllm bf16"]
+            print(f"  bf16 / fp32 (mllm): s/trial {b['s_per_trial'] / f['s_per_trial']:.2f}x, peak RSS "
+                  f"{b['peak_rss_gb'] / f['peak_rss_gb']:.2f}x, macro-F1 {f['macro_f1']:.4f} -> {b['macro_f1']:.4f}")
+    if no_bf16:
+        print(f"bf16: not measured ({no_bf16})")
 
 
 def main() -> None:
@@ -210,6 +255,8 @@ def main() -> None:
     parser.add_argument("--members", choices=["random", "default-recipe"], default="random",
                         help="default-recipe: also members trained with configs/default.yaml's recipe")
     parser.add_argument("--train-steps", type=int, default=6, help="optimiser steps per trained member")
+    parser.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both",
+                        help="mllm's trial in fp32 and bf16 side by side (bf16 only where the device has it)")
     parser.add_argument("--way", choices=["original", "mllm"], help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--members-glob", default="member-*", help=argparse.SUPPRESS)
@@ -220,28 +267,20 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     if args.way:  # a child process: one way, JSON on the last line
         print(json.dumps(run_way(args.way, args.root, args.reviews, args.trials, cuda, args.members_glob,
-                                 json.loads(args.frozen))))
+                                 json.loads(args.frozen), args.precision)))
         return
+    runs, no_bf16 = precisions(args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _, _, size = build(root)
-        sets = {"random members": compare(root, args, "member-*", None)}
+        sets = {"random members": compare(root, args, "member-*", None, runs)}
         if args.members == "default-recipe":
             _, frozen = build_trained(root, root / "base", args.train_steps)
-            sets[f"trained members ({frozen})"] = compare(root, args, "trained-*", frozen)
+            sets[f"trained members ({frozen})"] = compare(root, args, "trained-*", frozen, runs)
     device = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"device: {device}; K={K} GPT-2-124M-sized members ({size / 1e9:.2f} GB each in fp32); "
           f"{args.reviews} reviews; ties density 0.5; fastest of {args.trials} trials per way")
-    bound = 1.5 * (K + 2) * size / 1e9
-    for name, results in sets.items():
-        o, m = results["original"], results["mllm"]
-        print(f"{name}:")
-        print(f"  original (mergekit-yaml to disk, reload, Trainer.evaluate fp32 batch 8): {o['s_per_trial']:.2f} "
-              f"s/trial, peak RSS {o['peak_rss_gb']:.2f} GB")
-        print(f"  mllm (in-memory merge, resident model, length-sorted batches): {m['s_per_trial']:.2f} s/trial "
-              f"(+ {m['load_s']:.1f} s once per worker), peak RSS {m['peak_rss_gb']:.2f} GB")
-        print(f"  ratio: {o['s_per_trial'] / m['s_per_trial']:.1f}x; worker RSS bound 1.5 x (K+2) x size = "
-              f"{bound:.2f} GB ({'within' if m['peak_rss_gb'] <= bound else 'ABOVE'})")
+    report(sets, size, no_bf16)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,10 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per review (truncated beyond).")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on CUDA, else fp32.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Fine-tuning and scoring precision. bf16: autocast (weights, optimiser state and "
+        "checkpoints stay fp32), refused on a device without bf16. auto: bf16 on a CUDA GPU that has it, and on a "
+        "CPU with avx512_bf16 or AMX when mllm.models.precision.AUTO_BF16_ON_CPU says so; else fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
     bigger_model: str | None = Field(None, description="The bigger model a merge is compared with: a classifier "
                                      "(models:/, runs:/ or a classifier folder) scored as it is, or a pretrained body "
@@ -134,6 +137,20 @@ class ModelConfig(Section):
                                      "trains on all training rows (the members' recipe + model.bigger_finetune).")
     bigger_finetune: dict[str, Any] = Field(default_factory=dict, description="finetune.* values for training the "
                                             "bigger model (e.g. freeze_layers: 16 for SmolLM2 on a CPU).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_is_precision(cls, data: Any) -> Any:
+        """Configs written before model.precision said model.dtype (auto, float32, bfloat16): read it as precision.
+        Both given (an old config file plus --set model.precision, or the reverse) must agree: neither is dropped."""
+        if isinstance(data, dict) and "dtype" in data:
+            data = dict(data)
+            old = data.pop("dtype")
+            new = {"float32": "fp32", "bfloat16": "bf16"}.get(old, old)
+            if data.setdefault("precision", new) != new:
+                raise ValueError(f"model.dtype={old} (the older name of model.precision) contradicts model.precision="
+                                 f"{data['precision']}; keep one of them (model.precision)")
+        return data
 
 
 class FinetuneConfig(Section):
@@ -271,6 +288,18 @@ class TrackingConfig(Section):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     registry_uri: str | None = Field(None, description="Model registry URI (default: the tracking URI).")
     artifact_location: str | None = Field(None, description="Artifact root for a new experiment (s3://...).")
+    heartbeat_s: int = Field(30, ge=1, le=3600, description="Every open run's heartbeat (tag mllm.heartbeat) is "
+                             "refreshed this often.")
+    lease_s: int = Field(300, ge=2, description="A RUNNING run whose heartbeat is older than this is ended KILLED by "
+                         "the next mllm process that opens a run in its experiment, on any host (its process is gone); "
+                         "at least twice tracking.heartbeat_s.")
+
+    @model_validator(mode="after")
+    def _lease_covers_beats(self) -> TrackingConfig:
+        if self.lease_s < 2 * self.heartbeat_s:
+            raise ValueError(f"tracking.lease_s={self.lease_s} is under two heartbeats ({self.heartbeat_s} s each): "
+                             "a live run could be ended; raise lease_s or lower heartbeat_s")
+        return self
 
 
 class ExperimentConfig(Section):

@@ -8,9 +8,13 @@ reports come from the modules in `mllm/metric_modules`; tests check both impleme
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
+
+K = TypeVar("K", bound=Hashable)
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> np.ndarray:
@@ -85,20 +89,34 @@ def _resamples(n: int, samples: int, seed: int, chunk: int = 200):
         yield rng.integers(0, n, size=(min(chunk, samples - start), n))
 
 
+def resampled_draws(labels: np.ndarray, preds: Mapping[K, np.ndarray], num_labels: int, samples: int = 1000,
+                    seed: int = 0) -> dict[K, tuple[np.ndarray, np.ndarray]]:
+    """key -> (accuracy, macro-F1) on each of `samples` bootstrap resamples of the rows, every model on the same
+    resamples: each index matrix is drawn once (the draws `bootstrap_ci` and `paired_test` make with this seed) and
+    scores every model. A model's interval and its paired differences with any other model then read these draws,
+    so n models compared in any number of pairs cost n sets of resampled scores and one set of index draws."""
+    acc: dict[K, list[np.ndarray]] = {key: [] for key in preds}
+    f1: dict[K, list[np.ndarray]] = {key: [] for key in preds}
+    for index in _resamples(len(labels), samples, seed):
+        for key, p in preds.items():
+            a, f = resampled_scores(labels, p, num_labels, index)
+            acc[key].append(a)
+            f1[key].append(f)
+    return {key: (np.concatenate(acc[key]), np.concatenate(f1[key])) for key in preds}
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The two-sided percentile interval of bootstrap draws."""
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, num_labels: int, samples: int = 1000,
                  confidence: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals (rows resampled with replacement) for accuracy and macro-F1."""
-    acc, f1 = [], []
-    for index in _resamples(len(labels), samples, seed):
-        a, f = resampled_scores(labels, preds, num_labels, index)
-        acc.append(a)
-        f1.append(f)
-    tail = (1 - confidence) / 2 * 100
-    out = {}
-    for name, values in (("accuracy", np.concatenate(acc)), ("macro_f1", np.concatenate(f1))):
-        lo, hi = np.percentile(values, [tail, 100 - tail])
-        out[name] = (float(lo), float(hi))
-    return out
+    acc, f1 = resampled_draws(labels, {0: preds}, num_labels, samples, seed)[0]
+    return {"accuracy": percentile_interval(acc, confidence), "macro_f1": percentile_interval(f1, confidence)}
 
 
 def bootstrap_p(count: int, samples: int) -> float:
@@ -148,15 +166,17 @@ class PairedTest:
 def paired_test(labels: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray, num_labels: int,
                 samples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> PairedTest:
     """Paired bootstrap of the macro-F1 difference (same resampled rows for both) and McNemar's exact test."""
+    draws = resampled_draws(labels, {"a": preds_a, "b": preds_b}, num_labels, samples, seed)
+    return paired_from_draws(labels, preds_a, preds_b, draws["a"][1], draws["b"][1], num_labels, confidence)
+
+
+def paired_from_draws(labels: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray, f1_a: np.ndarray,
+                      f1_b: np.ndarray, num_labels: int, confidence: float = 0.95) -> PairedTest:
+    """`paired_test` from both models' macro-F1 on the same resamples (`resampled_draws`)."""
     from scipy.stats import binomtest
 
-    diffs = []
-    for index in _resamples(len(labels), samples, seed):
-        diffs.append(resampled_scores(labels, preds_a, num_labels, index)[1]
-                     - resampled_scores(labels, preds_b, num_labels, index)[1])
-    d = np.concatenate(diffs)
-    tail = (1 - confidence) / 2 * 100
-    lo, hi = np.percentile(d, [tail, 100 - tail])
+    d = f1_a - f1_b
+    lo, hi = percentile_interval(d, confidence)
     # Two-sided: twice the smaller tail beyond zero, each tail counted as (1 + count) / (B + 1).
     p_boot = min(1.0, 2 * bootstrap_p(int(min((d <= 0).sum(), (d >= 0).sum())), len(d)))
     point = (_macro_f1_rows(confusion(labels, preds_a, num_labels)[None])
@@ -164,7 +184,7 @@ def paired_test(labels: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray, nu
     a_right, b_right = preds_a == labels, preds_b == labels
     only_a, only_b = int((a_right & ~b_right).sum()), int((b_right & ~a_right).sum())
     p_mcnemar = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
-    return PairedTest(float(point), (float(lo), float(hi)), p_boot, p_mcnemar, only_a, only_b, d)
+    return PairedTest(float(point), (lo, hi), p_boot, p_mcnemar, only_a, only_b, d)
 
 
 def holm(p_values: list[float]) -> list[float]:

@@ -29,7 +29,7 @@ import pandas as pd
 from mllm.config.schema import ExperimentConfig
 from mllm.errors import MllmError
 from mllm.evaluation import domains
-from mllm.evaluation.metrics import PairedTest, holm, paired_test
+from mllm.evaluation.metrics import PairedTest, holm, paired_from_draws, resampled_draws
 from mllm.evaluation.selection import best_member, reading
 from mllm.tracking.store import Store
 from mllm.tracking.tags import VersionTags
@@ -181,23 +181,24 @@ def scored(runs: list[Any], work: Path, store: Store) -> Scored:
 
 def paired_tests(s: Scored, best: str | None, selected: str | None, others: dict[str, list[Any]],
                  cfg: ExperimentConfig) -> dict[tuple[str, str], PairedTest]:
-    """Every model against the best member, and the selected merge against the ensemble and the bigger model."""
+    """Every model against the best member, and the selected merge against the ensemble and the bigger model. One
+    set of resamples serves every pair (`metrics.resampled_draws`: each model scored once on them), the same draws
+    a `paired_test` per pair with this seed makes, so the figures are those of a test per pair."""
     e, run_of = cfg.evaluate, {r.data.tags["mllm.model_uri"]: r for r in s.runs}
-
-    def compare(a: Any, b: Any) -> PairedTest:
-        return paired_test(s.labels, s.predicted[a.info.run_id], s.predicted[b.info.run_id], len(s.names),
-                           e.bootstrap_samples, e.confidence, e.seed)
-
-    tests: dict[tuple[str, str], PairedTest] = {}
+    pairs: dict[tuple[str, str], tuple[str, str]] = {}  # (A, B) URIs -> their evaluation run ids
     if best:
         for r in s.runs:
             if r.data.tags.get("mllm.role") != "member":
-                tests[(r.data.tags["mllm.model_uri"], best)] = compare(r, run_of[best])
+                pairs[(r.data.tags["mllm.model_uri"], best)] = (r.info.run_id, run_of[best].info.run_id)
     if selected:
         for found in others.values():
             if found:
-                tests[(selected, found[0].data.tags["mllm.model_uri"])] = compare(run_of[selected], found[0])
-    return tests
+                pairs[(selected, found[0].data.tags["mllm.model_uri"])] = (run_of[selected].info.run_id,
+                                                                           found[0].info.run_id)
+    used = {i: s.predicted[i] for pair in pairs.values() for i in pair}
+    draws = resampled_draws(s.labels, used, len(s.names), e.bootstrap_samples, e.seed) if used else {}
+    return {key: paired_from_draws(s.labels, used[a], used[b], draws[a][1], draws[b][1], len(s.names), e.confidence)
+            for key, (a, b) in pairs.items()}
 
 
 def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store, split: str | None = None) -> ReportResult:

@@ -1,7 +1,7 @@
 """In-memory merges for search trials: members loaded once, no disk writes, the merged weights copied into
 one resident model.
 
-    stack = MemberStack(base_dir, member_dirs, device)
+    stack = MemberStack(base_dir, member_dirs, device)   # or shared_stack(...): one copy per process
     model = stack.model()                      # a classifier built from the base, kept for every trial
     stack.merge_into(model, MergeConfig(method="dare_ties", density=0.4, seed=1))
 
@@ -15,10 +15,14 @@ does). The per-tensor maths follows mergekit's generalized task arithmetic (spar
 weight, optional sign consensus, optional normalisation by the kept weights, scale by lambda, add to the
 base); DELLA's and breadcrumbs' sparsifiers are mergekit's own functions. regmean is mllm's own method
 (mllm.merging.regmean): it needs each member's Gram matrices, given once with `set_grams`.
+
+Scorers get their stack from `shared_stack`: the scorers of one process that merge the same members (a study cell's
+validation, search and test scorers) share one resident copy, which lives as long as some holder keeps it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -275,3 +279,28 @@ class MemberStack:
             for name, tensor in self.iter_merged(recipe, state):
                 if tensor is not state[name]:
                     state[name].copy_(tensor)
+
+
+# (base, members, device) -> the stack resident in this process: weak, so it is freed with its last holder (a scorer,
+# or a study cell keeping it between its validation and test scoring) exactly as an unshared stack would be.
+_SHARED: weakref.WeakValueDictionary[tuple[Any, ...], MemberStack] = weakref.WeakValueDictionary()
+
+
+def _identity(path: Path) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    """A checkpoint folder and the size and modification time of its weights (a folder rewritten in place is not
+    taken for the one already loaded)."""
+    path = Path(path).resolve()
+    files = sorted(path.glob("*.safetensors"))
+    return str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+def shared_stack(base_dir: Path, member_dirs: Sequence[Path], device: Any = "cpu") -> MemberStack:
+    """The MemberStack of these members on `device`: the one some holder in this process already keeps, else loaded
+    now. Merging only reads a stack (the Gram matrices a regmean scorer sets are set again before each of its merges),
+    so sharing it changes no merge; it saves reading every member again and a second resident copy."""
+    key = (_identity(base_dir), tuple(_identity(d) for d in member_dirs), str(torch.device(device)))
+    stack = _SHARED.get(key)
+    if stack is None:
+        stack = MemberStack(base_dir, member_dirs, device)
+        _SHARED[key] = stack
+    return stack

@@ -25,9 +25,10 @@ from mllm.data.splits import load_splits
 from mllm.errors import MllmError
 from mllm.evaluation.choice import validation_parts
 from mllm.evaluation.metrics import classification_summary, domain_macro_f1, per_class_f1
-from mllm.merging.inmemory import MemberStack
+from mllm.merging.inmemory import shared_stack
 from mllm.merging.regmean import Grams, GramSource, member_grams
-from mllm.models.modeling import collate, encode, length_batches, load_tokenizer, resolve_device
+from mllm.models.modeling import collate, encode, length_batches, load_tokenizer
+from mllm.models.precision import resolve_device
 from mllm.models.prefix import PrefixCache, prefix_state
 
 STAGES = (0.25, 0.5, 1.0)  # shares of the validation split scored before each pruning decision
@@ -39,6 +40,13 @@ def stage_shares(rows: int, prune: bool, min_rows: int) -> tuple[float, ...]:
     if not prune:
         return (1.0,)
     return tuple(s for s in STAGES if s == 1.0 or round(s * rows) >= min_rows)
+
+
+def stage_rows(search_rows: np.ndarray, stages: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """The search rows in the stages a trial scores one after another: a seeded permutation cut at each share."""
+    order = np.random.default_rng(seed).permutation(search_rows)
+    cuts = [0, *sorted({max(1, round(s * len(order))) for s in stages})]
+    return [order[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
 class ValidationSet:
@@ -53,9 +61,7 @@ class ValidationSet:
         encoded = encode(tokenizer, texts, cfg.model.max_length)
         self.search_rows = np.arange(len(texts)) if search_rows is None else np.sort(search_rows)
         self.holdout_rows = np.setdiff1d(np.arange(len(texts)), self.search_rows)
-        order = np.random.default_rng(cfg.search.seed).permutation(self.search_rows)
-        cuts = [0, *sorted({max(1, round(s * len(order))) for s in stages})]
-        parts = [order[lo:hi] for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
+        parts = stage_rows(self.search_rows, stages, cfg.search.seed)
         self.objective_stages = len(parts)  # the stages the objective (and a pruner) reads
         if len(self.holdout_rows):
             parts.append(self.holdout_rows)
@@ -109,7 +115,7 @@ class Scorer:
         self.device, self.autocast = resolve_device(cfg.model)
         self.gram_source = None if member_rows is None else GramSource.of(cfg, member_rows)
         self.grams: dict[int, list[Grams]] = {}  # regmean_rows -> each member's Gram matrices, computed once
-        self.stack = MemberStack(base_dir, member_dirs, self.device)
+        self.stack = shared_stack(base_dir, member_dirs, self.device)  # loaded once per process, shared
         self.model = self.stack.model()
         tokenizer = load_tokenizer(base_dir)
         search_rows, groups = None, None

@@ -57,6 +57,11 @@ def greedy_weights(order: list[int], score: Any, k: int) -> tuple[list[float], f
     return weights, current, history
 
 
+def soup_recipe(cfg: ExperimentConfig, weights: list[float]) -> MergeConfig:
+    """The recipe a soup with these 1/0 weights is merged with: the uniform average of the kept members."""
+    return cfg.merge.model_copy(update={"method": "linear", "weights": weights, "normalize": True})
+
+
 def greedy_soup(cfg: ExperimentConfig, members: list[str], base: str, store: Store | None = None) -> Any:
     """Choose the greedy soup on validation, then merge it with mergekit and register it (`merge.run`)."""
     store = store or Store(cfg)
@@ -80,7 +85,7 @@ def greedy_soup(cfg: ExperimentConfig, members: list[str], base: str, store: Sto
         run_.json({"order": [members[i] for i in order], "history": [{**h, "member": members[h["member"]]}
                                                                      for h in history]}, "greedy_soup.json")
         kept = [members[i] for i, w in enumerate(weights) if w]
-        recipe = cfg.merge.model_copy(update={"method": "linear", "weights": weights, "normalize": True})
+        recipe = soup_recipe(cfg, weights)
         result = merge.run(cfg, members, base, store=store, recipe=recipe, tags={
             "soup": "greedy", "soup_order": json.dumps([members[i] for i in order]),
             "soup_val_macro_f1": round(value, 6)})

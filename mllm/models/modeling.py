@@ -27,6 +27,7 @@ import numpy as np
 from mllm.config.schema import ModelConfig
 from mllm.data.sources import cache_dir, pypi_wheel
 from mllm.errors import ModelError
+from mllm.models.precision import resolve_device as resolve_device  # re-exported: mllm.merge imports it here
 from mllm.models.tiny import TINY_ARCHS, build_tiny_classifier
 
 SMOLLM2 = {
@@ -295,19 +296,6 @@ def pad_tokenizer(tokenizer: Any) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-
-
-def resolve_device(cfg: ModelConfig) -> tuple[Any, Any]:
-    """(torch.device, autocast dtype or None) from model.device and model.dtype."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if cfg.device == "cuda" and not cuda:
-        raise ModelError("model.device=cuda but no CUDA GPU is visible", "set model.device=auto or cpu")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu")
-    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return device, torch.bfloat16
-    return device, None
 
 
 def load_classifier(path: Path, field: str = "model") -> tuple[Any, Any]:

@@ -1,5 +1,5 @@
 """The training loop of one member: length-grouped batches, AdamW with linear warmup/decay, gradient
-accumulation, bf16 autocast on CUDA, validation macro-F1 early stopping, crash-safe checkpoints and resume.
+accumulation, bf16 autocast (model.precision), validation macro-F1 early stopping, crash-safe checkpoints and resume.
 
 A lean loop instead of the Hugging Face Trainer: it pads each batch only to its own longest review (batches
 group reviews of similar length), and its checkpoints are written to a temporary folder and renamed when
@@ -36,9 +36,9 @@ from mllm.models.modeling import (
     load_classifier,
     predict_logits,
     publish_dir,
-    resolve_device,
     write_source,
 )
+from mllm.models.precision import resolve_device
 from mllm.models.prefix import ExampleCache, PrefixCache, blocks, dropout_free, fingerprint_batches
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -148,14 +148,14 @@ class Loop:
     schedule: Any  # torch.optim.lr_scheduler.LambdaLR
     params: list[Any]  # the trainable parameters, clipped together
     device: Any
-    amp: Any  # the autocast dtype, or None
+    amp: Any  # the autocast dtype (bf16), or None (fp32); weights and AdamW state stay float32 either way
     ft: FinetuneConfig
     steps: Steps
     seed: int
     data: TrainSet
     val_encoded: list[list[int]]  # the validation reviews every evaluation scores
     val_labels: np.ndarray
-    val_key: str  # their batches' fingerprint + autocast dtype: what a prefix cache's recorded states belong to
+    val_key: str  # batches' fingerprint + autocast dtype (the resolved precision): whose states a prefix cache holds
     prefix: PrefixCache | None  # shared by the stage's members, or None
     examples: ExampleCache | None  # the frozen prefix's output per training example, or None
     work: Path

@@ -57,10 +57,11 @@ def complete_cell(study: StudyConfig, arm: Arm, fold: int) -> list[str]:
         work.rows = member_rows(cfg, store, uris)
     scorer = work.scorer()  # validation first: the test split is read after
     work.val.update({n: scorer.logits(r) for n, (_, r) in todo.items()})
-    del scorer
+    del scorer  # the members stay resident (work.stack) for the test scorer
     scorer = work.scorer(reviews=(data.test["text"].tolist(), labels["test"]))
     work.test.update({n: scorer.logits(r) for n, (_, r) in todo.items()})
     del scorer
+    work.release()
     log_models(work, cell.info.run_id)
     for name in todo:
         f1 = classification_summary(work.val[name], labels["validation"])["macro_f1"]

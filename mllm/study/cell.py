@@ -220,7 +220,7 @@ def run_cell(study: StudyConfig, arm: Arm, fold: int) -> str:
         if not arm.reference:
             search_choices(work, scorer, cell)
         seconds["search_s"] = time.perf_counter() - tick
-        del scorer
+        del scorer  # the validation cut and its model copy; the members stay resident for the test scorer
         gc.collect()
         score_test(work)  # 2. test: read once, after every choice
         log_models(work, cell.id)
@@ -298,6 +298,7 @@ def score_test(work: CellWork) -> None:
         else:
             test[name] = scorer.logits(r)
     del scorer
+    work.release()  # the members' last merge is done
     for name, same in SAME.items():
         if same in test:
             work.val[name], test[name] = work.val[same], test[same]

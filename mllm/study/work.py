@@ -14,6 +14,7 @@ import numpy as np
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.data.splits import SplitData
 from mllm.evaluation.choice import Choice
+from mllm.merging.inmemory import MemberStack
 from mllm.merging.scorer import Scorer
 from mllm.study.config import Arm, StudyConfig
 from mllm.tracking.store import Store
@@ -51,12 +52,22 @@ class CellWork:
     tfidf: str = ""  # the TF-IDF model's URI
     references: dict[str, str] = field(default_factory=dict)  # name -> URI: scored as they are (a multi-domain member)
     rows: list[list[str]] | None = None  # the members' own training texts, for a data-aware merge (RegMean)
+    # The members' resident stack, kept from the first scorer of them to `release()`: the validation scorer, the
+    # search's in-process worker and the test scorer share it (mllm.merging.inmemory.shared_stack), one load.
+    stack: MemberStack | None = None
 
     def scorer(self, reviews: tuple[list[str], np.ndarray] | None = None, members: list[Path] | None = None
                ) -> Scorer:
         """Members resident for merging (or `members` alone), scoring validation or `reviews`."""
-        return Scorer(self.whole, self.base_dir, self.dirs if members is None else members, reviews=reviews,
-                      member_rows=self.rows if members is None else None)
+        out = Scorer(self.whole, self.base_dir, self.dirs if members is None else members, reviews=reviews,
+                     member_rows=self.rows if members is None else None)
+        if members is None:
+            self.stack = out.stack
+        return out
+
+    def release(self) -> None:
+        """Let the members' stack go (with its last scorer): after the cell's last merge."""
+        self.stack = None
 
     def taken_over(self, name: str) -> bool:
         """Whether an earlier cell's logits of `name` stand for this cell's (the greedy soup: with the same weights)."""

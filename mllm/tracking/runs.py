@@ -4,8 +4,9 @@ With `mllm.tracking.store`, the only module that imports mlflow.
 `tracked_run` never leaves a run RUNNING: SIGTERM and SIGINT end it KILLED, an exception ends it FAILED
 (both re-raised; a logged model whose upload they cut short ends FAILED, not PENDING), a normal exit FINISHED.
 A process killed outright (SIGKILL, out of memory, power) cannot end its runs; every run carries its owner (host,
-boot, pid), and the next mllm process on that host ends the runs of owners that are gone as KILLED (and their
-pending models FAILED). Every run carries provenance tags (git SHA, package versions, platform);
+boot, pid) and a heartbeat (mllm.tracking.leases), and the next mllm process that opens a run in the experiment ends
+as KILLED (their pending models FAILED) the runs of owners that are gone: a dead pid on its own host, or on any host
+a heartbeat older than tracking.lease_s. Every run carries provenance tags (git SHA, package versions, platform);
 credentials in URIs are masked before anything is logged. `RunLog` addresses its run by id through an explicit
 `MlflowClient`, so logging never depends on which run happens to be active.
 """
@@ -31,6 +32,7 @@ from typing import Any
 from mllm.basics import redact
 from mllm.config.schema import ExperimentConfig
 from mllm.errors import MllmError, Terminated
+from mllm.tracking.leases import expired, heartbeat_age, lease
 
 PACKAGES = ("mllm", "torch", "transformers", "mergekit", "mlflow", "optuna", "datasets", "evaluate", "accelerate")
 
@@ -237,7 +239,7 @@ def tracked_run(client: Any, cfg: ExperimentConfig, run_name: str, *, stage: str
     if "MLFLOW_RUN_ID" in os.environ:  # inside `mlflow run`: mlflow.start_run would reattach to its run
         os.environ.setdefault(PROJECT_RUN_ENV, os.environ.pop("MLFLOW_RUN_ID"))
     experiment_id = ensure_experiment(client, cfg.name, cfg.tracking.artifact_location)
-    end_orphaned_runs(client, experiment_id)
+    end_orphaned_runs(client, experiment_id, cfg.tracking.lease_s)
     all_tags = {**provenance(), "mllm.stage": stage, "mllm.owner": owner(),
                 **{k: redact(str(v)) for k, v in (tags or {}).items()}}
     if parent_run_id is None and mlflow.active_run() is None:
@@ -255,10 +257,11 @@ def tracked_run(client: Any, cfg: ExperimentConfig, run_name: str, *, stage: str
     status = "FAILED"
     log = RunLog(client, run.info.run_id)
     try:
-        if log_config:
-            log.params(flatten(cfg.to_dict()))
-            log.text(cfg.to_yaml(), "config.yaml")
-        yield log
+        with lease(client, run.info.run_id, cfg.tracking.heartbeat_s):  # a run of a dead process expires
+            if log_config:
+                log.params(flatten(cfg.to_dict()))
+                log.text(cfg.to_yaml(), "config.yaml")
+            yield log
         status = "FINISHED"
     except (KeyboardInterrupt, Terminated):
         status = "KILLED"
@@ -283,7 +286,7 @@ def _owner_prefix() -> str:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
     except OSError:
         boot = "noboot"
-    return f"{platform.node()}/{boot}/"
+    return f"{os.environ.get('MLLM_HOST') or platform.node()}/{boot}/"  # MLLM_HOST: containers sharing a name
 
 
 def _alive(pid: int) -> bool:
@@ -299,29 +302,34 @@ def _alive(pid: int) -> bool:
 _swept: set[str] = set()
 
 
-def end_orphaned_runs(client: Any, experiment_id: str) -> list[str]:
-    """End as KILLED the RUNNING runs of `experiment_id` whose owner process on this host is gone.
+def end_orphaned_runs(client: Any, experiment_id: str, lease_s: float | None = None) -> list[str]:
+    """End as KILLED the RUNNING runs of `experiment_id` whose owner process is gone: on this host, a dead pid; on
+    any host, a heartbeat older than `lease_s` (mllm.tracking.leases).
 
-    Once per experiment and process. Runs of other hosts are left alone (their processes cannot be checked
-    from here); a reused pid keeps a run RUNNING rather than ending a live one.
+    Once per experiment and process. A run of another host with a fresh heartbeat, or with none (an older mllm),
+    is left alone; a reused pid keeps a run RUNNING rather than ending a live one.
     """
     store = f"{client.tracking_uri}#{experiment_id}"
     if store in _swept:
         return []
     _swept.add(store)
-    prefix = _owner_prefix()
-    ended = []
-    query = f"attributes.status = 'RUNNING' and tags.`mllm.owner` LIKE '{prefix}%'"
-    runs = client.search_runs([experiment_id], query, max_results=1000)
-    for run in runs:
-        pid = run.data.tags["mllm.owner"].removeprefix(prefix)
-        if pid.isdigit() and not _alive(int(pid)):
-            client.set_tag(run.info.run_id, "mllm.ended_by", f"orphan sweep of {prefix}{os.getpid()}")
-            client.set_terminated(run.info.run_id, "KILLED")
-            fail_pending_models(client, run.info.run_id, experiment_id)
-            ended.append(run.info.run_id)
+    prefix, ended = _owner_prefix(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        pid = run.data.tags.get("mllm.owner", "").removeprefix(prefix)
+        here = run.data.tags.get("mllm.owner", "").startswith(prefix)
+        if here and pid.isdigit() and not _alive(int(pid)):
+            why = f"orphan sweep of {prefix}{os.getpid()}"
+        elif lease_s is not None and expired(run, lease_s):
+            why = (f"lease expired: heartbeat {heartbeat_age(run):.0f} s old > tracking.lease_s {lease_s:g} "
+                   f"(swept by {prefix}{os.getpid()})")
+        else:
+            continue
+        client.set_tag(run.info.run_id, "mllm.ended_by", why)
+        client.set_terminated(run.info.run_id, "KILLED")
+        fail_pending_models(client, run.info.run_id, experiment_id)
+        ended.append(run.info.run_id)
     if ended:
-        print(f"tracking: ended {len(ended)} run(s) left RUNNING by killed mllm processes on this host as KILLED")
+        print(f"tracking: ended {len(ended)} run(s) left RUNNING by mllm processes that are gone as KILLED")
     return ended
 
 

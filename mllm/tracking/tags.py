@@ -31,6 +31,7 @@ class VersionTags:
     base_version: str | None = None
     dataset_fingerprint: str | None = None
     pretrained: str | None = None
+    precision: str | None = None  # a member's resolved model.precision: fp32 or bf16 (autocast; weights stay fp32)
     parents: tuple[str, ...] = ()  # a merge's members
     base: str | None = None  # a merge's base URI
     members: tuple[str, ...] = ()  # an ensemble's members
