@@ -19,8 +19,6 @@ from mllm.study.recipes import extra_recipes, majority_by_domain, ta_lambdas
 
 from .conftest import REPO, tiny_cfg
 
-SHARED = REPO.parent / "shared" / "data"
-
 
 def test_domain_mean_objective_is_the_mean_of_each_domains_macro_f1() -> None:
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 0])
@@ -96,11 +94,11 @@ def test_a_finished_cells_key_ignores_settings_that_leave_it_as_it_was(tmp_path:
     assert cell_key(study, domains, pooled, "f") != cell_key(study, domains, dcfg, "f")
 
 
-def _domains_config(tmp: Path, **data: object) -> Path:
+def _domains_config(tmp: Path, shared: Path, **data: object) -> Path:
     raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     raw.update(name="doms", output_dir=str(tmp / "out"))
     raw["data"] = {"datasets": [{"preset": "drugscom-sample", "name": "drug"},
-                                {"name": "yelp", "path": str(SHARED / "yelp" / "yelp.csv.gz"), "text_columns": ["text"],
+                                {"name": "yelp", "path": str(shared / "yelp" / "yelp.csv.gz"), "text_columns": ["text"],
                                  "label_column": "stars", "label_kind": "stars5"}],
                    "label_scheme": "sentiment3", "max_rows": 150, **data}
     raw["finetune"].update(strategy="domains")
@@ -112,14 +110,15 @@ def _domains_config(tmp: Path, **data: object) -> Path:
 
 
 @pytest.mark.parametrize("case", ["no-class", "no-split"])
-def test_domains_strategy_refuses_a_domain_it_cannot_learn_or_judge(tmp_path: Path, case: str) -> None:
+def test_domains_strategy_refuses_a_domain_it_cannot_learn_or_judge(tmp_path: Path, case: str, shared_data: Path
+                                                                    ) -> None:
     if case == "no-class":  # stars 1-4 negative, 5 neutral: no yelp review is positive
-        path = _domains_config(tmp_path, sentiment_cuts={"rating10": [4, 6], "stars5": [4, 5]})
+        path = _domains_config(tmp_path, shared_data, sentiment_cuts={"rating10": [4, 6], "stars5": [4, 5]})
         expected = "data.datasets[1] (yelp): no positive rows in training after mapping to sentiment3"
     else:  # three reviews, one per class: every one of them lands in train, none in validation
         tiny = tmp_path / "three.csv"
         pd.DataFrame({"text": ["awful app", "it is fine", "love it"], "stars": [1, 3, 5]}).to_csv(tiny, index=False)
-        path = _domains_config(tmp_path)
+        path = _domains_config(tmp_path, shared_data)
         raw = yaml.safe_load(path.read_text())
         raw["data"]["datasets"][1]["path"] = str(tiny)
         path.write_text(yaml.safe_dump(raw))
@@ -189,7 +188,8 @@ def test_per_domain_section_judges_the_merge_chosen_on_validation(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_domains_arm_runs_and_a_finished_cell_gains_regmean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_domains_arm_runs_and_a_finished_cell_gains_regmean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            shared_data: Path) -> None:
     """A tiny study: a shards arm runs, then RegMean is added to it (the finished cells gain a RegMean run and
     nothing else is redone), and a domains arm runs with its specialists, multi-domain member, RegMean and the
     task-arithmetic grid; RESULTS.md has the per-domain section."""
@@ -199,7 +199,7 @@ def test_domains_arm_runs_and_a_finished_cell_gains_regmean(tmp_path: Path, monk
     from mllm.study.runner import run_study, write_report
 
     monkeypatch.chdir(tmp_path)
-    doms = _domains_config(tmp_path)
+    doms = _domains_config(tmp_path, shared_data)
     raw = {"study": "dstudy", "experiment": str(REPO / "configs" / "tiny.yaml"), "folds": 2,
            "store": str(tmp_path / "store"), "trials": 2, "mask_seeds": 1, "bootstrap_samples": 200,
            "results": str(tmp_path / "docs" / "RESULTS.md"),
@@ -236,12 +236,12 @@ def test_domains_arm_runs_and_a_finished_cell_gains_regmean(tmp_path: Path, monk
         assert part in text, part
 
 
-def test_a_specialist_keeps_its_best_weights_on_its_own_domain(tmp_path: Path) -> None:
+def test_a_specialist_keeps_its_best_weights_on_its_own_domain(tmp_path: Path, shared_data: Path) -> None:
     from mllm.config import load_config
     from mllm.data.splits import load_splits
     from mllm.finetune import member_validation, plan_members
 
-    cfg = load_config(_domains_config(tmp_path))
+    cfg = load_config(_domains_config(tmp_path, shared_data))
     splits = load_splits(cfg.data)
     specs = {s.name: s for s in plan_members(cfg, splits)}
     assert set(specs) == {"domain-drug", "domain-yelp", "full"}
