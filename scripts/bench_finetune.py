@@ -83,18 +83,14 @@ def mllm_way(model_dir: Path, texts: list[str], labels: list[int], max_length: i
 
 
 def precisions(asked: str) -> tuple[list[str], str | None]:
-    """The precisions to run mllm's way in, and why bf16 is left out (None: it is not)."""
-    from mllm.config import ModelConfig
-    from mllm.errors import ModelError
-    from mllm.models.precision import resolve_precision
+    """The precisions to run in, and why bf16 is left out (None: it is not): mllm.models.precision's rule."""
+    from mllm.errors import MllmError
+    from mllm.models.precision import bench_precisions
 
     try:
-        resolve_precision(ModelConfig(precision="bf16"))
-    except ModelError as e:  # no bf16 on this device: the library's own one-line reason
-        if asked == "bf16":
-            sys.exit(f"--precision bf16: {e}")
-        return ["fp32"], e.what
-    return {"both": ["fp32", "bf16"], "fp32": ["fp32"], "bf16": ["bf16"]}[asked], None
+        return bench_precisions(asked)  # type: ignore[return-value]
+    except MllmError as e:
+        sys.exit(str(e))
 
 
 def main() -> None:
