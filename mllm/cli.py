@@ -26,7 +26,7 @@ import typer
 
 from mllm.basics import quiet_libraries, redact
 from mllm.config import ExperimentConfig, load_config
-from mllm.errors import ConfigError, MllmError, Terminated
+from mllm.errors import ConfigError, MllmError, Terminated, disk_full
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Evaluate merged language models on text classification, tracked in MLflow.")
@@ -238,8 +238,8 @@ def search(
     create_only: Annotated[bool, typer.Option(help="Create the study (and its schema) and exit: run once before "
                                               "starting workers on several machines.")] = False,
     worker_index: Annotated[int | None, typer.Option(
-        help="This process's index among independent workers of one study; seeds its sampler (default "
-        "$SLURM_ARRAY_TASK_ID, else 0).")] = None,
+        help="This process's index among independent workers of one study; names it in the trials' runs (default "
+        "$SLURM_ARRAY_TASK_ID, else 0). Proposals depend on each trial's index, never on the worker.")] = None,
 ) -> None:
     """Search merge recipes with Optuna: in-memory merges scored on the validation split."""
     import os
@@ -368,10 +368,10 @@ def run_guarded(call: Callable[[], object]) -> NoReturn:
     except (typer.Abort, KeyboardInterrupt):
         print("mllm: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # a storage failure from inside a library (an S3 upload) is the user's to fix
+    except Exception as e:  # a storage failure from inside a library (an S3 upload, a full disk) is the user's to fix
         from mllm.tracking.preflight import storage_error
 
-        problem = storage_error(e)
+        problem = storage_error(e) or disk_full(e)
         if problem is None:
             raise
         print(f"mllm: error: {problem}", file=sys.stderr)

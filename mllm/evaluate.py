@@ -3,20 +3,19 @@
     mllm evaluate -c configs/tiny.yaml                             # every merge of the current base + baselines
     mllm evaluate --model models:/drugscom-merged/3 --split validation --no-baselines
 
-Per model, in its own MLflow run nested under the stage's run: accuracy, macro-F1 and per-class
-precision / recall / F1 (the `mllm_classification` metric module), NLL and ECE (`mllm_calibration`), both
-loaded with `evaluate.load` from `mllm/evaluation/metric_modules` since the hub's modules are unreachable offline;
-percentile-bootstrap confidence intervals; a confusion-matrix figure; `predictions.csv` (text, label,
-prediction, logits). Inference is batched and length-sorted (longest first, padded to the batch's own
-longest review), in bf16 on CUDA.
+Per model, in its own MLflow run nested under the stage's run: accuracy, macro-F1 and per-class precision / recall
+/ F1 (the `mllm_classification` metric module), NLL and ECE (`mllm_calibration`), loaded with `evaluate.load` from
+`mllm/evaluation/metric_modules` (the hub is unreachable offline); percentile-bootstrap confidence intervals; a
+confusion-matrix figure; `predictions.csv` (text, label, prediction, logits). Inference is batched and length-sorted
+(longest first, padded to the batch's own longest review), in bf16 on CUDA.
 
 Baselines of a merged model: its members, the logit-average ensemble of the members (K forward passes per
 review: K times a merge's inference cost, reported as such), the full-data member (trained on all the rows the
 shards split), the majority class, TF-IDF + logistic regression (`mllm.evaluation.baselines`, registered as
-`<experiment>-tfidf`), the base classifier, and `model.bigger_model`. Scoring a registered merge or ensemble on the
-validation split records its figures on the version (`val_macro_f1`, `val_nll`): what later choices read.
-An evaluation is reused when the same model version was scored on the same data, split and settings: its
-logits are read back from predictions.csv. That is also why the ensemble costs no extra forward passes here.
+`<experiment>-tfidf`), the base classifier, and `model.bigger_model`. Scoring a registered merge or ensemble on
+validation records `val_macro_f1`, `val_nll` on the version (what later choices read). An evaluation is reused
+when the same version was scored on the same data, split and settings (logits read back from predictions.csv: so
+the ensemble costs no extra forward passes here), and its figures are written on the version again if missing.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import pandas as pd
 from mllm.basics import short_hash, slug
 from mllm.config.schema import EvaluateConfig, ExperimentConfig
 from mllm.data.splits import SplitData, load_splits
-from mllm.errors import MllmError, ModelError
+from mllm.errors import DiskSpace, MllmError, ModelError
 from mllm.evaluation.baselines import ensure_tfidf, majority_logits, register_ensemble
 from mllm.evaluation.metrics import bootstrap_ci, confusion, log_softmax
 from mllm.finetune import bigger_uri
@@ -43,11 +42,14 @@ from mllm.merging.methods import METHODS, info
 from mllm.models.modeling import encode, iter_logits, load_classifier
 from mllm.models.precision import resolve_device, resolve_precision
 from mllm.models.prefix import PrefixCache, fingerprint_batches
+from mllm.tracking.registry import note_scores
 from mllm.tracking.runs import RunLog
 from mllm.tracking.store import Store
 from mllm.tracking.tags import VersionTags
 
 METRIC_MODULES = Path(__file__).parent / "evaluation" / "metric_modules"
+MODEL_METRICS = {"accuracy", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "accuracy_ci_low", "accuracy_ci_high",
+                 "nll", "ece"}
 
 
 @dataclass(frozen=True)
@@ -295,16 +297,14 @@ def run(cfg: ExperimentConfig, models: list[str] | None = None, split: str | Non
     # Members trained with frozen embeddings + lowest layers share those layers with the base and with most
     # merges: their hidden states at the first trained block are computed once (mllm.models.prefix).
     prefix = prefix or new_prefix_cache(cfg)
-    with store.run(f"evaluate-{split}", stage="evaluate",
-                   tags={"mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint}) as parent:
+    with DiskSpace(cfg.output_dir, f"evaluating on {split}"), store.run(f"evaluate-{split}", stage="evaluate",
+            tags={"mllm.split": split, "mllm.dataset_fingerprint": data.fingerprint}) as parent:
         for c in candidates:
             done[c.uri] = evaluate_one(cfg, c, split, data, frame, done, prefix, store)
         parent.tags({"mllm.evaluations": ",".join(e.run_id for e in done.values())})
     return EvaluateResult(split, data.fingerprint, list(done.values()), parent.id)
 
 
-MODEL_METRICS = {"accuracy", "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "accuracy_ci_low", "accuracy_ci_high",
-                 "nll", "ece"}
 
 
 def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitData, frame: pd.DataFrame,
@@ -319,6 +319,7 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
         path = store.run_artifact(found.info.run_id, "predictions.csv", store.downloads / "eval" / key)
         logits = logits_from_frame(pd.read_csv(path, keep_default_na=False), data.label_names)
         print(f"evaluate {c.role} {c.uri}: reused run {found.info.run_id}")
+        note_scores(store, c.uri, c.role, split, found.data.metrics, len(labels))  # a killed run may not have
         # Same key, same settings: the logged metrics are what scoring these logits gives.
         return Evaluation(c, split, dict(found.data.metrics), logits, labels, found.info.run_id, True)
     tags = {"mllm.eval_key": key, "mllm.model_uri": c.uri, "mllm.role": c.role, "mllm.method": c.method,
@@ -337,14 +338,9 @@ def evaluate_one(cfg: ExperimentConfig, c: Candidate, split: str, data: SplitDat
         log_evaluation(run_, c, split, cfg, precision, metrics, logits, frame, data.label_names)
     print(f"evaluate {c.role} {c.uri}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
           f" ({wall:.1f} s)")
-    if c.uri.startswith("models:/"):  # where people look: the version's tags and description
-        store.note_version(c.uri, f"{split} macro-F1", f"{metrics['macro_f1']:.4f} (CI "
-                           f"{metrics['macro_f1_ci_low']:.3f}-{metrics['macro_f1_ci_high']:.3f}), accuracy "
-                           f"{metrics['accuracy']:.4f}, {len(labels)} reviews")
-        if split == "validation" and c.role in ("merged", "ensemble"):  # what the report's choices read
-            store.tag_version(c.uri, {"val_macro_f1": round(metrics["macro_f1"], 6),
-                                      "val_nll": round(metrics["nll"], 6)})
+    note_scores(store, c.uri, c.role, split, metrics, len(labels))
     return Evaluation(c, split, metrics, logits, labels, run_.id, False)
+
 
 
 def registered(c: Candidate, cfg: ExperimentConfig, data: SplitData, store: Store) -> Candidate:

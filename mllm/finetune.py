@@ -20,10 +20,10 @@ from typing import Any
 import pandas as pd
 
 from mllm import __version__
-from mllm.basics import short_hash
+from mllm.basics import folder_bytes, short_hash
 from mllm.config.schema import ExperimentConfig
 from mllm.data.splits import SplitData, load_splits, make_shards
-from mllm.errors import MllmError
+from mllm.errors import DiskSpace, MllmError
 from mllm.models.modeling import bigger_needs_training, build_base, check_pretrained, read_source, update_source
 from mllm.models.precision import resolve_precision
 from mllm.models.prefix import ExampleCache, PrefixCache
@@ -152,7 +152,7 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, *, parent_run_i
     store = store or Store(cfg)
 
     def stage(parent: str) -> FinetuneResult:
-        base_dir, base_version = ensure_base(cfg, splits, store)
+        base_dir, base_version = ensure_base(cfg, splits, store, members=not base_only and bool(specs))
         # Members with frozen embeddings + lowest layers share them: validation computes them once (mllm.models.prefix).
         depth = cfg.finetune.freeze_layers if cfg.finetune.freeze_embeddings else 0
         prefix = PrefixCache(depth)
@@ -172,18 +172,31 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, *, parent_run_i
         return stage(run_.id)
 
 
-def ensure_base(cfg: ExperimentConfig, splits: SplitData, store: Store) -> tuple[Path, str]:
-    """The base checkpoint folder and its registered version: reused by key, else built and registered."""
+def member_bytes(base_dir: Path) -> int:
+    """About the most one member's training holds in output_dir at once (an upper bound: frozen layers have no
+    optimiser state): two checkpoints while the newer replaces the older, each the fp32 weights and AdamW's two
+    moments (3x the weights), the best weights, and the final model (weights + tokenizer), which stays."""
+    weights = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
+    return 6 * weights + folder_bytes(base_dir)
+
+
+def ensure_base(cfg: ExperimentConfig, splits: SplitData, store: Store, members: bool = True) -> tuple[Path, str]:
+    """The base checkpoint folder and its registered version: reused by key, else built and registered (`members`:
+    members will be trained from it, so a disk too small for one member's training refuses before registering)."""
     key = base_key(cfg, splits.label_names)
     local = cfg.output_dir / "base"
 
     version = store.find("base", key)
     if version is None:
-        build_base(cfg.model, splits.label_names, cfg.finetune.seed, local)
-        update_source(local, base_key=key)
+        space = DiskSpace(cfg.output_dir, "building the base classifier")
+        with space:
+            build_base(cfg.model, splits.label_names, cfg.finetune.seed, local)
+            update_source(local, base_key=key)
+        if members:  # sized by the base just written; before anything is registered
+            space.need(member_bytes(local), "fine-tuning a member")
         tags = VersionTags(base_key=key, pretrained=cfg.model.name_or_path, labels=tuple(splits.label_names),
                            seed=cfg.finetune.seed)
-        with store.run("base", stage="base", tags={"mllm.base_key": key}, log_config=False) as run_:
+        with space, store.run("base", stage="base", tags={"mllm.base_key": key}, log_config=False) as run_:
             version = store.register("base", run_, local, tags.as_tags(),
                                      description=f"**Shared base classifier**: `{cfg.model.name_or_path}` with one "
                                      f"seeded head (seed {cfg.finetune.seed}) for {', '.join(splits.label_names)}; "
@@ -227,7 +240,9 @@ def member(cfg: ExperimentConfig, spec: MemberSpec, splits: SplitData, base_dir:
     run_tags = {"mllm.member": spec.name, "mllm.strategy": spec.strategy, "mllm.member_key": key,
                 "mllm.base_version": base_version, "mllm.dataset_fingerprint": splits.fingerprint,
                 "mllm.precision": precision}
-    with store.run(spec.name, stage="finetune-member", parent_run_id=parent, tags=run_tags) as run_:
+    space = DiskSpace(cfg.output_dir, f"fine-tuning {spec.name}")
+    space.need(member_bytes(base_dir))  # before the member's run opens
+    with space, store.run(spec.name, stage="finetune-member", parent_run_id=parent, tags=run_tags) as run_:
         result = _train(cfg, spec, splits, base_dir, key, run_, force, progress, prefix, examples)
         update_source(result.model_dir, base_key=base_key(cfg, splits.label_names), base_version=base_version,
                       precision=precision)

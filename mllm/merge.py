@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mllm.basics import short_hash
+from mllm.basics import atomic_dir, folder_bytes, publish_dir, short_hash
 from mllm.config.schema import ExperimentConfig, MergeConfig, MergeMethod
 from mllm.data.splits import load_splits
-from mllm.errors import MllmError, ModelError
+from mllm.errors import DiskSpace, MllmError, ModelError
 from mllm.merging.inmemory import MemberStack
 from mllm.merging.methods import OWN_METHODS, info
 from mllm.merging.regmean import GramSource, member_grams, member_rows
-from mllm.models.modeling import atomic_dir, check_classifier, publish_dir, read_source, resolve_device, write_source
+from mllm.models.modeling import check_classifier, read_source, resolve_device, write_source
 from mllm.tracking.runs import git_sha
 from mllm.tracking.store import Store
 from mllm.tracking.tags import VersionTags
@@ -273,8 +273,10 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     base_uri, members = (base, list(members or [])) if given else registered_members(store)
     base_uri = base or base_uri
     rows = member_rows(cfg, store, members) if recipe.method == "regmean" else None  # refused here, not in a run
-    member_dirs = [store.download(uri) for uri in members]
-    base_dir = store.download(base_uri) if base_uri else None
+    space = DiskSpace(cfg.output_dir, f"merging with {recipe.method}")
+    with space:  # downloads land in output_dir too
+        member_dirs = [store.download(uri) for uri in members]
+        base_dir = store.download(base_uri) if base_uri else None
     # Before a run is opened: bad input leaves no trace.
     check_members(member_dirs, base_dir, recipe.method,
                   "--member" if given else f"{store.model_name('member')} member",
@@ -291,7 +293,8 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     run_tags = {"mllm.merge_method": recipe.method, "mllm.parents": ",".join(members), "mllm.base": base_uri or "",
                 **{f"mllm.{k}": v for k, v in (tags or {}).items()}}
     logged = cfg if recipe is cfg.merge else cfg.model_copy(update={"merge": recipe})  # the run's config: its recipe
-    with store.run(f"merge-{recipe.method}", stage="merge", tags=run_tags, config=logged) as run_:
+    space.need(folder_bytes(member_dirs[0]))  # the merged model: a member's size (fp32 weights, tokenizer)
+    with space, store.run(f"merge-{recipe.method}", stage="merge", tags=run_tags, config=logged) as run_:
         folder, yaml_text = merge_models(recipe, member_dirs, base_dir, cfg.output_dir / "merged" / run_.id,
                                          device=resolve_device(cfg.model)[0].type,
                                          grams=None if rows is None else GramSource.of(cfg, rows))

@@ -58,6 +58,7 @@ def run(cfg: ExperimentConfig, standard_methods: tuple[str, ...] = STANDARD_METH
     seconds: dict[str, float] = {}
 
     def timed(stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        print(f"pipeline: {stage} started", flush=True)  # stage markers (scripts/chaos.py aims its kills by them)
         start = time.perf_counter()
         out = fn(*args, store=store, **kwargs)
         took = time.perf_counter() - start

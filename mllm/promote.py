@@ -128,15 +128,26 @@ def decide(labels: np.ndarray, challenger: np.ndarray, reference: tuple[str, np.
 def gate(cfg: ExperimentConfig, store: Store, version: str, labels: np.ndarray, preds: np.ndarray,
          reference: tuple[str, np.ndarray] | None, k: int,
          champion_preds: Callable[[str], np.ndarray]) -> tuple[str | None, Decision]:
-    """Under the champion lock: read the champion, decide, move the alias. Returns (champion before, decision).
-    `reference`: (URI, predictions) of the best member; `champion_preds(version)` gives a registered version's
-    predictions on `promote.split`."""
+    """Under the champion lock: read the champion, decide, record the decision on the version, then move the alias.
+    Returns (champion before, decision). `reference`: (URI, predictions) of the best member; `champion_preds(version)`
+    gives a registered version's predictions on `promote.split`.
+
+    The decision is written before the alias moves (write-ahead), so a promote killed in between is finished by the
+    rerun with the first decision, never decided again against itself: a version's recorded decision stands while
+    the champion it was made against is still the champion (or the version itself became it)."""
+    uri = store.model_uri("merged", version)
     with db_lock(cfg.search.storage, f"{store.model_name('merged')}@champion"):
         current = store.alias_version("merged", "champion")
         before = str(current.version) if current is not None else None
+        earlier = recorded(store, uri)
+        if earlier is not None and before in ((earlier[0], version) if earlier[1].promote else (earlier[0],)):
+            if earlier[1].promote and before != version:  # the alias move a killed promote did not make
+                store.set_alias("merged", "champion", version)
+            return earlier
         if before == version:
             return before, Decision(False, "already the champion")
         decision = decide(labels, preds, reference, (before, champion_preds(before)) if before else None, k, cfg)
+        record(store, uri, before, decision)
         if decision.promote:
             store.set_alias("merged", "champion", version)
     return before, decision
@@ -161,13 +172,35 @@ def paragraph(uri: str, trial: int, method: str, split: str, score: float, befor
 
 
 def record(store: Store, uri: str, before: str | None, decision: Decision) -> None:
-    """The promotion decision where people look: the version's description and tags (with the figures it used)."""
+    """The promotion decision where people look: the version's description and tags (with the figures it used).
+    `promotion_outcome` is written last: a version that has it holds the whole decision (see `recorded`)."""
     replaced = f"version {before}" if before else "none (first champion)" if decision.promote else "none"
     outcome = "became champion" if decision.promote else "stays challenger"
     store.note_version(uri, "promotion", f"{outcome}; champion before: {replaced}; {decision.reason}")
-    store.tag_version(uri, {
-        "promotion_outcome": outcome, "promotion_replaced": replaced,
-        **{f"promotion_{k}": v for k, v in decision.figures.items()}})
+    store.tag_version(uri, {"promotion_replaced": replaced,
+                            **{f"promotion_{k}": v for k, v in decision.figures.items()}})
+    store.tag_version(uri, {"promotion_outcome": outcome})
+
+
+def recorded(store: Store, uri: str) -> tuple[str | None, Decision] | None:
+    """(champion before, decision) as `record` wrote them on the version, or None when no decision is complete."""
+    _, version = store.resolve(uri)
+    tags = dict(version.tags) if version is not None else {}
+    if "promotion_outcome" not in tags:
+        return None
+    replaced = tags.get("promotion_replaced", "none")
+    figures = {k.removeprefix("promotion_"): _number(v) for k, v in tags.items()
+               if k.startswith("promotion_") and k not in ("promotion_outcome", "promotion_replaced")}
+    return (replaced.removeprefix("version ") if replaced.startswith("version ") else None,
+            Decision(tags["promotion_outcome"] == "became champion", tags.get("promotion", "").split("; ", 2)[-1],
+                     figures))
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        return text
 
 
 @dataclass(frozen=True)
@@ -270,7 +303,6 @@ def run(cfg: ExperimentConfig, parent_run_id: str | None = None, prefix: Any = N
                                 (top_member, gated(found[top_member])) if top_member else None, k,
                                 lambda v: gated(scored([store.model_uri("merged", v)])[0]))
         after = store.alias_version("merged", "champion")
-        record(store, merged.model_uri, before, decision)
         score = macro_f1(labels, gated(challenger), k)
         run_.tags({"mllm.promoted": decision.promote, "mllm.promotion": decision.reason,
                    "mllm.model_uri": merged.model_uri})

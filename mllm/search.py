@@ -43,6 +43,7 @@ from mllm.merging.regmean import member_rows
 from mllm.merging.scorer import Scorer, TrialScore, score_rows
 from mllm.merging.space import as_trial, same_merge, standard_trials, suggest_recipe, weights_from
 from mllm.tracking.runs import RunLog, owner
+from mllm.tracking.sampling import run_budget
 from mllm.tracking.store import Store
 from mllm.tracking.tags import VersionTags
 from mllm.tracking.trials import best, chosen, finished, objectives, open_storage, sampler, study_name
@@ -82,7 +83,8 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if finished(optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg))) >= cfg.search.n_trials:
+    if finished(optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg, wait=True))) \
+            >= cfg.search.n_trials:
         return  # the study is complete (a rerun of a finished search): nothing to load
     store = Store(cfg)
     scorer = scorer or worker_scorer(cfg, store, members, base)
@@ -94,8 +96,8 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
                  else ""))
     prunable = cfg.search.prune and scorer.data.objective_stages > 1  # a decision reads >= prune_min_rows
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if prunable else optuna.pruners.NopPruner()
-    study = optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg),
-                              sampler=sampler(cfg, worker), pruner=pruner)
+    study = optuna.load_study(study_name=study_name(cfg), storage=open_storage(cfg, wait=True),
+                              sampler=sampler(cfg), pruner=pruner)
     single = cfg.search.second_objective == "none"
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
@@ -113,12 +115,9 @@ def work(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members:
             raise optuna.TrialPruned()
         return objective_values(score, recipe, cfg)
 
-    stop = optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                                       optuna.trial.TrialState.PRUNED))
-    remaining = cfg.search.n_trials - finished(study)
-    if remaining > 0:  # n_trials bounds this worker; the callback stops it once the study has enough
-        study.optimize(objective, n_trials=remaining, callbacks=[stop], timeout=cfg.search.timeout_s,
-                       gc_after_trial=False, show_progress_bar=worker == 0)
+    run_budget(study, objective, cfg.search.n_trials, timeout_s=cfg.search.timeout_s,
+               poll_s=cfg.search.heartbeat_s, progress=worker == 0, storage_wait_s=cfg.search.storage_wait_s,
+               where=redact(cfg.search.storage))
 
 
 def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: bool, mask_seeds: int
@@ -167,9 +166,14 @@ def _trial(trial: Any, recipe: MergeConfig, scorer: Scorer, run: RunLog, prune: 
 
 
 def _worker_main(cfg: ExperimentConfig, parent_run_id: str | None, worker: int, members: list[str],
-                 base: str) -> None:  # a spawned process: quiet libraries, then work
+                 base: str, errors: Any = None) -> None:  # a spawned process: quiet libraries, then work
     quiet_libraries()
-    work(cfg, parent_run_id, worker, members, base)
+    try:
+        work(cfg, parent_run_id, worker, members, base)
+    except MllmError as e:
+        if errors is not None:
+            errors.put((e.what, e.fix))
+        raise
 
 
 def log_figures(study: Any, run: RunLog) -> None:
@@ -206,9 +210,10 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
         store: Store | None = None, evaluated: Sequence[Evaluated] = ()) -> SearchResult:
     """Create (or continue) the study, run `search.workers` workers on it, and log the outcome.
 
-    `worker_index` tells independent processes on one study apart (their samplers' seeds): local workers are
-    worker_index, worker_index + 1, ... `evaluated`: merges already scored on validation (the pipeline's), which a
-    new study takes as finished trials instead of scoring them again (`start_trials`).
+    `worker_index` tells independent processes on one study apart (in their trials' runs; what a trial proposes
+    depends on its index only, mllm.tracking.sampling): local workers are worker_index, worker_index + 1, ...
+    `evaluated`: merges already scored on validation (the pipeline's), which a new study takes as finished trials
+    instead of scoring them again (`start_trials`).
     """
     store = store or Store(cfg)
     study, members, base = open_study(cfg, members, base, store)
@@ -352,7 +357,8 @@ def run_workers(cfg: ExperimentConfig, parent_run_id: str, worker_index: int, me
         return
     del scorer  # freed before the workers load their own members
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(cfg, parent_run_id, worker_index + i, members, base))
+    errors = ctx.SimpleQueue()  # a worker's one-line error, so this process's last line names the cause
+    procs = [ctx.Process(target=_worker_main, args=(cfg, parent_run_id, worker_index + i, members, base, errors))
              for i in range(cfg.search.workers)]
     for p in procs:
         p.start()
@@ -360,5 +366,6 @@ def run_workers(cfg: ExperimentConfig, parent_run_id: str, worker_index: int, me
         p.join()
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
-        raise MllmError(f"{len(failed)} of {len(procs)} search workers failed (exit codes {failed})",
-                        "see their output above; rerun to continue the study")
+        what, fix = errors.get() if not errors.empty() else (None, None)
+        raise MllmError(f"{len(failed)} of {len(procs)} search workers failed (exit codes {failed})"
+                        + (f": {what}" if what else ""), fix or "see their output above; rerun to continue the study")

@@ -7,6 +7,8 @@
 #   bash scripts/stack.sh status
 #   bash scripts/stack.sh down     # stop what `up` started (process groups) and delete the data
 #   bash scripts/stack.sh mlflow-stop | mlflow-start   # take the tracking server away and back (outage drills)
+#   bash scripts/stack.sh pg-stop | pg-start           # PostgreSQL down and up again (same data)
+#   bash scripts/stack.sh s3-pause | s3-resume         # S3 unreachable (its process stopped: requests hang) and back
 #
 # Real deployments use the same topology with a real PostgreSQL and S3: run `mlflow server
 # --backend-store-uri postgresql+psycopg2://USER:PASSWORD@HOST/mlflow --artifacts-destination s3://BUCKET/mlflow`
@@ -79,8 +81,7 @@ up() {
     as_postgres "$PG_BIN/initdb" -D "$DIR/pg" -U "$PG_USER" --pwfile="$DIR/pgpass" --auth=scram-sha-256 >"$DIR/initdb.log"
     rm -f "$DIR/pgpass"
   fi
-  as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg/server.log" -w \
-    -o "-p $PG_PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=300" start >/dev/null
+  pg_start
   export PGPASSWORD=$PG_PASSWORD
   for db in mlflow optuna; do
     psql -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$db'" \
@@ -141,11 +142,25 @@ status() {
   return $ok
 }
 
+pg_start() {
+  as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg/server.log" -w \
+    -o "-p $PG_PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=300" start >/dev/null
+}
+
+signal_group() {  # signal_group NAME SIGNAL: moto keeps its data in memory, so S3 is paused, never restarted
+  kill "-$2" -- "-$(cat "$DIR/$1.pid")"
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
   mlflow-stop) stop_group mlflow; echo "mlflow server stopped" ;;   # outage drills (tests/test_services.py)
   mlflow-start) start_mlflow; echo "mlflow server up" ;;
-  *) echo "usage: scripts/stack.sh up|down|status|mlflow-stop|mlflow-start" >&2; exit 2 ;;
+  pg-stop) as_postgres "$PG_BIN/pg_ctl" -D "$DIR/pg" -m fast -w stop >/dev/null; echo "postgresql stopped" ;;
+  pg-start) pg_start; echo "postgresql up" ;;
+  s3-pause) signal_group s3 STOP; echo "s3 paused" ;;
+  s3-resume) signal_group s3 CONT; echo "s3 resumed" ;;
+  *) echo "usage: scripts/stack.sh up|down|status|mlflow-stop|mlflow-start|pg-stop|pg-start|s3-pause|s3-resume" >&2
+     exit 2 ;;
 esac

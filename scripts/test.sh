@@ -5,7 +5,8 @@
 # Tests marked `services` need the service stack (scripts/stack.sh: PostgreSQL 15, S3, mlflow server). If it is
 # not up, this script starts it and stops it at the end; where it cannot start (no root to install PostgreSQL),
 # those tests are skipped, unless MLLM_REQUIRE_SERVICES=1 (CI) makes that a failure. MLLM_STACK=0: never start it.
-# Tests marked `gpu` skip without CUDA.
+# Tests marked `gpu` skip without CUDA. The default suite runs first; the chaos drill (`chaos`, random kills on the
+# service stack, several minutes) runs after it, unless pytest arguments were given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/venv.sh .venv-test test,services
@@ -30,4 +31,9 @@ if [ -f "$MLLM_STACK_DIR/env" ] && MLLM_STACK_VENV=.venv-test bash scripts/stack
   source "$MLLM_STACK_DIR/env"
   set +a
 fi
-.venv-test/bin/python -m pytest "$@"
+if [ $# -gt 0 ]; then
+  .venv-test/bin/python -m pytest "$@"
+else
+  .venv-test/bin/python -m pytest -m "not chaos"
+  .venv-test/bin/python -m pytest -m chaos
+fi

@@ -95,3 +95,32 @@ def test_runs_of_a_dead_host_expire_and_a_live_hosts_run_does_not(tmp_path: Path
         live.send_signal(signal.SIGTERM)
         live.wait(timeout=60)
     assert client.get_run(live_run).info.status == "KILLED"  # SIGTERM: it ended its own run
+
+
+def test_a_lock_whose_holder_died_on_this_host_is_taken_at_once(tmp_path: Path) -> None:
+    """A promoter SIGKILLed inside the champion lock leaves its row; the next one must not wait `stale_s` for it
+    (found by scripts/chaos.py), while a live holder's lock, or one of another host, still holds."""
+    import sqlalchemy as sa
+
+    from mllm.errors import MllmError
+    from mllm.tracking.locks import db_lock
+    from mllm.tracking.runs import owner
+
+    url = f"sqlite:///{tmp_path / 'locks.db'}"
+    with db_lock(url, "warm-up", timeout_s=5):  # creates the table
+        pass
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = owner().rsplit("/", 1)[0] + "/" + dead.stdout.strip()
+    engine = sa.create_engine(url)
+    rows = [("dead", f"{gone}:abcd1234"), ("live", f"{owner()}:abcd1234"), ("elsewhere", "otherhost/boot/1:abcd1234")]
+    with engine.begin() as conn:
+        for name, holder in rows:
+            conn.execute(sa.text("INSERT INTO mllm_locks VALUES (:n, :o, :t)"), {"n": name, "o": holder,
+                                                                                 "t": time.time()})
+    start = time.monotonic()
+    with db_lock(url, "dead", timeout_s=5):
+        assert time.monotonic() - start < 5
+    for name in ("live", "elsewhere"):
+        with pytest.raises(MllmError, match=f"lock {name} is held"):
+            with db_lock(url, name, timeout_s=0.5):
+                pass

@@ -211,6 +211,39 @@ def test_concurrent_promoters_leave_champion_on_the_better_model(trained, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_promote_killed_between_its_decision_and_the_alias_is_finished_by_the_rerun(trained, monkeypatch) -> None:
+    from mllm.promote import gate
+
+    cfg, ft = trained
+    store = Store(cfg.model_copy(update={"name": "gate-killed"}))
+    name = store.model_name("merged")
+    store.client.create_registered_model(name)
+    v1 = str(store.client.create_model_version(name, ft.base_uri, tags={"n": "1"}).version)
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 300)
+    preds = np.where(rng.random(300) < 0.8, labels, (labels + 1) % 3)
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt  # SIGKILL's stand-in: the decision is written, the alias never moves
+
+    monkeypatch.setattr(store, "set_alias", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gate(cfg, store, v1, labels, preds, None, 3, lambda v: preds)
+    monkeypatch.undo()
+    assert store.alias_version("merged", "champion") is None
+    tags = store.client.get_model_version(name, v1).tags
+    assert tags["promotion_outcome"] == "became champion" and tags["promotion_replaced"] == "none (first champion)"
+
+    def decided_again(version: str) -> np.ndarray:
+        raise AssertionError(f"the rerun decided again against {version}")
+
+    for _ in range(2):  # the rerun finishes the first decision; a third run changes nothing
+        before, decision = gate(cfg, store, v1, labels, preds, None, 3, decided_again)
+        assert before is None and decision.promote and str(store.alias_version("merged", "champion").version) == v1
+    assert store.client.get_model_version(name, v1).tags == tags
+
+
+@pytest.mark.slow
 def test_a_single_member_recipe_is_refused_at_the_gate_in_one_line(trained, tmp_path, capsys) -> None:
     from mllm import promote, search
     cfg, ft = trained

@@ -63,6 +63,9 @@ class SearchConfig(Section):
                                     "above the best member's validation NLL are never chosen (None: no guard).")
     heartbeat_s: int = Field(10, ge=1, le=3600, description="Workers' heartbeat interval (seconds).")
     grace_s: int = Field(30, ge=2, le=86400, description="A trial without a heartbeat for this long is retried.")
+    storage_wait_s: int = Field(180, ge=0, le=86400, description="How long a worker waits for an unreachable study "
+                                "storage (a restarted database) before stopping with one line; the trial it was "
+                                "running is retried once the storage is back.")
     seed: int = Field(0, description="Seed of the sampler and of the search/held-out split of validation.")
 
     @field_validator("objective_split")

@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 
 from mllm import __version__
-from mllm.basics import short_hash
+from mllm.basics import atomic_dir, publish_dir, short_hash
 from mllm.config.schema import ExperimentConfig
 from mllm.data.splits import SplitData
 from mllm.evaluation.metrics import classification_summary
-from mllm.models.modeling import atomic_dir, publish_dir
 from mllm.tracking.store import Store
 from mllm.tracking.tags import VersionTags
 

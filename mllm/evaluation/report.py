@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from mllm.config.schema import ExperimentConfig
-from mllm.errors import MllmError
+from mllm.errors import DiskSpace, MllmError
 from mllm.evaluation import domains
 from mllm.evaluation.metrics import PairedTest, holm, paired_from_draws, resampled_draws
 from mllm.evaluation.selection import best_member, reading
@@ -87,6 +87,7 @@ class ReportResult:
     verdicts: list[str] = field(default_factory=list)
     comparisons: int = 0  # the Holm family's size
     per_domain: domains.DomainReport | None = None  # the split holds several domains
+    precisions: tuple[str, ...] = ()  # the resolved model.precision the rows were scored in (mllm.precision tags)
 
 
 def collect(store: Store, experiment: str, split: str) -> list[Any]:
@@ -224,7 +225,9 @@ def build(runs: list[Any], cfg: ExperimentConfig, work: Path, store: Store, spli
     scored_data = s.runs[0].data.tags.get("mllm.dataset_fingerprint") if s.runs else None
     per_domain = domains.section(cfg, split or cfg.evaluate.split, scored_data, s.labels, len(s.names), [
         (r.model, r.role, s.predicted[r.run_id], tags[r.model].domain) for r in rows], selected)
-    return ReportResult(cfg.name, "", rows, best, "", None, selected, [*refused, *verdicts], len(tests), per_domain)
+    precisions = tuple(sorted({r.data.tags.get("mllm.precision") or "fp32" for r in s.runs}))
+    return ReportResult(cfg.name, "", rows, best, "", None, selected, [*refused, *verdicts], len(tests), per_domain,
+                        precisions)
 
 
 def row(r: Any, vt: VersionTags, classes: set[str], best: str | None, selected: str | None, unit: float | None,
@@ -308,6 +311,7 @@ def render(result: ReportResult, experiment: str, split: str, cfg: ExperimentCon
             f"{fmt(r.optimism, '+.4f')} | {'; '.join(r.notes)} | {'; '.join(r.decisions) or 'none'} |")
     lines += ["", "cost: parameters run per review relative to one member (the ensemble runs every member: K forward "
               "passes; the majority baseline runs none).",
+              f"Scored in {' and '.join(result.precisions) or 'fp32'} (model.precision; weights are stored in fp32).",
               f"best member: {result.best_member or 'none'}, chosen by validation macro-F1 (ties: validation NLL), "
               f"never by this split; selected merge: {result.selected_merge or 'none'}, chosen the same way among "
               "the merges.",
@@ -339,7 +343,9 @@ def run(cfg: ExperimentConfig, experiment: str | None = None, split: str | None 
     split = split or cfg.evaluate.split
     runs = collect(store, experiment, split) if not evaluations else sorted(  # newest first, as collect gives them
         (store.get_run(i) for i in evaluations), key=lambda r: r.info.start_time, reverse=True)
-    result = replace(build(runs, cfg, cfg.output_dir / "report", store, split), experiment=experiment, split=split)
+    with DiskSpace(cfg.output_dir, f"writing the {split} report"):  # the evaluations' predictions, downloaded
+        result = replace(build(runs, cfg, cfg.output_dir / "report", store, split), experiment=experiment,
+                         split=split)
     markdown = render(result, experiment, split, cfg)
     run_id = None
     if log:

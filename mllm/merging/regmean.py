@@ -26,7 +26,6 @@ the key covering the member's weights (sha256), the reviews, model.max_length an
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mllm.basics import short_hash
+from mllm.basics import atomic_file, short_hash
 from mllm.config.schema import ExperimentConfig
 from mllm.data.splits import load_splits
 from mllm.errors import MllmError
@@ -192,7 +191,7 @@ def compute_grams(member_dir: Path, texts: Sequence[str], skip: Collection[str],
 
 
 def save_grams(grams: Grams, path: Path) -> None:
-    """Write atomically (a temporary file, then os.replace): a file under `path` is always complete."""
+    """Write atomically (a temporary file, then renamed): a file under `path` is always complete."""
     from safetensors.torch import save_file
 
     names: dict[int, str] = {}
@@ -206,9 +205,8 @@ def save_grams(grams: Grams, path: Path) -> None:
     meta = {"aliases": json.dumps(alias), "conv1d": json.dumps(sorted(grams.conv1d)), "rows": str(grams.rows),
             "version": str(GRAM_VERSION)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:  # a failed write (a full disk) leaves no partial file behind
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_grams(path: Path) -> Grams | None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mllm.basics import atomic_dir, atomic_file, publish_dir
 from mllm.config.schema import ModelConfig
 from mllm.data.sources import cache_dir, pypi_wheel
 from mllm.errors import ModelError
@@ -62,7 +61,8 @@ def file_sha256(path: Path) -> str:
 
 
 def write_source(path: Path, **info: Any) -> None:
-    (path / SOURCE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+    with atomic_file(path / SOURCE_FILE) as tmp:  # whole or absent: update_source rewrites it in published folders
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
 def read_source(path: Path) -> dict[str, Any]:
@@ -74,20 +74,6 @@ def read_source(path: Path) -> dict[str, Any]:
 def update_source(path: Path, **info: Any) -> None:
     """Add keys to the checkpoint's record (e.g. lineage known only once it is registered)."""
     write_source(path, **{**read_source(path), **info})
-
-
-def atomic_dir(final: Path) -> tempfile.TemporaryDirectory:
-    """A temporary sibling of `final`; callers fill it and `os.replace` it, so `final` is complete or absent."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-
-
-def publish_dir(tmp: str | Path, final: Path) -> None:
-    """Move a finished temporary folder into place (replacing an older `final`)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    Path(tmp).mkdir()  # TemporaryDirectory cleans up its (now empty) name
 
 
 def smollm2_dir() -> Path:

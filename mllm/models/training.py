@@ -26,18 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from mllm.basics import atomic_dir, atomic_file, publish_dir
 from mllm.config.schema import FinetuneConfig, ModelConfig
 from mllm.evaluation.metrics import classification_summary
-from mllm.models.modeling import (
-    atomic_dir,
-    collate,
-    encode,
-    length_batches,
-    load_classifier,
-    predict_logits,
-    publish_dir,
-    write_source,
-)
+from mllm.models.modeling import collate, encode, length_batches, load_classifier, predict_logits, write_source
 from mllm.models.precision import resolve_device
 from mllm.models.prefix import ExampleCache, PrefixCache, blocks, dropout_free, fingerprint_batches
 
@@ -213,6 +205,8 @@ def resume(loop: Loop, key: str) -> TrainState:
 
     for partial in loop.checkpoints.glob(".step-*.tmp"):  # a save that a crash cut short: never a checkpoint
         shutil.rmtree(partial, ignore_errors=True)
+    for partial in loop.work.glob(f".{loop.best_file.name}.*.tmp"):  # (atomic_file's; a kill leaves it)
+        partial.unlink(missing_ok=True)
     found = _latest_checkpoint(loop.checkpoints, key)
     if found is None:
         return TrainState(key=key)
@@ -231,9 +225,10 @@ def save_checkpoint(loop: Loop, state: TrainState) -> None:
     final = loop.checkpoints / f"step-{state.step:08d}"
     with atomic_dir(final) as tmp:
         save_model(loop.model, f"{tmp}/model.safetensors")
-        torch.save(loop.optimizer.state_dict(), f"{tmp}/optimizer.pt")
-        torch.save(loop.schedule.state_dict(), f"{tmp}/schedule.pt")
-        torch.save(torch.get_rng_state(), f"{tmp}/rng.pt")
+        for name, value in (("optimizer", loop.optimizer.state_dict()), ("schedule", loop.schedule.state_dict()),
+                            ("rng", torch.get_rng_state())):
+            with open(f"{tmp}/{name}.pt", "wb") as f:  # through Python: a full disk is OSError(ENOSPC), not
+                torch.save(value, f)  # torch's own writer's "unexpected pos"
         (Path(tmp) / "state.json").write_text(json.dumps(asdict(state)))  # last: marks the folder complete
         publish_dir(tmp, final)
     for old in sorted(loop.checkpoints.glob("step-*"))[:-1]:
@@ -287,8 +282,8 @@ def validate(loop: Loop, state: TrainState) -> None:
         loop.log({f"val_{k}": v for k, v in metrics.items()}, step)
     if metrics["macro_f1"] > state.best + 1e-9:
         state.best, state.best_metrics, state.bad_evals = metrics["macro_f1"], {**metrics, "step": step}, 0
-        save_model(loop.model, f"{loop.best_file}.tmp")
-        Path(f"{loop.best_file}.tmp").replace(loop.best_file)
+        with atomic_file(loop.best_file) as tmp:
+            save_model(loop.model, str(tmp))
     else:
         state.bad_evals += 1
         patience = loop.ft.early_stopping_patience
@@ -382,9 +377,11 @@ def train_member(
     model.train()
     bar = tqdm(total=steps.total, initial=state.step, desc=f"finetune {name}", unit="step", disable=not progress,
                dynamic_ncols=True)
-    while state.step < steps.total and not state.stopped_early:
-        run_epoch(loop, state, bar)
-    bar.close()
+    try:
+        while state.step < steps.total and not state.stopped_early:
+            run_epoch(loop, state, bar)
+    finally:  # an error's one line starts on a line of its own
+        bar.close()
 
     final = publish_final(loop, tokenizer, state, base_dir, name, key)
     return TrainResult(

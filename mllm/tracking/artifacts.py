@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mllm.basics import first_line, redact, slug
+from mllm.basics import atomic_file, first_line, redact, slug
 from mllm.errors import MllmError
 from mllm.models.modeling import check_classifier
 
@@ -111,7 +111,8 @@ class Artifacts:
                             "check the model name, version or alias (mlflow models UI) or the run id") from None
         # Written last: only a complete download is reused.
         folder = checkpoint_of(path, uri)  # before the marker: an incomplete model is never taken for complete
-        marker.write_text(json.dumps({"identity": identity, "path": str(path.resolve().relative_to(dst.resolve()))}))
+        with atomic_file(marker) as tmp:  # whole or absent (a full disk): a torn marker would not parse
+            tmp.write_text(json.dumps({"identity": identity, "path": str(path.resolve().relative_to(dst.resolve()))}))
         return folder
 
     def predict_proba(self, uri: str, texts: list[str]) -> np.ndarray:

@@ -6,13 +6,12 @@
 
 The lock is a row in `mllm_locks` (primary key = name): inserting it acquires, deleting it releases. The
 database is the search storage, which every promoter already shares (SQLite on one machine, PostgreSQL
-across machines). A holder that died leaves a row older than `stale_s`; the next contender removes it.
+across machines). A holder that died leaves its row: a contender on the holder's host removes it at once when the
+holder's pid is gone (`mllm.owner`: host, boot id, pid); from another host, once it is older than `stale_s`.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from contextlib import contextmanager
 
 from mllm.basics import redact
 from mllm.errors import MllmError
+from mllm.tracking.runs import dead_here
+from mllm.tracking.runs import owner as process_owner
 
 
 @contextmanager
@@ -30,7 +31,7 @@ def db_lock(url: str, name: str, timeout_s: float = 600, stale_s: float = 900) -
     table = sa.Table("mllm_locks", sa.MetaData(), sa.Column("name", sa.String(255), primary_key=True),
                      sa.Column("owner", sa.String(255), nullable=False),
                      sa.Column("acquired", sa.Float, nullable=False))
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    owner = f"{process_owner()}:{uuid.uuid4().hex[:8]}"
     try:
         table.metadata.create_all(engine, checkfirst=True)
     except sa.exc.SQLAlchemyError as e:
@@ -43,8 +44,11 @@ def db_lock(url: str, name: str, timeout_s: float = 600, stale_s: float = 900) -
             with engine.begin() as conn:
                 conn.execute(table.insert().values(name=name, owner=owner, acquired=time.time()))
             break
-        except sa.exc.IntegrityError:  # held by someone else
+        except sa.exc.IntegrityError:  # held by someone else: gone (its pid dead on this host), or stale?
             with engine.begin() as conn:
+                holder = conn.execute(sa.select(table.c.owner).where(table.c.name == name)).scalar()
+                if holder is not None and dead_here(holder.rsplit(":", 1)[0]):
+                    conn.execute(table.delete().where(table.c.name == name, table.c.owner == holder))
                 conn.execute(table.delete().where(table.c.name == name, table.c.acquired < time.time() - stale_s))
         except sa.exc.OperationalError:  # SQLite busy: try again
             pass

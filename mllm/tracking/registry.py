@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -170,18 +171,29 @@ class Registry:
         """Put `- what: text` into a registered version's description (replacing an older line about `what`) and
         tag it (`what` as a tag key with underscores)."""
         _, version = self.resolve(uri)
-        if version is None:
+        key = what.replace(" ", "_").replace("-", "_").lower()
+        if version is None or version.tags.get(key) == redact(text):  # written already (a rerun): nothing to do
             return
         lines = [ln for ln in (version.description or "").splitlines() if not ln.startswith(f"- {what}:")]
         self.client.update_model_version(version.name, version.version, "\n".join([*lines, f"- {what}: {text}"]))
-        self.client.set_model_version_tag(version.name, version.version,
-                                          what.replace(" ", "_").replace("-", "_").lower(), redact(text))
+        self.client.set_model_version_tag(version.name, version.version, key, redact(text))
 
     def tag_version(self, uri: str, tags: dict[str, Any]) -> None:
         """Tag the registered version behind `uri` (nothing for URIs that are not registered versions)."""
         _, version = self.resolve(uri)
         if version is not None:
             for k, v in tags.items():
-                self.client.set_model_version_tag(version.name, version.version, k, redact(str(v)))
+                if version.tags.get(k) != redact(str(v)):  # unchanged tags are not rewritten
+                    self.client.set_model_version_tag(version.name, version.version, k, redact(str(v)))
 
 
+def note_scores(registry: Registry, uri: str, role: str, split: str, metrics: Mapping[str, float], rows: int) -> None:
+    """An evaluation's figures where people look: the version's description and tags (for a merge or ensemble on
+    validation also `val_macro_f1`, `val_nll`, what later choices read). Unchanged ones are not rewritten."""
+    if not uri.startswith("models:/"):
+        return
+    registry.note_version(uri, f"{split} macro-F1", f"{metrics['macro_f1']:.4f} (CI {metrics['macro_f1_ci_low']:.3f}"
+                          f"-{metrics['macro_f1_ci_high']:.3f}), accuracy {metrics['accuracy']:.4f}, {rows} reviews")
+    if split == "validation" and role in ("merged", "ensemble"):
+        registry.tag_version(uri, {"val_macro_f1": round(metrics["macro_f1"], 6),
+                                   "val_nll": round(metrics["nll"], 6)})

@@ -289,6 +289,13 @@ def _owner_prefix() -> str:
     return f"{os.environ.get('MLLM_HOST') or platform.node()}/{boot}/"  # MLLM_HOST: containers sharing a name
 
 
+def dead_here(holder: str) -> bool:
+    """Whether `holder` (an `owner()` string) is a process of this host and boot that no longer exists."""
+    prefix = _owner_prefix()
+    pid = holder.removeprefix(prefix)
+    return holder.startswith(prefix) and pid.isdigit() and not _alive(int(pid))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -315,9 +322,7 @@ def end_orphaned_runs(client: Any, experiment_id: str, lease_s: float | None = N
     _swept.add(store)
     prefix, ended = _owner_prefix(), []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
-        pid = run.data.tags.get("mllm.owner", "").removeprefix(prefix)
-        here = run.data.tags.get("mllm.owner", "").startswith(prefix)
-        if here and pid.isdigit() and not _alive(int(pid)):
+        if dead_here(run.data.tags.get("mllm.owner", "")):
             why = f"orphan sweep of {prefix}{os.getpid()}"
         elif lease_s is not None and expired(run, lease_s):
             why = (f"lease expired: heartbeat {heartbeat_age(run):.0f} s old > tracking.lease_s {lease_s:g} "

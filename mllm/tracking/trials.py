@@ -20,6 +20,7 @@ from mllm.data.splits import load_splits
 from mllm.errors import MllmError
 from mllm.evaluation.choice import candidates_of, choose, validation_parts
 from mllm.evaluation.selection import best_member
+from mllm.tracking.sampling import order_free_sampler
 from mllm.tracking.store import Store
 
 
@@ -39,18 +40,23 @@ def startup_trials(cfg: ExperimentConfig) -> int:
     return s.startup_trials if s.startup_trials is not None else max(4, s.n_trials // 4)
 
 
-def sampler(cfg: ExperimentConfig, worker: int) -> Any:
+def sampler(cfg: ExperimentConfig) -> Any:
+    """search.sampler, built afresh for each trial from (search.seed, the trial's index): workers and restarts do
+    not change what is proposed (mllm.tracking.sampling)."""
     import optuna
 
-    seed = cfg.search.seed + worker  # workers of one study must not propose the same sequence
     startup = startup_trials(cfg)
-    if cfg.search.sampler == "tpe":  # liar: parallel workers spread out
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
-    if cfg.search.sampler == "cmaes":  # the method (categorical) is sampled independently
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
-    if cfg.search.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.NSGAIISampler(seed=seed)
+
+    def make(seed: int) -> Any:
+        if cfg.search.sampler == "tpe":  # liar: parallel workers spread out
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=startup)
+        if cfg.search.sampler == "cmaes":  # the method (categorical) is sampled independently
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False)
+        if cfg.search.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
+
+    return order_free_sampler(make, cfg.search.seed)
 
 
 def _retry_stale(cfg: ExperimentConfig | None, study: Any, trial: Any) -> None:
@@ -63,28 +69,43 @@ def _retry_stale(cfg: ExperimentConfig | None, study: Any, trial: Any) -> None:
         Store(cfg).terminate_run(run_id, "KILLED")
 
 
-def storage(url: str, heartbeat: int = 10, grace: int = 30, cfg: ExperimentConfig | None = None) -> Any:
+def storage(url: str, heartbeat: int = 10, grace: int = 30, cfg: ExperimentConfig | None = None,
+            wait_s: float = 0) -> Any:
     """The study storage, with heartbeats: a trial whose worker stops beating for `grace` seconds is failed
-    and re-queued with the same parameters (up to 3 times); with `cfg`, its MLflow run in that store is ended."""
+    and re-queued with the same parameters (up to 3 times); with `cfg`, its MLflow run in that store is ended.
+    An unreachable database is retried for `wait_s` seconds (a worker whose search was running a moment ago: the
+    database is restarting); a malformed URL, or one unreachable past that, is refused in one line."""
+    import time
     import warnings
 
     import optuna
+    import sqlalchemy.exc
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable enough
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                                          heartbeat_stale_trial_callback=functools.partial(_retry_stale, cfg),
-                                          engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
-                                          else None)
-    except Exception as e:  # sqlalchemy's ArgumentError / OperationalError: a bad or unreachable URL
-        first = redact(str(e)).splitlines()[0][:200]
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                              heartbeat_stale_trial_callback=functools.partial(_retry_stale, cfg),
+                                              engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
+                                              else None)
+        except sqlalchemy.exc.OperationalError as e:
+            if time.monotonic() < end:
+                time.sleep(min(2.0, heartbeat))
+                continue
+            error: Exception = e
+        except Exception as e:  # sqlalchemy's ArgumentError and the like: a bad URL
+            error = e
+        first = redact(str(error)).splitlines()[0][:200]
         raise MllmError(f"search.storage: cannot open {redact(url)} ({first})",
                         "give a database URL (sqlite:///optuna.db, postgresql+psycopg2://user:pw@host/db) "
                         "that is reachable") from None
 
 
-def open_storage(cfg: ExperimentConfig) -> Any:
-    return storage(cfg.search.storage, cfg.search.heartbeat_s, cfg.search.grace_s, cfg)
+def open_storage(cfg: ExperimentConfig, wait: bool = False) -> Any:
+    """`wait`: retry an unreachable database for search.storage_wait_s (a worker joining a running search)."""
+    return storage(cfg.search.storage, cfg.search.heartbeat_s, cfg.search.grace_s, cfg,
+                   cfg.search.storage_wait_s if wait else 0)
 
 
 def finished(study: Any) -> int:
