@@ -172,16 +172,22 @@ def test_search_refuses_bad_storage_and_methods(tmp_path) -> None:
         search.run(tiny_cfg(tmp_path, "search.methods=[slerp]"))
 
 
+def gate_versions(trained, experiment: str, n: int) -> tuple[object, Store, list[str]]:
+    """(config, store, version numbers) of `n` fresh versions of `experiment`'s merged model for gate tests (any
+    artifacts do: the gate reads predictions it is handed)."""
+    cfg, ft = trained
+    store = Store(cfg.model_copy(update={"name": experiment}))
+    name = store.model_name("merged")
+    store.client.create_registered_model(name)
+    return cfg, store, [str(store.client.create_model_version(name, ft.base_uri, tags={"n": str(i)}).version)
+                        for i in range(n)]
+
+
 @pytest.mark.slow
 def test_concurrent_promoters_leave_champion_on_the_better_model(trained, tmp_path) -> None:
     from mllm.promote import gate
 
-    cfg, ft = trained
-    store = Store(cfg.model_copy(update={"name": "gate"}))
-    name = store.model_name("merged")
-    store.client.create_registered_model(name)
-    versions = [store.client.create_model_version(name, ft.base_uri, tags={"n": str(i)}) for i in range(3)]  # any
-    v1, v2, v3 = (str(v.version) for v in versions)  # artifacts do
+    cfg, store, (v1, v2, v3) = gate_versions(trained, "gate", 3)
     store.set_alias("merged", "champion", v1)
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, 400)
@@ -214,11 +220,8 @@ def test_concurrent_promoters_leave_champion_on_the_better_model(trained, tmp_pa
 def test_a_promote_killed_between_its_decision_and_the_alias_is_finished_by_the_rerun(trained, monkeypatch) -> None:
     from mllm.promote import gate
 
-    cfg, ft = trained
-    store = Store(cfg.model_copy(update={"name": "gate-killed"}))
+    cfg, store, (v1,) = gate_versions(trained, "gate-killed", 1)
     name = store.model_name("merged")
-    store.client.create_registered_model(name)
-    v1 = str(store.client.create_model_version(name, ft.base_uri, tags={"n": "1"}).version)
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 3, 300)
     preds = np.where(rng.random(300) < 0.8, labels, (labels + 1) % 3)
