@@ -195,6 +195,7 @@ def test_four_workers_share_one_postgres_study(stack: dict[str, str], members: d
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.chaos  # a fault drill: runs after the default suite (scripts/test.sh)
 def test_sigkilled_worker_trial_is_retried(stack: dict[str, str], members: dict[str, object]) -> None:
     """A worker SIGKILLed mid-trial: its trial goes stale (no heartbeat), fails, and is rerun with the same
     parameters by the next worker, which also ends the dead worker's runs KILLED; the study completes."""
@@ -262,6 +263,7 @@ def test_sigkilled_worker_trial_is_retried(stack: dict[str, str], members: dict[
     assert not [r for r in runs.values() if r.info.status == "RUNNING"]
 
 
+@pytest.mark.chaos  # a fault drill: runs after the default suite (scripts/test.sh)
 def test_tracking_server_outage_mid_search(stack: dict[str, str], members: dict[str, object]) -> None:
     """The tracking server stops for 20 s while a search is logging: the client retries, the search completes
     and nothing is lost (every trial has its finished run with its metrics), or it fails with one clear line
@@ -311,6 +313,7 @@ def test_tracking_server_outage_mid_search(stack: dict[str, str], members: dict[
         assert proc.returncode == 2 and "tracking" in lines[-1], out[-3000:]
 
 
+@pytest.mark.chaos  # a fault drill: runs after the default suite (scripts/test.sh)
 def test_finetune_killed_mid_checkpoint_resumes(stack: dict[str, str], tmp_path: Path) -> None:
     """SIGKILL while a checkpoint is half written: the rerun ignores (and removes) the partial folder, resumes
     from the last complete checkpoint, ends the killed process's runs KILLED, registers the member once, and
