@@ -140,10 +140,12 @@ def gate(cfg: ExperimentConfig, store: Store, version: str, labels: np.ndarray, 
         current = store.alias_version("merged", "champion")
         before = str(current.version) if current is not None else None
         earlier = recorded(store, uri)
-        if earlier is not None and before in ((earlier[0], version) if earlier[1].promote else (earlier[0],)):
-            if earlier[1].promote and before != version:  # the alias move a killed promote did not make
-                store.set_alias("merged", "champion", version)
-            return earlier
+        if earlier is not None:
+            against, decision = earlier
+            if before == against or (decision.promote and before == version):  # that decision still stands
+                if decision.promote and before != version:  # the alias move a killed promote did not make
+                    store.set_alias("merged", "champion", version)
+                return earlier
         if before == version:
             return before, Decision(False, "already the champion")
         decision = decide(labels, preds, reference, (before, champion_preds(before)) if before else None, k, cfg)

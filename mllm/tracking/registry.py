@@ -182,9 +182,9 @@ class Registry:
         """Tag the registered version behind `uri` (nothing for URIs that are not registered versions)."""
         _, version = self.resolve(uri)
         if version is not None:
-            for k, v in tags.items():
-                if version.tags.get(k) != redact(str(v)):  # unchanged tags are not rewritten
-                    self.client.set_model_version_tag(version.name, version.version, k, redact(str(v)))
+            for k, value in ((k, redact(str(v))) for k, v in tags.items()):
+                if version.tags.get(k) != value:  # unchanged tags are not rewritten
+                    self.client.set_model_version_tag(version.name, version.version, k, value)
 
 
 def note_scores(registry: Registry, uri: str, role: str, split: str, metrics: Mapping[str, float], rows: int) -> None:

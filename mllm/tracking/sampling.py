@@ -16,6 +16,7 @@ a trial that a race gave an index past the budget is ended FAIL (user attribute 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,50 +47,41 @@ def index_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _base_sampler() -> type:
-    from optuna.samplers import BaseSampler
-
-    return BaseSampler
-
-
-class _Lazy:
-    """Resolves `OrderFreeSampler`'s base class on first use, so importing this module does not import optuna."""
-
-    cls: type | None = None
-
-
 def order_free_sampler(make: Callable[[int], Any], seed: int) -> Any:
     """A sampler that, before each trial, builds `make(index_seed(seed, index))` and delegates to it."""
-    if _Lazy.cls is None:
-        _Lazy.cls = _define(_base_sampler())
-    return _Lazy.cls(make, seed)
+    return _sampler_class()(make, seed)
 
 
-def _define(base: type) -> type:
-    class OrderFreeSampler(base):  # type: ignore[misc, valid-type]
+@functools.cache
+def _sampler_class() -> type:
+    """Defined on first use, so importing this module does not import optuna."""
+    from optuna.samplers import BaseSampler
+
+    class OrderFreeSampler(BaseSampler):
         def __init__(self, make: Callable[[int], Any], seed: int) -> None:
             self._make, self._seed = make, seed
             self._by_trial: dict[int, Any] = {}  # a sampler per open trial (one process may hold several)
 
-        def _of(self, trial: Any) -> Any:
-            return self._by_trial.get(trial.number) or self._make(index_seed(self._seed, trial.number))
+        def _of(self, study: Any, trial: Any) -> Any:
+            if trial.number not in self._by_trial:
+                index = trial_index(study.get_trials(deepcopy=False), trial.number)
+                self._by_trial[trial.number] = self._make(index_seed(self._seed, index))
+            return self._by_trial[trial.number]
 
         def before_trial(self, study: Any, trial: Any) -> None:
-            index = trial_index(study.get_trials(deepcopy=False), trial.number)
-            self._by_trial[trial.number] = self._make(index_seed(self._seed, index))
-            self._by_trial[trial.number].before_trial(study, trial)
+            self._of(study, trial).before_trial(study, trial)
 
         def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
-            return self._of(trial).infer_relative_search_space(study, trial)
+            return self._of(study, trial).infer_relative_search_space(study, trial)
 
         def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
-            return self._of(trial).sample_relative(study, trial, search_space)
+            return self._of(study, trial).sample_relative(study, trial, search_space)
 
         def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
-            return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
+            return self._of(study, trial).sample_independent(study, trial, param_name, param_distribution)
 
         def after_trial(self, study: Any, trial: Any, state: Any, values: Sequence[float] | None) -> None:
-            self._of(trial).after_trial(study, trial, state, values)
+            self._of(study, trial).after_trial(study, trial, state, values)
             self._by_trial.pop(trial.number, None)
 
         def reseed_rng(self) -> None:  # the seeds come from the index: nothing to reseed
@@ -187,6 +179,9 @@ def _step(study: Any, objective: Callable[[Any], Any], n_trials: int, poll_s: fl
         optuna.storages.fail_stale_trials(study)
         time.sleep(poll_s)
         return True
-    study.optimize(lambda t: (check_budget(t, n_trials), objective(t))[1], n_trials=1, catch=(Surplus,),
-                   gc_after_trial=False, show_progress_bar=False)
+    def budgeted(trial: Any) -> Any:
+        check_budget(trial, n_trials)
+        return objective(trial)
+
+    study.optimize(budgeted, n_trials=1, catch=(Surplus,), gc_after_trial=False, show_progress_bar=False)
     return True
