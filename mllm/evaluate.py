@@ -250,20 +250,20 @@ def model_logits(model_dir: Path, texts: list[str], label_names: tuple[str, ...]
     in `model_dir`."""
     from contextlib import nullcontext
 
-    import torch
     from tqdm.auto import tqdm
 
     model, tokenizer = load_classifier(model_dir, "--model")
     check_labels(model.config.to_dict(), model_dir.name, label_names, "--model")
     device, dtype = resolve_device(cfg.model)
-    model.to(device=device, dtype=dtype or torch.float32)  # bf16 (model.precision): half the memory traffic
+    model.to(device)  # bf16 (model.precision) is autocast, as in training and search trials: fp32 weights
     encoded = encode(tokenizer, texts, cfg.model.max_length)
     logits = np.zeros((len(texts), len(label_names)), dtype=np.float32)
     key = fingerprint_batches(encoded, cfg.evaluate.batch_size) + str(dtype)  # + the resolved precision
     replay = prefix is not None and prefix.matches(model, key)
     context = (prefix.replay(model) if replay else prefix.record(model, key)) if prefix else nullcontext()
     with context, tqdm(total=len(texts), desc=desc, unit="review", leave=False) as bar:
-        for index, batch in iter_logits(model, encoded, tokenizer.pad_token_id, cfg.evaluate.batch_size, device):
+        for index, batch in iter_logits(model, encoded, tokenizer.pad_token_id, cfg.evaluate.batch_size, device,
+                                        dtype):
             logits[index] = batch
             bar.update(len(index))
     return logits, sum(p.numel() for p in model.parameters()), replay
