@@ -75,6 +75,25 @@ def test_study_script_refuses_bad_input_with_exit_code_2(tmp_path: Path) -> None
     assert bad_fold.returncode == 2 and "--fold 2: the study has folds 0..1" in bad_fold.stderr
 
 
+def test_a_cell_key_ignores_operational_settings_and_separates_bf16(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 cells keep the key they had before model.precision existed (so a committed study resumes at a newer
+    mllm), a storage wait changes no figure, and a bf16 cell is another cell."""
+    from mllm.study import cell as studycell
+
+    monkeypatch.setattr(studycell, "resolve_precision", lambda model: model.precision)  # any machine has both here
+    study = load_study(write_study(tmp_path))
+    arm = study.arms[0]
+    cfg = cell_config(study, arm, 0)
+
+    def key(precision: str, wait: int = 180) -> str:
+        changed = cfg.model_copy(update={"model": cfg.model.model_copy(update={"precision": precision}),
+                                         "search": cfg.search.model_copy(update={"storage_wait_s": wait})})
+        return studycell.cell_key(study, arm, changed, "fingerprint")
+
+    assert key("fp32") == key("fp32", wait=5) != key("bf16")
+
+
 # --- statistics -----------------------------------------------------------------------------------------------
 
 
@@ -283,6 +302,15 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
         assert new.data.params["reused_from"] == old.info.run_id, name
         assert new.data.metrics["test_macro_f1"] == old.data.metrics["test_macro_f1"]
     assert "reused_from" not in child(new_cell.info.run_id, "searched").data.params
+
+    # An extra merge added to an arm after its cells ran is scored on a light store too: the cell's members have no
+    # weights there, so they are trained again, checked to reproduce the cell's, and merged.
+    extra = write_study(elsewhere, arms=[*yaml.safe_load(moved.read_text())["arms"][:2],
+                                         {**yaml.safe_load(moved.read_text())["arms"][2], "merges": ["regmean"]}])
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), str(extra), "--arm", "shards",
+                           "--fold", "0", "--no-report"], capture_output=True, text=True, cwd=elsewhere)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "members trained again reproduce the cell's" in done.stdout and "added to cell run" in done.stdout
 
     # Which policy the report calls the searched merge is read when it is written (every cell scores them all):
     # another search.choice reuses every cell and heads the table with that policy's choices.

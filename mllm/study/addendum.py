@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 
 from mllm.config.schema import ExperimentConfig, MergeConfig
-from mllm.data.splits import load_splits
+from mllm.data.splits import SplitData, load_splits
+from mllm.errors import MllmError
 from mllm.evaluation.metrics import classification_summary
 from mllm.merging.regmean import member_rows
-from mllm.study.cell import cell_key
+from mllm.study.cell import cell_key, cell_members
 from mllm.study.config import Arm, StudyConfig, cell_config
 from mllm.study.modelruns import log_models
 from mllm.study.recipes import extra_recipes, needs_rows
 from mllm.study.work import CellWork
 from mllm.tracking.store import Store
+from mllm.tracking.tags import VersionTags
 
 
 def missing_extras(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, store: Store, cell_id: str, k: int
@@ -29,6 +31,31 @@ def missing_extras(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, store: S
         {"mllm.study": study.study, "mllm.arm": arm.name, "mllm.stage": "study-model"})
         if r.data.tags.get("mlflow.parentRunId") == cell_id}
     return {n: v for n, v in extra_recipes(cfg, arm.merges, k).items() if n not in have}
+
+
+def loadable_members(cfg: ExperimentConfig, store: Store, data: SplitData, base: str, names: list[str],
+                     uris: list[str]) -> tuple[str, list[str]]:
+    """(base URI, member URIs) to merge: the cell's own, or, where an imported light store holds no weights for
+    them, the members trained again by key, each checked to reproduce the cell's member (validation macro-F1 and
+    NLL to 1e-4); a retraining that does not is refused in one line, since the merge would not be of the cell's
+    members."""
+    try:
+        for uri in [base, *uris]:
+            store.download(uri)
+        return base, uris
+    except MllmError:
+        pass
+    new_base, trained = cell_members(cfg, store, data)
+    now = dict(trained)
+    for name, uri in zip(names, uris, strict=True):
+        then_val, now_val = (VersionTags.of(store.resolve(u)[1]).val for u in (uri, now[name]))
+        for metric in ("macro_f1", "nll"):
+            if metric not in then_val or abs(then_val[metric] - now_val.get(metric, float("inf"))) > 1e-4:
+                raise MllmError(f"{cfg.name}: member {name} trained again here does not reproduce {uri} (validation "
+                                f"{metric} {now_val.get(metric)} against {then_val.get(metric)})",
+                                "the arm's extra merges need the cell's own members: run it where their weights are")
+    print(f"{cfg.name}: members trained again reproduce the cell's ({', '.join(names)}), merged from them")
+    return new_base, [now[n] for n in names]
 
 
 def complete_cell(study: StudyConfig, arm: Arm, fold: int) -> list[str]:
@@ -47,7 +74,7 @@ def complete_cell(study: StudyConfig, arm: Arm, fold: int) -> list[str]:
     todo = missing_extras(study, arm, cfg, store, cell.info.run_id, len(uris))
     if not todo:
         return []
-    base = cell.data.tags["mllm.base"]
+    base, uris = loadable_members(cfg, store, data, cell.data.tags["mllm.base"], names, uris)
     whole = cfg.model_copy(update={"search": cfg.search.model_copy(update={"prune": False})})
     labels = {"validation": data.validation["label"].to_numpy(), "test": data.test["label"].to_numpy()}
     work = CellWork(study, arm, fold, cell.data.tags["mllm.study_cell"], cfg, whole, store, data, base,

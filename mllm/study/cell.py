@@ -39,6 +39,7 @@ from mllm.evaluation.selection import best_member
 from mllm.merging.regmean import member_rows
 from mllm.merging.scorer import Scorer
 from mllm.merging.soups import greedy_order, greedy_weights
+from mllm.models.precision import resolve_precision
 from mllm.study.config import Arm, StudyConfig, cell_config
 from mllm.study.modelruns import log_models
 from mllm.study.recipes import SAME, extra_recipes, fixed_recipes, majority_by_domain, needs_rows, reference_members
@@ -84,10 +85,15 @@ def cell_key(study: StudyConfig, arm: Arm, cfg: ExperimentConfig, fingerprint: s
     not search.choice: a cell scores every policy's choice, and which one the report calls the searched merge is
     read when the report is written."""
     where_free = {k: v for k, v in cfg.to_dict().items() if k not in ("output_dir", "tracking")}
-    where_free["search"] = {k: v for k, v in where_free["search"].items() if k not in ("storage", "choice")}
+    where_free["search"] = {k: v for k, v in where_free["search"].items()
+                            if k not in ("storage", "storage_wait_s", "choice")}
     # Settings added later that leave a cell's figures as they were keep its key: the arm's extra merges (a
-    # finished cell gains them, mllm.study.addendum) and a domain-mean objective over one domain (its macro-F1).
+    # finished cell gains them, mllm.study.addendum), a domain-mean objective over one domain (its macro-F1), and
+    # fp32, which every cell ran in under model.dtype=auto before model.precision replaced it (bf16 keys anew).
     where_free["merge"] = {k: v for k, v in where_free["merge"].items() if not k.startswith("regmean_")}
+    model = {k: v for k, v in where_free["model"].items() if k != "precision"}
+    precision = resolve_precision(cfg.model)
+    where_free["model"] = {**model, "dtype": "auto"} if precision == "fp32" else {**model, "precision": precision}
     if len(cfg.data.datasets) == 1 or where_free["search"].get("objective") == "pooled":
         where_free["search"].pop("objective", None)
     return short_hash([where_free, fingerprint, study.trials, study.mask_seeds, arm.name, arm.reference], 20)
