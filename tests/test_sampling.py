@@ -90,3 +90,47 @@ def test_an_unreachable_storage_is_waited_for_then_named_in_one_line() -> None:
     line = str(caught.value)
     assert "search.storage" in line and "postgresql://u:***@db/optuna" in line and "\n" not in line
     assert "rerun" in line
+
+
+
+def test_two_workers_that_both_saw_a_waiting_trial_cannot_both_take_it(tmp_path, monkeypatch) -> None:
+    """SQLite has no row locks: with Optuna's own storage two workers that both read a WAITING trial both set it
+    RUNNING (one trial run twice, then "Cannot tell a COMPLETE trial"). mllm's SQLite storage lets one take it."""
+    import threading
+
+    from optuna.storages._rdb import models
+
+    from mllm.tracking.trials import storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    read = models.TrialModel.find_or_raise_by_id
+    both_read = threading.Barrier(2, timeout=5)
+
+    def read_then_wait(*args, **kwargs):  # each worker has read the trial before either writes
+        found = read(*args, **kwargs)
+        if threading.current_thread() is not threading.main_thread():
+            both_read.wait()
+        return found
+
+    def take_twice(storages) -> list[bool]:
+        study = optuna.create_study(study_name="s", storage=url, load_if_exists=True)
+        study.enqueue_trial({"x": float(len(study.trials))})
+        trial_id = study.trials[-1]._trial_id
+        out: list[bool] = [False, False]
+
+        def take(i: int) -> None:
+            try:
+                out[i] = storages[i].set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)
+            except threading.BrokenBarrierError:
+                out[i] = False
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    monkeypatch.setattr(models.TrialModel, "find_or_raise_by_id", staticmethod(read_then_wait))
+    assert take_twice([optuna.storages.RDBStorage(url) for _ in range(2)]) == [True, True]  # Optuna's way: twice
+    assert sorted(take_twice([storage(url) for _ in range(2)])) == [False, True]  # mllm's: once

@@ -69,6 +69,35 @@ def _retry_stale(cfg: ExperimentConfig | None, study: Any, trial: Any) -> None:
         Store(cfg).terminate_run(run_id, "KILLED")
 
 
+@functools.cache
+def _sqlite_storage_class() -> type:
+    """RDBStorage whose taking of a WAITING trial is one conditional UPDATE. Optuna takes it by reading the trial
+    `FOR UPDATE` and then writing RUNNING; SQLite has no row locks, so two workers that both read WAITING both took
+    the trial, ran it twice, and the slower one failed with "Cannot tell a COMPLETE trial" (optuna#4621; seen in
+    tests/test_search.py under CPU contention). PostgreSQL locks the row and keeps Optuna's way."""
+    from datetime import datetime
+
+    import optuna
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models  # the trials table Optuna's own storage writes
+
+    class SqliteStorage(optuna.storages.RDBStorage):
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            if state != optuna.trial.TrialState.RUNNING or values is not None:
+                return super().set_trial_state_values(trial_id, state, values)
+            table = models.TrialModel
+            take = (sa.update(table)
+                    .where(table.trial_id == trial_id, table.state == optuna.trial.TrialState.WAITING)
+                    .values(state=optuna.trial.TrialState.RUNNING, datetime_start=datetime.now()))
+            with self.engine.begin() as conn:
+                taken = conn.execute(take).rowcount == 1
+            if not taken and self.get_trial(trial_id).state.is_finished():
+                raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial_id} has already finished")
+            return taken
+
+    return SqliteStorage
+
+
 def storage(url: str, heartbeat: int = 10, grace: int = 30, cfg: ExperimentConfig | None = None,
             wait_s: float = 0) -> Any:
     """The study storage, with heartbeats: a trial whose worker stops beating for `grace` seconds is failed
@@ -85,10 +114,10 @@ def storage(url: str, heartbeat: int = 10, grace: int = 30, cfg: ExperimentConfi
     end = time.monotonic() + wait_s
     while True:
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
-                                              heartbeat_stale_trial_callback=functools.partial(_retry_stale, cfg),
-                                              engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite")
-                                              else None)
+            kind = _sqlite_storage_class() if url.startswith("sqlite") else optuna.storages.RDBStorage
+            return kind(url, heartbeat_interval=heartbeat, grace_period=grace,
+                        heartbeat_stale_trial_callback=functools.partial(_retry_stale, cfg),
+                        engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
         except sqlalchemy.exc.OperationalError as e:
             if time.monotonic() < end:
                 time.sleep(min(2.0, heartbeat))
