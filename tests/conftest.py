@@ -128,6 +128,17 @@ def backdate_heartbeats(storage: Any, trial_ids: Iterable[int], seconds: float) 
     return moved
 
 
+def trials_that_ran(trials: Iterable[Any]) -> list[Any]:
+    """The trials of a shared study that ran, after checking the others: two workers that both saw the last index
+    free may both create a trial, and the one past the budget is ended FAIL with user attribute `surplus` before it
+    runs (mllm.tracking.sampling.check_budget), so it has no MLflow run."""
+    trials = list(trials)
+    surplus = [t for t in trials if "surplus" in t.user_attrs]
+    assert all(t.state.name == "FAIL" and "mlflow_run_id" not in t.user_attrs for t in surplus), \
+        [(t.number, t.state.name, t.user_attrs) for t in surplus]
+    return [t for t in trials if "surplus" not in t.user_attrs]
+
+
 @pytest.fixture(autouse=True)
 def _fresh_mlflow_uris():
     """Each test starts without the tracking/registry URIs an earlier test set in this process."""
