@@ -39,6 +39,7 @@ from mllm.errors import MllmError
 from mllm.evaluation.choice import single_member, validation_parts
 from mllm.evaluation.metrics import macro_f1, paired_test
 from mllm.evaluation.selection import best_member
+from mllm.search import member_validation
 from mllm.tracking.locks import db_lock
 from mllm.tracking.store import Store
 from mllm.tracking.trials import best, chosen, open_storage, study_name
@@ -230,7 +231,7 @@ def searched(cfg: ExperimentConfig, store: Store) -> Searched:
         raise MllmError(f"search.study_name: no study {name} in {redact(cfg.search.storage)}",
                         "run mllm search first (or set search.study_name / search.storage)") from None
     members, base = study.user_attrs["members"], study.user_attrs["base"]
-    pick = chosen(cfg, study, store)
+    pick = chosen(cfg, study, store, member_validation(cfg, store, members))
     if pick is not None:
         score = pick.holdout_macro_f1 if pick.chosen_on == "held-out rows" else pick.search_macro_f1
         return Searched(pick.number, pick.recipe, members, base, float(score), pick)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mllm import evaluate
 from mllm.basics import quiet_libraries, redact
 from mllm.config.schema import ExperimentConfig, MergeConfig
 from mllm.errors import MllmError
@@ -207,13 +208,15 @@ def log_figures(study: Any, run: RunLog) -> None:
 
 def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | None = None,
         parent_run_id: str | None = None, create_only: bool = False, worker_index: int = 0,
-        store: Store | None = None, evaluated: Sequence[Evaluated] = ()) -> SearchResult:
+        store: Store | None = None, evaluated: Sequence[Evaluated] = (),
+        member_scores: Sequence[tuple[str, float | None, float | None]] | None = None) -> SearchResult:
     """Create (or continue) the study, run `search.workers` workers on it, and log the outcome.
 
     `worker_index` tells independent processes on one study apart (in their trials' runs; what a trial proposes
     depends on its index only, mllm.tracking.sampling): local workers are worker_index, worker_index + 1, ...
     `evaluated`: merges already scored on validation (the pipeline's), which a new study takes as finished trials
-    instead of scoring them again (`start_trials`).
+    instead of scoring them again (`start_trials`). `member_scores`: the members' (URI, macro-F1, NLL) on the whole
+    validation split, where the caller has them (a study cell), else `member_validation`.
     """
     store = store or Store(cfg)
     study, members, base = open_study(cfg, members, base, store)
@@ -242,20 +245,14 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
         parent.table(study.trials_dataframe(), "trials.csv")
         log_figures(study, parent)
         recipe = MergeConfig.model_validate(top.user_attrs["recipe"]) if top else None
-        pick = chosen(cfg, study, store)
+        pick = chosen(cfg, study, store,
+                      member_scores if member_scores is not None else member_validation(cfg, store, members))
         if top is not None and recipe is not None:
             parent.tags({"best_trial": top.number, "best_value": top.values[0],
                          "best_run": top.user_attrs.get("mlflow_run_id", "")})
             parent.metrics({"best_val_macro_f1": top.values[0]})
         if pick is not None:
-            parent.tags({"chosen_trial": pick.number, "chosen_policy": pick.policy, "chosen_on": pick.chosen_on,
-                         "chosen_reason": pick.reason[:5000],
-                         "chosen_run": study.trials[pick.number].user_attrs.get("mlflow_run_id", "")})
-            parent.metrics({"chosen_search_macro_f1": pick.search_macro_f1, "chosen_search_nll": pick.search_nll,
-                            "nll_guard_refused": len(pick.refused),
-                            **({"chosen_holdout_macro_f1": pick.holdout_macro_f1, "chosen_optimism": pick.optimism}
-                               if pick.holdout_macro_f1 is not None else {})})
-            parent.json(pick.recipe.model_dump(mode="json", by_alias=True), "chosen_recipe.json")
+            log_choice(parent, study, pick)
     line = f"search {name}: {done} trials finished"
     if pick is not None:
         held = (f", held-out {pick.holdout_macro_f1:.4f} (optimism {pick.optimism:+.4f})"
@@ -265,6 +262,18 @@ def run(cfg: ExperimentConfig, members: list[str] | None = None, base: str | Non
     print(line)
     return SearchResult(name, redact(cfg.search.storage), top.number if top else None,
                         top.values[0] if top else None, recipe, done, parent.id, pick)
+
+
+def log_choice(parent: RunLog, study: Any, pick: Any) -> None:
+    """The searched merge (a mllm.evaluation.choice.Choice) on the search run: tags, metrics, its recipe."""
+    parent.tags({"chosen_trial": pick.number, "chosen_policy": pick.policy, "chosen_on": pick.chosen_on,
+                 "chosen_reason": pick.reason[:5000],
+                 "chosen_run": study.trials[pick.number].user_attrs.get("mlflow_run_id", "")})
+    parent.metrics({"chosen_search_macro_f1": pick.search_macro_f1, "chosen_search_nll": pick.search_nll,
+                    "nll_guard_refused": len(pick.refused),
+                    **({"chosen_holdout_macro_f1": pick.holdout_macro_f1, "chosen_optimism": pick.optimism}
+                       if pick.holdout_macro_f1 is not None else {})})
+    parent.json(pick.recipe.model_dump(mode="json", by_alias=True), "chosen_recipe.json")
 
 
 def _reload(cfg: ExperimentConfig, name: str) -> Any:
@@ -340,6 +349,20 @@ def start_trials(cfg: ExperimentConfig, study: Any, members: list[str], base: st
         print(f"search: trial {number} ({recipe.method}) entered finished from evaluation run {found.run_id}"
               + (f" (its mask seed {recipe.seed}; seeds {recipe.seed + 1}-{recipe.seed + seeds - 1} scored here)"
                  if seeds > 1 else ""))
+
+
+def member_validation(cfg: ExperimentConfig, store: Store, members: list[str]
+                      ) -> list[tuple[str, float | None, float | None]] | None:
+    """The members' (URI, macro-F1, NLL) on the whole validation split, the rows trials are scored on, where their
+    registered figures are not: a domain specialist keeps its best weights on its own domain's rows (mllm.finetune),
+    so its registered NLL is no reference for a merge scored on every domain's (the study cell measures them on the
+    same rows too). Evaluated once (the pipeline's validation stage already has them). None: the registered figures
+    are on those rows."""
+    versions = [store.resolve(m)[1] for m in members]
+    if not any(v is not None and VersionTags.of(v).domain for v in versions):
+        return None
+    result = evaluate.run(cfg, members, split="validation", baselines=False, store=store)
+    return [(e.candidate.uri, e.metrics.get("macro_f1"), e.metrics.get("nll")) for e in result.evaluations]
 
 
 def greedy_soup_weights(store: Store, members: list[str], base: str) -> list[float] | None:

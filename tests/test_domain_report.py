@@ -174,3 +174,37 @@ def test_report_has_per_domain_rows_and_retention(two_domains) -> None:
     summary = Store(cfg).client.download_artifacts(rep.run_id, "report.json", str(cfg.output_dir / "check"))
     per_domain = json.loads(Path(summary).read_text())["per_domain"]
     assert per_domain["models"][merged.model_uri]["retention"].keys() == {"drug", "yelp"}
+
+
+@pytest.mark.slow
+def test_the_nll_guard_reads_the_specialists_on_the_rows_a_trial_is_scored_on(two_domains) -> None:
+    """A specialist keeps (and registers) its validation figures on its own domain's rows; a domains search scores
+    its trials on every domain's, so the NLL guard's reference is the best specialist there (as in a study cell),
+    read from the validation runs the pipeline already has; members of one task keep their registered figures."""
+    import numpy as np
+
+    from mllm import evaluate
+    from mllm.data.splits import load_splits
+    from mllm.evaluation.metrics import log_softmax
+    from mllm.search import member_validation
+    from mllm.tracking.store import Store
+    from mllm.tracking.trials import guard_reference, reference_nll
+
+    cfg, trained, _, _ = two_domains
+    store = Store(cfg)
+    members = [m.model_uri for m in trained.members if m.name.startswith("domain-")]
+    scores = member_validation(cfg, store, members)
+    assert scores is not None and {uri for uri, _, _ in scores} == set(members)
+    again = evaluate.run(cfg, members, split="validation", baselines=False)
+    assert all(e.reused for e in again.evaluations)  # the validation runs the fixture's evaluation made
+    by_uri = {e.candidate.uri: e for e in again.evaluations}
+    top = max(members, key=lambda m: by_uri[m].metrics["macro_f1"])
+    logits, labels = by_uri[top].logits, by_uri[top].labels
+    nll = float(-log_softmax(logits.astype(np.float64))[np.arange(len(labels)), labels].mean())
+    validation = load_splits(cfg.data).validation
+    assert len(labels) == len(validation) and set(validation["domain"]) == {"drug", "yelp"}  # every domain's rows
+    assert guard_reference(scores) == pytest.approx(nll, abs=1e-4)
+    own = reference_nll(store, members)  # the registered figures: one domain's rows each
+    assert own is not None and own != pytest.approx(nll, abs=1e-4)
+    full = [m.model_uri for m in trained.members if m.name == "full"]
+    assert full and member_validation(cfg, store, full) is None  # validated on every row already

@@ -274,8 +274,12 @@ def score_validation(work: CellWork, scorer: Scorer) -> None:
 
 def search_choices(work: CellWork, scorer: Scorer, cell: RunLog) -> None:
     """The Optuna search on validation, then each policy's choice, scored on validation once per distinct trial."""
-    result = search.run(work.cfg, [u for _, u in work.members], work.base, parent_run_id=cell.id, store=work.store)
     members = [work.val[f"member:{i}"] for i in range(len(work.members))]
+    labels = work.data.validation["label"].to_numpy()
+    scores = [(u, x["macro_f1"], x["nll"]) for (_, u), x in
+              zip(work.members, (classification_summary(m, labels) for m in members), strict=True)]
+    result = search.run(work.cfg, [u for _, u in work.members], work.base, parent_run_id=cell.id, store=work.store,
+                        member_scores=scores)  # the guard reads the members on the rows policy_choices does
     work.picks = policy_choices(work.cfg, result.study_name, work.data.validation, members, cell)
     for name, pick in work.picks.items():
         work.recipes[name] = ("searched" if name == "searched" else "policy", pick.recipe)

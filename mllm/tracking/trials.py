@@ -12,6 +12,7 @@ parameters (up to 3 times), and its MLflow run is ended KILLED.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 from mllm.basics import redact
@@ -158,29 +159,39 @@ def best(study: Any) -> Any | None:
 
 def reference_nll(store: Store, members: list[str]) -> float | None:
     """The validation NLL of the best member (mllm.evaluation.selection's rule), as recorded on its registered version:
-    the NLL guard's reference."""
+    the NLL guard's reference where the members were validated on the rows the trials are scored on."""
     versions = {m: store.resolve(m)[1] for m in members}
     tags = {m: dict(v.tags) if v is not None else {} for m, v in versions.items()}
 
     def value(m: str, key: str) -> float | None:
         return float(tags[m][key]) if tags[m].get(key) else None
 
-    top, _ = best_member([(m, value(m, "val_macro_f1"), value(m, "val_nll")) for m in members])
-    return value(top, "val_nll") if top else None
+    return guard_reference([(m, value(m, "val_macro_f1"), value(m, "val_nll")) for m in members])
 
 
-def chosen(cfg: ExperimentConfig, study: Any, store: Store) -> Any | None:
+def guard_reference(scores: Sequence[tuple[str, float | None, float | None]]) -> float | None:
+    """The NLL guard's reference from (member, validation macro-F1, validation NLL): the best member's NLL."""
+    top, _ = best_member(list(scores))
+    return next((nll for m, _, nll in scores if m == top), None) if top else None
+
+
+def chosen(cfg: ExperimentConfig, study: Any, store: Store,
+           member_scores: Sequence[tuple[str, float | None, float | None]] | None = None) -> Any | None:
     """The searched merge: search.choice applied to the study's complete trials (mllm.evaluation.choice), or None when
-    no complete trial kept its per-review scores."""
+    no complete trial kept its per-review scores. `member_scores`: the members' (URI, macro-F1, NLL) on the rows the
+    trials were scored on, for the NLL guard, where their registered figures are on other rows (domain specialists:
+    mllm.search.member_validation); None: their registered figures."""
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     candidates = candidates_of(complete)
     if not candidates:
         return None
+    reference = (guard_reference(member_scores) if member_scores is not None
+                 else reference_nll(store, study.user_attrs.get("members", [])))
     data = load_splits(cfg.data)
     labels = data.validation["label"].to_numpy()
     search, holdout, groups = validation_parts(cfg.search, data.validation)
     s = cfg.search
     return choose(candidates, labels, search, holdout, len(data.label_names), s.choice, s.top_k, s.se_multiplier,
-                  s.nll_guard, reference_nll(store, study.user_attrs.get("members", [])), s.seed, groups)
+                  s.nll_guard, reference, s.seed, groups)
