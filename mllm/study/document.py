@@ -4,6 +4,7 @@ appendix, every figure taken from `mllm.study.results` (which reads the study's 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -188,14 +189,22 @@ def _opening(study: StudyConfig, config_path: str, cells: dict[tuple[str, int], 
 def _protocol(study: StudyConfig, cells: dict[tuple[str, int], Cell]) -> list[str]:
     """The protocol's data and arms."""
     data = cell_config(study, study.arms[0], 0).data
-    sizes = sorted({(f, c.sizes["train"], c.sizes["validation"], c.sizes["test"]) for (_, f), c in cells.items()})
+    own = {a.name: a.experiment for a in study.arms if a.experiment}  # arms with their own data (and folds)
+
+    def rows(arms: Callable[[str], bool]) -> str:
+        sizes = sorted({(f, c.sizes["train"], c.sizes["validation"], c.sizes["test"])
+                        for (a, f), c in cells.items() if arms(a)})
+        return "; ".join(f"fold {f}: {n} / {v} / {t}" for f, n, v, t in sizes)
+
+    by_arm = "".join(f"; arm `{a}` (from `{e}`): {rows(lambda x, a=a: x == a)}" for a, e in own.items()
+                     if any(x == a for x, _ in cells))
     lines = ["## Protocol", "",
              f"- **Data**: {', '.join(d.name for d in data.datasets)}, labels `{data.label_scheme}`, "
              f"{study.folds}-fold cross-validation: the text groups of each label (equal texts are one group) are "
              "dealt round-robin in a seeded order, fold k is the test part of cell k, so every review is tested "
              f"exactly once; validation ({data.val_fraction:.0%} of all rows) is carved from the other folds. Rows "
              "per fold (train / validation / test): "
-             + "; ".join(f"fold {f}: {a} / {b} / {c}" for f, a, b, c in sizes) + ".",
+             + rows(lambda a: a not in own) + by_arm + ".",
              f"- **Arms** (each from `{study.experiment}` with the overrides shown):"]
     for arm in study.arms:
         kind = " (reference arm: its members are trained and scored, nothing is merged)" if arm.reference else ""
