@@ -235,6 +235,10 @@ def test_study_runs_resumes_and_publishes_from_its_runs(tmp_path: Path, monkeypa
     line = next(x for x in text.splitlines() if x.startswith("| searched merge |"))
     assert f"{searched.data.metrics['test_macro_f1']:.4f}" == line.split("|")[2].strip()
     assert searched.data.params["policy"] == "best" and searched.data.params["chosen_on"] == "search rows"
+    # The cell's search chose the trial the cell reports: one NLL guard reference for both.
+    search_run = client.search_runs([soup0.info.experiment_id], f"tags.mllm.stage = 'search' and "
+                                    f"tags.mlflow.parentRunId = '{soup0.info.run_id}'")[0]
+    assert search_run.data.tags["chosen_trial"] == searched.data.params["trial"]
     # Its optimism row is validation minus test of the same runs (fold 0 is the first fold column).
     soup = text[text.index("## Arm `soup`"):text.index("## Arm `shards`")]
     row = next(x for x in soup.splitlines() if x.startswith("| searched merge | ") and "+" in x.split("|")[2])

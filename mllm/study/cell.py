@@ -47,7 +47,7 @@ from mllm.study.work import CellWork, Earlier
 from mllm.tracking.runs import RunLog
 from mllm.tracking.store import Store
 from mllm.tracking.tags import VersionTags
-from mllm.tracking.trials import open_storage
+from mllm.tracking.trials import guard_reference, open_storage
 
 # Scored on validation: what a choice reads (members: best member, greedy order) and the merges a reader compares
 # with their search trials. DARE's per-seed merges are scored on test only (their validation figures are the
@@ -109,12 +109,13 @@ def _train_seconds(store: Store, uris: list[str]) -> float:
 
 
 def policy_choices(cfg: ExperimentConfig, study_name: str, validation: pd.DataFrame, members: list[np.ndarray],
-                   cell: RunLog) -> dict[str, Choice]:
+                   scores: list[tuple[str, float, float]], cell: RunLog) -> dict[str, Choice]:
     """The searched merge under every choice policy (mllm.evaluation.choice), all from the one search's trials:
     "searched" is the configured search.choice, "policy:<name>" the others, and "policy:best-all" the old rule (the
     highest macro-F1 on every validation row, no guard). The trials' per-review scores go to the cell run as
     `trials.json` (with the members' per-review NLL and the rows each part holds), from which the report measures
-    every policy between validation halves without reading test."""
+    every policy between validation halves without reading test. `scores`: the members' (URI, macro-F1, NLL) on
+    `validation`, the ones the search's guard read (mllm.tracking.trials.guard_reference: one reference for both)."""
     import optuna
 
     trials = optuna.load_study(study_name=study_name, storage=open_storage(cfg)).get_trials(
@@ -123,9 +124,8 @@ def policy_choices(cfg: ExperimentConfig, study_name: str, validation: pd.DataFr
     s, k, labels = cfg.search, members[0].shape[1], validation["label"].to_numpy()
     search, holdout, groups = validation_parts(s, validation)
     member_nll = [-log_softmax(m.astype(np.float64))[np.arange(len(labels)), labels] for m in members]
-    f1 = [classification_summary(m, labels) for m in members]
-    top, _ = best_member([(str(i), x["macro_f1"], x["nll"]) for i, x in enumerate(f1)])
-    reference = float(member_nll[int(top)].mean()) if top is not None else None
+    reference, top = guard_reference(scores), best_member(list(scores))[0]
+    best = next((i for i, (uri, _, _) in enumerate(scores) if uri == top), None)
 
     def pick(policy: str) -> Choice:
         return choose(candidates, labels, search, holdout, k, policy, s.top_k, s.se_multiplier, s.nll_guard,
@@ -139,7 +139,7 @@ def policy_choices(cfg: ExperimentConfig, study_name: str, validation: pd.DataFr
     cell.json({"labels": labels.tolist(), "search_rows": search.tolist(), "holdout_rows": holdout.tolist(),
                "num_labels": k, "groups": None if groups is None else groups.tolist(),
                "choice": s.choice, "top_k": s.top_k, "se_multiplier": s.se_multiplier,
-               "nll_guard": s.nll_guard, "seed": s.seed, "best_member": int(top) if top is not None else None,
+               "nll_guard": s.nll_guard, "seed": s.seed, "best_member": best,
                "member_nll": [np.round(x, 4).tolist() for x in member_nll],
                "trials": [{"number": c.number, "recipe": c.recipe.model_dump(mode="json", by_alias=True),
                            "pred": c.pred.tolist(), "nll": c.nll.tolist()} for c in candidates],
@@ -276,11 +276,11 @@ def search_choices(work: CellWork, scorer: Scorer, cell: RunLog) -> None:
     """The Optuna search on validation, then each policy's choice, scored on validation once per distinct trial."""
     members = [work.val[f"member:{i}"] for i in range(len(work.members))]
     labels = work.data.validation["label"].to_numpy()
-    scores = [(u, x["macro_f1"], x["nll"]) for (_, u), x in
-              zip(work.members, (classification_summary(m, labels) for m in members), strict=True)]
+    scores = [(u, x["macro_f1"], x["nll"]) for (_, u), x in  # float64: the NLL policy_choices records per review
+              zip(work.members, (classification_summary(m.astype(np.float64), labels) for m in members), strict=True)]
     result = search.run(work.cfg, [u for _, u in work.members], work.base, parent_run_id=cell.id, store=work.store,
-                        member_scores=scores)  # the guard reads the members on the rows policy_choices does
-    work.picks = policy_choices(work.cfg, result.study_name, work.data.validation, members, cell)
+                        member_scores=scores)  # one guard reference for the search and every policy below
+    work.picks = policy_choices(work.cfg, result.study_name, work.data.validation, members, scores, cell)
     for name, pick in work.picks.items():
         work.recipes[name] = ("searched" if name == "searched" else "policy", pick.recipe)
         same = next((n for n, p in work.picks.items() if n in work.val and p.number == pick.number), None)
